@@ -574,18 +574,44 @@ def video2world_x0(net, x_tau, tau, gt_latent, cond_frames, crossattn_emb, paddi
     return torch.where(cond_frames[:, None, :, None, None], gt_latent.to(x0_hat.dtype), x0_hat)
 
 
-def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35, stop_after_step=None,
+def partial_schedule(num_steps=35, stop_after_step=None, tau_v=None):
+    """The Cosmos schedule cut where partial denoising stops: sigmas[0..k], its last entry the stopping level.
+
+    stop_after_step = k keeps the first k + 1 levels. tau_v keeps every level above sigma_v = tau_v / (1 - tau_v)
+    and ends exactly at sigma_v, so tau_v = tau(sigma_k) reproduces stop_after_step = k; tau_v at or above
+    tau(80) = 0.98765 is a single forward from pure noise at sigma_v.
+    """
+    sigmas = karras_sigmas(num_steps)
+    if (stop_after_step is None) == (tau_v is None):
+        raise ValueError("give exactly one of stop_after_step and tau_v")
+    if stop_after_step is not None:
+        if not 0 <= stop_after_step <= num_steps:
+            raise ValueError(f"stop_after_step must be in [0, {num_steps}], got {stop_after_step}")
+        return sigmas[: stop_after_step + 1]
+    if not 0 < tau_v < 1:
+        raise ValueError(f"tau_v must be in (0, 1), got {tau_v}")
+    sigma_v = tau_to_sigma(float(tau_v))
+    near = torch.isclose(sigmas, torch.tensor(sigma_v, dtype=torch.float64), rtol=1e-6, atol=0)
+    if near.any():  # a schedule point: snap to it exactly
+        return sigmas[: int(near.nonzero()[0]) + 1]
+    above = sigmas[sigmas > sigma_v]
+    return torch.cat([above, torch.tensor([sigma_v], dtype=torch.float64)])
+
+
+def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35, stop_after_step=None, tau_v=None,
                   hidden_block=None, padding_mask=None):
     """The official Video2World sampler (`Video2WorldPipeline.generate_video`, guidance 0).
 
     eps: (B, 16, T, H, W) initial noise (draw it with `numpy_randn` to reproduce official outputs).
-    Full run (stop_after_step=None): 35 RF-AB2 steps, then a final clean x0 pass at sigma_min = 0.002;
+    Full run (no stop given): 35 RF-AB2 steps, then a final clean x0 pass at sigma_min = 0.002;
     returns the generated latent x0 (B, 16, T, H, W).
     Partial denoising (mimic-video): stop_after_step = k runs k full steps, then one forward at sigma_k
     truncated after `hidden_block` blocks; returns (hidden (B, T, H/2, W/2, D), sigma_k (B,)).
     k = 0 is a single forward at sigma = 80; k = 35 taps the clean pass at sigma = 0.002.
+    tau_v instead of k stops at that noise level (see `partial_schedule`).
     """
-    sigmas = karras_sigmas(num_steps)
+    partial = stop_after_step is not None or tau_v is not None
+    sigmas = partial_schedule(num_steps, stop_after_step, tau_v) if partial else karras_sigmas(num_steps)
 
     def x_tau_at(x_sigma, i):
         sigma = torch.tensor(float(sigmas[i]), dtype=torch.float32, device=eps.device)  # fp32, as official
@@ -596,12 +622,10 @@ def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35,
         x_tau, tau = x_tau_at(x_sigma, i)
         return video2world_x0(net, x_tau, tau, gt_latent, cond_frames, crossattn_emb, padding_mask)
 
-    k = num_steps if stop_after_step is None else stop_after_step
-    if not 0 <= k <= num_steps:
-        raise ValueError(f"stop_after_step must be in [0, {num_steps}], got {k}")
+    k = len(sigmas) - 1
     x = rf_ab2_sample(x0_fn, eps.float(), sigmas, k)
-    if stop_after_step is None:
-        return x0_fn(x, num_steps)  # final clean pass
+    if not partial:
+        return x0_fn(x, k)  # final clean pass
     x_tau, tau = x_tau_at(x, k)
     net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau, gt_latent, cond_frames)
     hidden = net(net_in, tau_BT, crossattn_emb, condition_mask, padding_mask, stop_after_block=hidden_block)
@@ -906,25 +930,26 @@ def load_state_dict_strict(model, sd, what="checkpoint", assign=False):
     return model
 
 
-def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config="cosmos-predict2-2b",
-                   revision=None, cache_dir=None, device="cpu", dtype=None):
-    """Load a Cosmos-Predict2 Video2World DiT (or a fused mimic-video backbone) strictly.
+def load_official(model_cls, cfg, source, filename=None, revision=None, cache_dir=None, device="cpu", dtype=None):
+    """Build model_cls(cfg) on the meta device and assign a checkpoint's tensors strictly (one copy in memory).
 
-    source: a Hub repo id (with filename), a local .pt / .safetensors file, or a folder (filename
-    inside it; for the diffusers layout pass the folder and filename=None). The model is built on the
-    meta device and the checkpoint tensors are assigned, so a 2B model costs one copy of its weights.
+    source: a Hub repo id (with filename), a local .pt / .safetensors file, or a folder (filename inside it;
+    a diffusers folder when filename is None).
     """
-    cfg = make_config(VideoDiTConfig, config, VIDEO_DIT_PRESETS)
     path = Path(source)
-    if path.is_dir() and filename is None:
-        file = path
-    else:
-        file = resolve_file(source, filename, revision, cache_dir)
+    file = path if (path.is_dir() and filename is None) else resolve_file(source, filename, revision, cache_dir)
     sd = official_keys(read_state_dict(file))
     with torch.device("meta"):
-        model = VideoDiT(cfg)
-    load_state_dict_strict(model, sd, f"video DiT checkpoint {file}", assign=True)
+        model = model_cls(cfg)
+    load_state_dict_strict(model, sd, f"{model_cls.__name__} checkpoint {file}", assign=True)
     return model.to(device=device, dtype=dtype)
+
+
+def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config="cosmos-predict2-2b",
+                   revision=None, cache_dir=None, device="cpu", dtype=None):
+    """Load a Cosmos-Predict2 Video2World DiT, or a fused mimic-video backbone (same layout), strictly."""
+    cfg = make_config(VideoDiTConfig, config, VIDEO_DIT_PRESETS)
+    return load_official(VideoDiT, cfg, source, filename, revision, cache_dir, device, dtype)
 
 
 def atomic_write(path, write_fn):
@@ -950,3 +975,511 @@ def save_video_dit_checkpoint(model, path):
         atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p))
     else:
         atomic_write(path, lambda p: torch.save(sd, p))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. The action decoder (official `World2ActionDIT`), normalization and action representation
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActionDecoderConfig:
+    """The flow-matching action decoder of mimic-video; defaults are the released LIBERO decoder."""
+
+    max_horizon: int = 61  # tokens: 1 proprio token + HA action tokens (LIBERO 60 at 20 Hz, Bridge 15 at 5 Hz)
+    in_channels: int = 10  # proprio dim: xyz (3) + 6-D rotation (6) + gripper (1)
+    out_channels: int = 10  # action dim, same layout
+    model_channels: int = 1024  # transformer width D
+    num_blocks: int = 24  # depth
+    num_heads: int = 8  # attention heads (head dim 128)
+    mlp_ratio: float = 4.0  # MLP hidden width / D
+    crossattn_emb_channels: int = 2048  # width of the video hidden states it reads
+    adaln_lora_dim: int = 128  # rank of the AdaLN-LoRA modulation
+    pair_timestep_feature_rank: int = 1024  # rank R of the bilinear (tau_a, tau_v) time embedding; official requires R = D
+
+    @property
+    def num_actions(self):
+        return self.max_horizon - 1
+
+
+ACTION_DECODER_PRESETS = {
+    "libero": ActionDecoderConfig(),  # w2a_libero: 60-step chunks
+    "bridge": ActionDecoderConfig(max_horizon=16),  # w2a_bridge: 15-step chunks
+    # the reference fixtures' tiny decoder
+    "tiny": ActionDecoderConfig(max_horizon=5, model_channels=64, num_blocks=2, num_heads=2, crossattn_emb_channels=64,
+                                adaln_lora_dim=16, pair_timestep_feature_rank=64),
+}
+
+TAU_PROPRIO = 1e-3  # the proprio token always carries this (clean) action time
+
+
+class ActionEmbedder(nn.Module):
+    """MLP from a 10-D vector to D with geometric widths (10 -> 47 -> 220 -> 1024), output scaled by 1/sqrt(D).
+
+    Official width rule: hops = round(log_4(D / in)), base = (D / in)^(1 / hops), and each hidden width is the
+    previous rounded width times base, rounded.
+    """
+
+    def __init__(self, in_features, dim):
+        super().__init__()
+        hops = max(1, round(math.log(dim / in_features, 4)))
+        base = (dim / in_features) ** (1 / hops)
+        widths = [in_features]
+        for _ in range(hops - 1):
+            widths.append(round(widths[-1] * base))
+        widths.append(dim)
+        layers = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers += [nn.Linear(a, b)] + ([nn.GELU()] if i < hops - 1 else [])
+        self.layers = nn.Sequential(*layers)  # keys layers.0, .2, .4 (GELUs at .1, .3)
+        self.scaling_factor = 1 / math.sqrt(dim)
+
+    def forward(self, x):
+        return self.layers(x) * self.scaling_factor
+
+
+def decoder_time_sinusoid(tau, dim, min_period=4e-3, max_period=4.0):
+    """Official `ContinuousSinusoidalPosEmb`: [sin | cos](2 pi tau / P_j), periods P_j from 0.004 to 4.
+
+    Computed in float64 and rounded to bf16 as the official code does even in an fp32 model: the released
+    weights were trained on these rounded features (skipping the rounding moves outputs by ~3e-3 relative).
+    """
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=tau.device)
+    period = min_period * (max_period / min_period) ** fraction
+    omega = 1.0 / period * 2 * math.pi
+    angles = tau.double()[..., None] * omega  # (..., dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1).to(torch.bfloat16)
+
+
+class PairTimestepEmbedding(nn.Module):
+    """Bilinear-affine embedding of the (action time, video time) pair (official `PairTimestepEmbedding`).
+
+    z = B(SiLU(proj_x(e_a))) * C(SiLU(proj_c(e_v))) - B.bias * C.bias: a rank-R bilinear term plus the two
+    cross terms with the biases, with the constant bias-bias product removed. adaln_lora = A(z) (raw z).
+    """
+
+    def __init__(self, dim, rank, adaln_dim):
+        super().__init__()
+        self.proj_x = nn.Linear(dim, dim)
+        self.proj_c = nn.Linear(dim, dim)
+        self.B = nn.Linear(dim, rank)
+        self.C = nn.Linear(dim, rank)
+        self.A = nn.Linear(rank, adaln_dim, bias=False)
+
+    def forward(self, e_a, e_v):
+        a = F.silu(self.proj_x(e_a))  # (B, T, D)
+        c = F.silu(self.proj_c(e_v))  # (B, T, D)
+        z = self.B(a) * self.C(c) - self.B.bias * self.C.bias  # (B, T, R)
+        return z, self.A(z)  # (B, T, R), (B, T, 3D)
+
+
+class PairTimeEmbedder(nn.Module):
+    """One shared sinusoid for both times, then the pair embedding (official `t_embedder`)."""
+
+    def __init__(self, dim, rank):
+        super().__init__()
+        self.dim = dim
+        self.pair = PairTimestepEmbedding(dim, rank, 3 * dim)
+
+    def forward(self, tau_a, sigma_v, dtype):
+        """tau_a (B, T) per-token action time; sigma_v (B, 1) video EDM sigma (NOT tau: converted here)."""
+        tau_v = sigma_to_tau(sigma_v.float())  # the decoder receives sigma and maps it itself
+        e_a = decoder_time_sinusoid(tau_a, self.dim).to(dtype)  # (B, T, D)
+        e_v = decoder_time_sinusoid(tau_v, self.dim).to(dtype).expand_as(e_a)  # (B, 1, D) -> (B, T, D)
+        return self.pair(e_a, e_v)
+
+
+class ActionDecoder(nn.Module):
+    """Flow-matching action decoder: an inverse-dynamics DiT reading the video model's hidden states."""
+
+    def __init__(self, cfg: ActionDecoderConfig):
+        super().__init__()
+        if cfg.pair_timestep_feature_rank != cfg.model_channels:
+            raise ValueError("pair_timestep_feature_rank must equal model_channels (the official final layer assumes it)")
+        self.cfg = cfg
+        D, R = cfg.model_channels, cfg.pair_timestep_feature_rank
+        self.obs_mask_token = nn.Parameter(torch.zeros(1, 1, D))  # replaces the proprio embedding when masked
+        self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.max_horizon, D))  # learned, absolute; no RoPE
+        self.ctx_norm = nn.LayerNorm(cfg.crossattn_emb_channels, eps=1e-6)  # affine, on the video context
+        self.obs_embedder = ActionEmbedder(cfg.in_channels, D)
+        self.action_embedder = ActionEmbedder(cfg.out_channels, D)
+        self.t_embedder = PairTimeEmbedder(D, R)
+        self.blocks = nn.ModuleList([
+            DiTBlock(D, cfg.crossattn_emb_channels, cfg.num_heads, cfg.mlp_ratio, R, cfg.adaln_lora_dim,
+                     order=("cross_attn", "self_attn"))  # cross first (the official docstring says otherwise)
+            for _ in range(cfg.num_blocks)
+        ])
+        self.final_layer = FinalLayer(D, R, cfg.adaln_lora_dim, cfg.out_channels)
+        self.t_embedding_norm = RMSNorm(R, eps=1e-6)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Official init (`init_weights`): trunc-normal 1/sqrt(fan_in) Linears, zeroed AdaLN outputs."""
+        D = self.cfg.model_channels
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
+        for p in (self.pos_embedding, self.obs_mask_token):
+            nn.init.trunc_normal_(p, std=D ** -0.5, a=-3 * D ** -0.5, b=3 * D ** -0.5)
+        for emb in (self.obs_embedder, self.action_embedder):
+            linears = [m for m in emb.layers if isinstance(m, nn.Linear)]
+            for i, m in enumerate(linears):
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu" if i < len(linears) - 1 else "linear")
+                nn.init.zeros_(m.bias)
+        # the std of SiLU(N(0, 0.5)): the bilinear term starts at the scale of its inputs
+        nn.init.constant_(self.t_embedder.pair.B.bias, 0.382050174)
+        nn.init.constant_(self.t_embedder.pair.C.bias, 0.382050174)
+        # zero the second AdaLN linear: a new block is driven by the shared adaln_lora alone
+        for block in self.blocks:
+            for name in block.order:
+                nn.init.zeros_(getattr(block, f"adaln_modulation_{name}")[2].weight)
+        nn.init.zeros_(self.final_layer.adaln_modulation[2].weight)
+        nn.init.ones_(self.t_embedding_norm.weight)
+        nn.init.ones_(self.ctx_norm.weight)
+        nn.init.zeros_(self.ctx_norm.bias)
+
+    def context_kv(self, crossattn_emb):
+        """Keys and values of the normalized video context for every block: compute once per policy query."""
+        ctx = self.ctx_norm(crossattn_emb.to(self.pos_embedding.dtype))
+        return [block.cross_attn.kv(ctx) for block in self.blocks]
+
+    def forward(self, state, x_scaled, timesteps, context_sigma, crossattn_emb=None, obs_dropout=0.0,
+                context_kv=None, generator=None):
+        """The raw network (official `World2ActionDIT.forward`).
+
+        state: (B, 1, 10) normalized proprio; x_scaled: (B, HA, 10) rescaled noisy actions (see `denoise`);
+        timesteps: (B, 1 + HA) action time per token (proprio token first); context_sigma: (B, 1) video sigma;
+        crossattn_emb: (B, N, C) video hidden states, or context_kv from `context_kv`;
+        obs_dropout: probability of replacing the proprio embedding by the mask token (0.2 in training).
+        returns: (B, 1 + HA, 10), token 0 being the (discarded) proprio position.
+        """
+        B, HA, _ = x_scaled.shape
+        dtype = self.pos_embedding.dtype
+        if state.shape != (B, 1, self.cfg.in_channels):
+            raise ValueError(f"state must be ({B}, 1, {self.cfg.in_channels}), got {tuple(state.shape)}")
+        if HA + 1 > self.cfg.max_horizon or x_scaled.shape[-1] != self.cfg.out_channels:
+            raise ValueError(f"actions must be ({B}, <= {self.cfg.num_actions}, {self.cfg.out_channels}), got {tuple(x_scaled.shape)}")
+        obs = self.obs_embedder(state.to(dtype))  # (B, 1, D)
+        if obs_dropout > 0:
+            m = torch.rand(B, 1, 1, generator=generator, device=obs.device) < obs_dropout  # per sample
+            obs = torch.where(m, self.obs_mask_token.to(obs.dtype), obs)
+        x = torch.cat([obs, self.action_embedder(x_scaled.to(dtype))], dim=1)  # (B, T, D), proprio first
+        x = x + self.pos_embedding[:, : HA + 1]
+
+        if context_kv is None:
+            context_kv = self.context_kv(crossattn_emb)
+        z, adaln_lora = self.t_embedder(timesteps, context_sigma, dtype)  # (B, T, R), (B, T, 3D)
+        emb = self.t_embedding_norm(z)  # blocks see RMSNorm(z); adaln_lora came from the raw z
+
+        x = x[:, :, None, :]  # (B, T, 1, D): every token has its own time
+        for block, kv in zip(self.blocks, context_kv):
+            x = block(x, emb, adaln_lora, context_kv=kv)
+        return self.final_layer(x, emb, adaln_lora)[:, :, 0]  # (B, T, 10)
+
+    def denoise(self, x_tau, tau_a, state, crossattn_emb, context_sigma, obs_dropout=0.0, context_kv=None, generator=None):
+        """Velocity of the noisy normalized action chunk (official `World2ActionPipeline.denoise`).
+
+        x_tau: (B, HA, 10); tau_a: (B,) or (B, HA) action time; context_sigma: (B,) or (B, 1).
+        returns v_hat (B, HA, 10), an estimate of eps - x0 for the action tokens only.
+        """
+        B, HA, _ = x_tau.shape
+        tau_a = torch.as_tensor(tau_a, dtype=torch.float32, device=x_tau.device).reshape(B, -1).expand(B, HA)
+        x_in = x_tau / torch.sqrt((1 - tau_a) ** 2 + tau_a ** 2)[..., None]  # unit variance along the path
+        timesteps = torch.cat([torch.full((B, 1), TAU_PROPRIO, device=x_tau.device), tau_a], dim=1)  # (B, 1 + HA)
+        out = self(state, x_in, timesteps, context_sigma.reshape(B, 1), crossattn_emb, obs_dropout, context_kv, generator)
+        return out[:, 1:]
+
+    @torch.no_grad()
+    def sample(self, state, crossattn_emb, context_sigma, noise, num_steps=10):
+        """Normalized action chunk by Euler from tau_a = 1 (noise (B, HA, 10)) to 0; the video context's keys
+        and values are computed once, not once per step."""
+        kv = self.context_kv(crossattn_emb)
+        return euler_integrate(lambda x, tau: self.denoise(x, tau, state, None, context_sigma, context_kv=kv),
+                               noise, num_steps=num_steps)
+
+
+# Normalization (official `StaticBatchNormalizer`). The stats are PER CHUNK TIMESTEP, shape (H, d), not per
+# dimension: action k of a chunk has its own mean and std. Positions and grippers are standardized with
+# clamped stats and clipped to an outlier range; 6-D rotations pass through unchanged.
+
+NORMALIZATION_KEYS = {  # concat order: position (3), 6-D rotation (6), gripper (1)
+    "libero": {"action": ("action/eef_pos_ref_delta_lowdim", "action/eef_rot_ref_delta_lowdim", "action/gripper_action_lowdim"),
+               "obs": ("obs/eef_pos_lowdim", "obs/eef_rot_lowdim", "obs/gripper_lowdim")},
+    "bridge": {"action": ("action/eef_pos_lowdim", "action/eef_rot_lowdim", "action/gripper_action_lowdim"),
+               "obs": ("obs/eef_pos_lowdim", "obs/eef_rot_lowdim", "obs/gripper_state_lowdim")},
+}
+
+
+class Normalizer:
+    """normalize(x) = clamp((x - shift) * scale, lo, hi); unnormalize(y) = y / scale + shift (no clamp)."""
+
+    def __init__(self, shift, scale, clamp_min, clamp_max):
+        self.shift, self.scale, self.clamp_min, self.clamp_max = shift, scale, clamp_min, clamp_max  # each (H, d)
+
+    @classmethod
+    def from_stats(cls, stats, keys, dtype=torch.float32):
+        """Build from a released dataset_statistics JSON (dict of key -> field -> nested lists).
+
+        VARIANCE (positions, grippers): shift = mean_clamped, scale = 1 / std_clamped (1 where std < 1e-5),
+        bounds = (mean + 1.5 (p2 - mean) - shift) * scale and likewise with p98. IDENTITY (keys with "rot").
+        The official eval runs this in bf16 (pass dtype=torch.bfloat16 to match it bit for bit).
+        """
+        parts = []
+        for key in keys:
+            if key not in stats:
+                raise KeyError(f"statistics have no entry {key!r}; found {sorted(stats)}")
+            s = {k: torch.tensor(v, dtype=torch.float64) for k, v in stats[key].items()
+                 if k in ("mean", "mean_clamped", "std_clamped", "percentiles")}
+            if "_rot" in key:
+                z = torch.zeros_like(s["mean"])
+                parts.append((z, z + 1, z - math.inf, z + math.inf))
+                continue
+            shift = s["mean_clamped"]
+            scale = torch.where(s["std_clamped"] < 1e-5, torch.ones_like(shift), 1 / s["std_clamped"])
+            p2, p98 = s["percentiles"][20], s["percentiles"][980]  # grid 0.0..100.0 in steps of 0.1
+            mean = s["mean"]
+            parts.append((shift, scale, (mean + 1.5 * (p2 - mean) - shift) * scale, (mean + 1.5 * (p98 - mean) - shift) * scale))
+        return cls(*(torch.cat([p[i] for p in parts], dim=-1).to(dtype) for i in range(4)))  # 4 x (H, 10)
+
+    def normalize(self, x):
+        y = (x - self.shift.to(x)) * self.scale.to(x)
+        if torch.isinf(self.clamp_min).all() and torch.isinf(self.clamp_max).all():
+            return y
+        return torch.maximum(torch.minimum(y, self.clamp_max.to(x)), self.clamp_min.to(x))
+
+    def unnormalize(self, y):
+        return y / self.scale.to(y) + self.shift.to(y)
+
+
+def rotation_to_6d(R):
+    """(..., 3, 3) rotation matrix -> (..., 6): its first two ROWS, row-major (official `RotationMatrixTo6D`)."""
+    return R[..., :2, :].reshape(*R.shape[:-2], 6)
+
+
+def rotation_from_6d(r6):
+    """(..., 6) -> (..., 3, 3): Gram-Schmidt on the two rows, third row r1 x r2 (as the official LIBERO eval)."""
+    a1, a2 = r6[..., :3], r6[..., 3:]
+    r1 = F.normalize(a1, dim=-1)
+    r2 = F.normalize(a2 - (r1 * a2).sum(-1, keepdim=True) * r1, dim=-1)
+    r3 = torch.cross(r1, r2, dim=-1)
+    return torch.stack([r1, r2, r3], dim=-2)
+
+
+def load_action_decoder(source, filename=None, config="libero", revision=None, cache_dir=None, device="cpu", dtype=None):
+    """Load a released mimic-video action decoder (`net.` keys, .pt) strictly."""
+    cfg = make_config(ActionDecoderConfig, config, ACTION_DECODER_PRESETS)
+    return load_official(ActionDecoder, cfg, source, filename, revision, cache_dir, device, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The video-action model: partial denoising -> middle-block features -> action decoder
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoActionConfig:
+    """How the frozen video model and the decoder are coupled, trained and sampled (official stage 2)."""
+
+    tap_block: int = 20  # the decoder reads the output of this video block (official xattn_layer_idx; 20 of 28)
+    latent_frames: int = 16  # context + future latent frames in the window (61 pixel frames -> 2 + 14 latents)
+    num_video_steps: int = 35  # the Cosmos schedule that stop_after_step indexes
+    num_action_steps: int = 10  # Euler steps of the decoder from tau_a = 1 to 0
+    loss_scale: float = 10.0  # stage-2 loss = loss_scale * velocity MSE
+    obs_dropout: float = 0.2  # stage-2 probability of masking the proprio token
+    video_time: str = "official"  # "official": sigma = 4 exp(N(0,1)) + 5% tail; "paper": logit-normal tau_v
+    video_sigma_multiplier: float = 4.0  # official: sqrt(latent frames)
+    action_time: str = "official"  # "official": uniform on [0.001, 1]; "paper": Beta(1.5, 1)
+
+
+VIDEO_ACTION_PRESETS = {
+    "mimic-video": VideoActionConfig(),
+    "tiny": VideoActionConfig(tap_block=2, latent_frames=4),
+}
+
+
+class VideoActionModel(nn.Module):
+    """The video DiT (frozen in stage 2) and the action decoder, with the optional normalizers of a policy.
+
+    Latents are (B, 16, T, H, W) with the first Tc frames the observed context; the text is (B, N, 1024).
+    Proprio (B, 1, 10) and actions (B, HA, 10) are normalized unless a method says otherwise.
+    """
+
+    def __init__(self, video: VideoDiT, decoder: ActionDecoder, cfg: VideoActionConfig = VideoActionConfig(),
+                 obs_normalizer: Normalizer | None = None, action_normalizer: Normalizer | None = None):
+        super().__init__()
+        if decoder.cfg.crossattn_emb_channels != video.cfg.model_channels:
+            raise ValueError(f"decoder reads {decoder.cfg.crossattn_emb_channels}-d context, video width is {video.cfg.model_channels}")
+        if not 0 <= cfg.tap_block <= video.cfg.num_blocks:
+            raise ValueError(f"tap_block must be in [0, {video.cfg.num_blocks}], got {cfg.tap_block}")
+        self.video, self.decoder, self.cfg = video, decoder, cfg
+        self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
+
+    def _window(self, context, future):
+        """(context, future) -> latents (B, C, T, H, W) and the conditioning-frame mask (B, T)."""
+        if future is None:  # inference: the future is what the video model imagines; official zero-pads
+            B, C, Tc, H, W = context.shape
+            future = context.new_zeros(B, C, self.cfg.latent_frames - Tc, H, W)
+        latents = torch.cat([context, future], dim=2)  # (B, C, Tc + Tf, H, W)
+        return latents, first_frames_mask(latents.shape[0], latents.shape[2], context.shape[2], latents.device)
+
+    def video_features(self, context, future, text, sigma, eps=None, generator=None):
+        """Decoder context from ground-truth future latents noised to sigma (training; the paper's oracle).
+
+        One video forward truncated after `tap_block`, no gradient to the backbone. Returns (B, T'H'W', D)
+        in (t, h, w) order; the clean context frames are among the tokens.
+        """
+        latents, cond = self._window(context, future)
+        if eps is None:
+            eps = torch.randn(latents.shape, generator=generator, device=latents.device)
+        tau_v = sigma_to_tau(sigma.float())
+        x_tau = interpolate(latents.float(), eps, tau_v)  # = (1 - tau_v) x_sigma
+        net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau_v, latents, cond)
+        with torch.no_grad():
+            hidden = self.video(net_in, tau_BT, text, condition_mask, stop_after_block=self.cfg.tap_block)
+        return hidden.flatten(1, 3)  # (B, T, H', W', D) -> (B, L, D)
+
+    def _sample_times(self, batch, generator, device):
+        cfg = self.cfg
+        if cfg.video_time == "official":
+            sigma = sample_video_sigma(batch, generator, device, multiplier=cfg.video_sigma_multiplier)
+        elif cfg.video_time == "paper":
+            sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
+        else:
+            raise ValueError(f"video_time must be 'official' or 'paper', got {cfg.video_time!r}")
+        if cfg.action_time == "official":
+            tau_a = sample_tau_action_uniform(batch, generator, device)
+        elif cfg.action_time == "paper":
+            tau_a = sample_tau_action_beta(batch, generator, device)
+        else:
+            raise ValueError(f"action_time must be 'official' or 'paper', got {cfg.action_time!r}")
+        return sigma, tau_a
+
+    def stage2_loss(self, context, future, text, proprio, actions, generator=None):
+        """Decoder loss on the frozen backbone: tau_v and tau_a drawn independently per sample.
+
+        Returns {"loss": scalar, "per_sample": (B,), "tau_a": (B,), "tau_v": (B,)} (per-sample values for
+        logging the loss binned by time).
+        """
+        B = actions.shape[0]
+        sigma, tau_a = self._sample_times(B, generator, actions.device)
+        ctx = self.video_features(context, future, text, sigma, generator=generator)
+        x0 = actions.float()
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_tau = interpolate(x0, eps, tau_a)
+        u = velocity_target(x0, eps)
+        v_hat = self.decoder.denoise(x_tau, tau_a, proprio, ctx, sigma, obs_dropout=self.cfg.obs_dropout, generator=generator)
+        per_sample = self.cfg.loss_scale * ((v_hat.float() - u) ** 2).mean(dim=(1, 2))
+        return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": sigma_to_tau(sigma)}
+
+    def stage1_loss(self, context, future, text, generator=None):
+        """Video flow loss (LoRA stage): future frames noised, context frames clean and excluded from the loss.
+
+        Cosmos trains with the x0 loss weighted by (1 + sigma)^2 / sigma^2, which is exactly this velocity MSE.
+        Returns {"loss", "per_sample", "tau_v"}.
+        """
+        latents, cond = self._window(context, future)
+        B = latents.shape[0]
+        sigma = sample_video_sigma(B, generator, latents.device, multiplier=self.cfg.video_sigma_multiplier)
+        tau = sigma_to_tau(sigma)
+        x0 = latents.float()
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_tau = interpolate(x0, eps, tau)
+        net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau, latents, cond)
+        v_hat = self.video(net_in, tau_BT, text, condition_mask).float()
+        mask = (~cond)[:, None, :, None, None].float()  # (B, 1, T, 1, 1): future frames only
+        err = ((v_hat - velocity_target(x0, eps)) ** 2 * mask).sum(dim=(1, 2, 3, 4))
+        per_sample = err / (mask.sum(dim=(1, 2, 3, 4)) * x0.shape[1] * x0.shape[3] * x0.shape[4])
+        return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_v": tau}
+
+    @torch.no_grad()
+    def sample_actions(self, context, text, proprio, stop_after_step=None, tau_v=None, seed=0, numpy_noise=False,
+                       oracle_future=None, raw=False):
+        """One policy query: partial video denoising, then Euler on the decoder. Returns (B, HA, 10).
+
+        stop_after_step = k on the 35-step schedule (k = 0: one forward at sigma = 80), or tau_v directly.
+        seed: the video noise and the action noise are drawn from it (numpy_noise=True draws both the
+        official way, numpy RandomState(seed), so released checkpoints reproduce official outputs).
+        oracle_future: ground-truth future latents noised to the same level instead of the video model's
+        own plan (the paper's case study).
+        raw: proprio given and actions returned unnormalized through the policy's normalizers.
+        """
+        if (stop_after_step is None) == (tau_v is None):
+            raise ValueError("give exactly one of stop_after_step and tau_v (mimic-video always stops early)")
+        if raw and self.obs_normalizer is not None:
+            proprio = self.obs_normalizer.normalize(proprio)
+        latents, cond = self._window(context, oracle_future)
+        B, HA = latents.shape[0], self.decoder.cfg.num_actions
+        noise = self._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.decoder.cfg.out_channels)), seed, numpy_noise, latents.device)
+        if oracle_future is not None:
+            sigma_v = float(partial_schedule(self.cfg.num_video_steps, stop_after_step, tau_v)[-1])
+            sigma = torch.full((B,), sigma_v, dtype=torch.float32, device=latents.device)
+            ctx = self.video_features(context, oracle_future, text, sigma, eps=noise[0])
+        else:
+            hidden, sigma = cosmos_sample(self.video, noise[0], latents, cond, text, self.cfg.num_video_steps,
+                                          stop_after_step, tau_v, hidden_block=self.cfg.tap_block)
+            ctx = hidden.flatten(1, 3)  # (B, L, D) in (t, h, w) order
+        actions = self.decoder.sample(proprio, ctx, sigma, noise[1], self.cfg.num_action_steps)
+        if raw and self.action_normalizer is not None:
+            actions = self.action_normalizer.unnormalize(actions)
+        return actions
+
+    @staticmethod
+    def _noise(shapes, seed, numpy_noise, device):
+        if numpy_noise:  # official: the same seed for the video and the action noise
+            return [numpy_randn(shape, seed, device=device) for shape in shapes]
+        g = torch.Generator(device=device).manual_seed(seed)
+        return [torch.randn(shape, generator=g, device=device) for shape in shapes]
+
+
+# Released checkpoints: jonpai/mimic-video on the Hub (`model/scripts/download_checkpoints.py`, eval scripts).
+
+MIMIC_VIDEO_HUB_REPO = "jonpai/mimic-video"
+_LIBERO_BACKBONE = "v2w_libero_{}_agentview_lora_rank256_lr1.778e-04_bsz32_iter_{}_fused"
+RELEASED_BACKBONES = {
+    "goal": _LIBERO_BACKBONE.format("goal", "000007020"),
+    "object": _LIBERO_BACKBONE.format("object", "000008260"),
+    "spatial": _LIBERO_BACKBONE.format("spatial", "000007540"),
+    "bridge": "v2w_bridge_lora_rank256_lr1.778e-04_bsz64_iter_000070043_fused",
+    "cosmos": "v2w_pretrained_cosmos",  # stock Cosmos-Predict2-2B 480p/10fps, renamed
+}
+RELEASED_POLICIES = {  # task -> (decoder preset, backbone, decoder iteration)
+    "libero_goal_half": ("libero", "goal", "000050022"), "libero_goal_tenth": ("libero", "goal", "000040014"),
+    "libero_goal_one": ("libero", "goal", "000019998"),
+    "libero_object_full": ("libero", "object", "000050274"), "libero_object_half": ("libero", "object", "000030090"),
+    "libero_object_tenth": ("libero", "object", "000039984"), "libero_object_one": ("libero", "object", "000029997"),
+    "libero_spatial_full": ("libero", "spatial", "000051212"), "libero_spatial_tenth": ("libero", "spatial", "000030012"),
+    "libero_spatial_one": ("libero", "spatial", "000019998"),
+    "bridge": ("bridge", "bridge", "000014112"),  # on the Bridge-finetuned backbone
+    "bridge_ptcosmos": ("bridge", "cosmos", "000014112"),  # on the stock Cosmos backbone
+}
+
+
+def released_files(task):
+    """Paths inside the released repo of a task's backbone, decoder and statistics."""
+    if task not in RELEASED_POLICIES:
+        raise ValueError(f"unknown released task {task!r}; choose from {sorted(RELEASED_POLICIES)}")
+    preset, backbone, iteration = RELEASED_POLICIES[task]
+    data = "bridge" if preset == "bridge" else task
+    batch = 256 if preset == "bridge" else 128
+    video = RELEASED_BACKBONES[backbone]
+    return {"video": f"video_backbone/{video}.pt",
+            "decoder": f"action_decoder/w2a_{data}_{video}_lr1.000e-04_layer20_bsz{batch}_iter_{iteration}.pt",
+            "statistics": f"dataset_statistics/{data}.json"}
+
+
+def load_policy(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None, device="cpu", dtype=None,
+                video_config="cosmos-predict2-2b", decoder_config=None, config="mimic-video"):
+    """A released mimic-video policy (backbone, decoder, normalizers) from the Hub repo or a local copy of it.
+
+    The official eval runs in bf16 (dtype=torch.bfloat16) on a GPU: 2B + 0.5B parameters.
+    """
+    files = released_files(task)
+    preset = RELEASED_POLICIES[task][0]
+    video = load_video_dit(source, files["video"], video_config, revision, cache_dir, device, dtype)
+    decoder = load_action_decoder(source, files["decoder"], decoder_config or preset, revision, cache_dir, device, dtype)
+    stats = json.loads(resolve_file(source, files["statistics"], revision, cache_dir).read_text())
+    keys = NORMALIZATION_KEYS[preset]
+    model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
+                             make_config(VideoActionConfig, config, VIDEO_ACTION_PRESETS),
+                             Normalizer.from_stats(stats, keys["obs"]), Normalizer.from_stats(stats, keys["action"]))
+    return model.eval()
