@@ -1150,7 +1150,8 @@ class ActionDecoder(nn.Module):
         state: (B, 1, 10) normalized proprio; x_scaled: (B, HA, 10) rescaled noisy actions (see `denoise`);
         timesteps: (B, 1 + HA) action time per token (proprio token first); context_sigma: (B, 1) video sigma;
         crossattn_emb: (B, N, C) video hidden states, or context_kv from `context_kv`;
-        obs_dropout: probability of replacing the proprio embedding by the mask token (0.2 in training).
+        obs_dropout: probability of replacing the proprio embedding by the mask token (0.2 in training),
+            or a (B,) bool tensor saying which samples are masked.
         returns: (B, 1 + HA, 10), token 0 being the (discarded) proprio position.
         """
         B, HA, _ = x_scaled.shape
@@ -1160,8 +1161,11 @@ class ActionDecoder(nn.Module):
         if HA + 1 > self.cfg.max_horizon or x_scaled.shape[-1] != self.cfg.out_channels:
             raise ValueError(f"actions must be ({B}, <= {self.cfg.num_actions}, {self.cfg.out_channels}), got {tuple(x_scaled.shape)}")
         obs = self.obs_embedder(state.to(dtype))  # (B, 1, D)
-        if obs_dropout > 0:
-            m = torch.rand(B, 1, 1, generator=generator, device=obs.device) < obs_dropout  # per sample
+        if torch.is_tensor(obs_dropout):  # a given per-sample mask (B,) bool
+            m = obs_dropout.reshape(B, 1, 1)
+        else:  # a probability: draw the mask per sample
+            m = torch.rand(B, 1, 1, generator=generator, device=obs.device) < obs_dropout
+        if torch.is_tensor(obs_dropout) or obs_dropout > 0:
             obs = torch.where(m, self.obs_mask_token.to(obs.dtype), obs)
         x = torch.cat([obs, self.action_embedder(x_scaled.to(dtype))], dim=1)  # (B, T, D), proprio first
         x = x + self.pos_embedding[:, : HA + 1]
@@ -1338,51 +1342,64 @@ class VideoActionModel(nn.Module):
             hidden = self.video(net_in, tau_BT, text, condition_mask, stop_after_block=self.cfg.tap_block)
         return hidden.flatten(1, 3)  # (B, T, H', W', D) -> (B, L, D)
 
-    def _sample_times(self, batch, generator, device):
+    def forward(self, stage, *args, **kwargs):
+        """The training loss of a stage (1: video LoRA, 2: decoder), so DistributedDataParallel can wrap the model."""
+        return self.stage1_loss(*args, **kwargs) if stage == 1 else self.stage2_loss(*args, **kwargs)
+
+    def draw_noise(self, stage, batch, latent_shape, action_shape=None, generator=None, device=None):
+        """Every random draw of one training step, for `batch` samples: sigma (and tau_a, the proprio mask),
+        eps for the video and the actions. Draw it for the global batch and slice it per rank, and the loss
+        does not depend on how the batch is sharded (DDP equals one process; resume is exact)."""
         cfg = self.cfg
-        if cfg.video_time == "official":
+        if stage == 1 or cfg.video_time == "official":
             sigma = sample_video_sigma(batch, generator, device, multiplier=cfg.video_sigma_multiplier)
         elif cfg.video_time == "paper":
             sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
         else:
             raise ValueError(f"video_time must be 'official' or 'paper', got {cfg.video_time!r}")
+        noise = {"sigma": sigma, "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
+        if stage == 1:
+            return noise
         if cfg.action_time == "official":
-            tau_a = sample_tau_action_uniform(batch, generator, device)
+            noise["tau_a"] = sample_tau_action_uniform(batch, generator, device)
         elif cfg.action_time == "paper":
-            tau_a = sample_tau_action_beta(batch, generator, device)
+            noise["tau_a"] = sample_tau_action_beta(batch, generator, device)
         else:
             raise ValueError(f"action_time must be 'official' or 'paper', got {cfg.action_time!r}")
-        return sigma, tau_a
+        noise["eps_action"] = torch.randn((batch,) + tuple(action_shape), generator=generator, device=device)
+        noise["obs_mask"] = torch.rand(batch, generator=generator, device=device) < cfg.obs_dropout
+        return noise
 
-    def stage2_loss(self, context, future, text, proprio, actions, generator=None):
+    def stage2_loss(self, context, future, text, proprio, actions, noise=None, generator=None):
         """Decoder loss on the frozen backbone: tau_v and tau_a drawn independently per sample.
 
         Returns {"loss": scalar, "per_sample": (B,), "tau_a": (B,), "tau_v": (B,)} (per-sample values for
         logging the loss binned by time).
         """
         B = actions.shape[0]
-        sigma, tau_a = self._sample_times(B, generator, actions.device)
-        ctx = self.video_features(context, future, text, sigma, generator=generator)
-        x0 = actions.float()
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+        latent_shape = (context.shape[1], context.shape[2] + future.shape[2]) + tuple(context.shape[3:])
+        if noise is None:
+            noise = self.draw_noise(2, B, latent_shape, actions.shape[1:], generator, actions.device)
+        sigma, tau_a = noise["sigma"], noise["tau_a"]
+        ctx = self.video_features(context, future, text, sigma, eps=noise["eps_video"])
+        x0, eps = actions.float(), noise["eps_action"]
         x_tau = interpolate(x0, eps, tau_a)
         u = velocity_target(x0, eps)
-        v_hat = self.decoder.denoise(x_tau, tau_a, proprio, ctx, sigma, obs_dropout=self.cfg.obs_dropout, generator=generator)
+        v_hat = self.decoder.denoise(x_tau, tau_a, proprio, ctx, sigma, obs_dropout=noise["obs_mask"])
         per_sample = self.cfg.loss_scale * ((v_hat.float() - u) ** 2).mean(dim=(1, 2))
         return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": sigma_to_tau(sigma)}
 
-    def stage1_loss(self, context, future, text, generator=None):
+    def stage1_loss(self, context, future, text, noise=None, generator=None):
         """Video flow loss (LoRA stage): future frames noised, context frames clean and excluded from the loss.
 
         Cosmos trains with the x0 loss weighted by (1 + sigma)^2 / sigma^2, which is exactly this velocity MSE.
         Returns {"loss", "per_sample", "tau_v"}.
         """
         latents, cond = self._window(context, future)
-        B = latents.shape[0]
-        sigma = sample_video_sigma(B, generator, latents.device, multiplier=self.cfg.video_sigma_multiplier)
-        tau = sigma_to_tau(sigma)
-        x0 = latents.float()
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+        if noise is None:
+            noise = self.draw_noise(1, latents.shape[0], latents.shape[1:], generator=generator, device=latents.device)
+        tau = sigma_to_tau(noise["sigma"])
+        x0, eps = latents.float(), noise["eps_video"]
         x_tau = interpolate(x0, eps, tau)
         net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau, latents, cond)
         v_hat = self.video(net_in, tau_BT, text, condition_mask).float()
@@ -1483,3 +1500,197 @@ def load_policy(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None
                              make_config(VideoActionConfig, config, VIDEO_ACTION_PRESETS),
                              Normalizer.from_stats(stats, keys["obs"]), Normalizer.from_stats(stats, keys["action"]))
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. A toy world: language-conditioned reaching, small enough to run the whole recipe on a CPU
+# ------------------------------------------------------------------------------------------------
+# Three coloured squares and a white agent in the unit square, rendered to 16 x 16 RGB frames with numpy.
+# The instruction ("go to the red one") names the goal; the decoder never sees it, so the video model
+# must carry the intent. Frames serve directly as latents (no VAE, no temporal compression) and words
+# get a fixed random embedding (no T5). Proprio is the agent's position; actions are relative motions.
+
+import numpy as np  # noqa: E402  (only the toy world needs numpy arrays)
+
+
+@dataclass
+class ToyWorldConfig:
+    """The toy world and how its episodes become (context, future, text, proprio, action chunk) samples."""
+
+    image_size: int = 16  # frames are (3, S, S) in [-1, 1]
+    max_speed: float = 0.08  # largest agent step per env step (arena [0, 1]^2)
+    success_radius: float = 0.07  # success: the episode ends this close to the instructed square
+    episode_steps: int = 24  # env steps per episode
+    chunk: int = 8  # actions per chunk (decoder: 1 proprio token + 8 action tokens)
+    execute: int = 4  # actions executed before replanning (the paper executes 5 of 15)
+    future_frames: int = 4  # future latent frames in the video window
+    future_stride: int = 2  # env steps between future frames (4 x 2 = the chunk's span)
+    text_tokens: int = 6  # instruction length after zero padding (T5 pads with zeros too)
+    text_dim: int = 32  # word embedding width
+
+
+TOY_COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 1.0, 0.15), "blue": (0.25, 0.45, 1.0)}
+TOY_TEMPLATES = ("go to the {} one", "move to the {} square", "reach {}", "{}")
+
+
+def toy_vocab():
+    words = sorted({w for t in TOY_TEMPLATES for w in t.format("").split()} | set(TOY_COLOURS))
+    return {w: i for i, w in enumerate(words)}
+
+
+def toy_text_embedding(goal_colour, template, cfg: ToyWorldConfig):
+    """(N,) colour and template indices -> (N, text_tokens, text_dim) fixed word embeddings, zero padded."""
+    vocab, colours = toy_vocab(), list(TOY_COLOURS)
+    table = np.random.RandomState(1234).standard_normal((len(vocab), cfg.text_dim)).astype(np.float32)
+    out = np.zeros((len(goal_colour), cfg.text_tokens, cfg.text_dim), np.float32)
+    for n, (c, t) in enumerate(zip(goal_colour, template)):
+        words = TOY_TEMPLATES[t].format(colours[c]).split()
+        out[n, : len(words)] = table[[vocab[w] for w in words]]
+    return torch.from_numpy(out)
+
+
+def toy_reset(seeds, cfg: ToyWorldConfig):
+    """One episode per seed: 3 squares (distinct colours, 0.3 apart), an agent away from them, a goal."""
+    agent, targets, colours, goal, template = [], [], [], [], []
+    for seed in seeds:
+        rng = np.random.RandomState(seed)
+        while True:
+            t = rng.uniform(0.15, 0.85, size=(3, 2))
+            if min(np.linalg.norm(t[i] - t[j]) for i in range(3) for j in range(i)) > 0.3:
+                break
+        while True:
+            a = rng.uniform(0.1, 0.9, size=2)
+            if np.linalg.norm(t - a, axis=1).min() > 0.2:
+                break
+        agent.append(a), targets.append(t), colours.append(rng.permutation(3))
+        goal.append(rng.randint(3)), template.append(rng.randint(len(TOY_TEMPLATES)))
+    f = lambda x, dt=np.float32: np.asarray(x, dt)  # noqa: E731
+    return {"agent": f(agent), "targets": f(targets), "colours": f(colours, np.int64), "goal": f(goal, np.int64),
+            "template": f(template, np.int64)}
+
+
+def toy_goal_position(state):
+    return state["targets"][np.arange(len(state["goal"])), state["goal"]]  # (N, 2)
+
+
+def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
+    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 3, S, S) float32 frames in [-1, 1]."""
+    S = cfg.image_size
+    grid = (np.arange(S, dtype=np.float32) + 0.5) / S
+    palette = np.array(list(TOY_COLOURS.values()), np.float32)  # (3 colours, RGB)
+    width = 0.7 / S  # soft blobs: sub-pixel positions stay visible
+
+    def blob(p):  # (N, 2) -> (N, S, S); rows are y, columns x
+        d2 = (grid[None, :, None] - p[:, 1, None, None]) ** 2 + (grid[None, None, :] - p[:, 0, None, None]) ** 2
+        return np.exp(-d2 / (2 * width ** 2))
+
+    img = np.zeros((len(agent), 3, S, S), np.float32)
+    for k in range(targets.shape[1]):
+        img += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k])[:, None]
+    img += blob(agent)[:, None]  # white
+    return np.clip(img, 0, 1) * 2 - 1
+
+
+def toy_step(agent, action, cfg: ToyWorldConfig):
+    """Move by the action, its length capped at max_speed, and stay inside the arena."""
+    norm = np.linalg.norm(action, axis=-1, keepdims=True)
+    action = action * np.minimum(1.0, cfg.max_speed / np.maximum(norm, 1e-9))
+    return np.clip(agent + action, 0.0, 1.0).astype(np.float32)
+
+
+def toy_expert_chunk(state, cfg: ToyWorldConfig, speed=None):
+    """The scripted expert's next `chunk` actions: straight to the goal at `speed`, then stand still."""
+    speed = cfg.max_speed if speed is None else speed
+    agent, goal = state["agent"].copy(), toy_goal_position(state)
+    actions = []
+    for _ in range(cfg.chunk):
+        delta = goal - agent
+        dist = np.linalg.norm(delta, axis=-1, keepdims=True)
+        a = delta * np.minimum(1.0, np.asarray(speed, np.float32).reshape(-1, 1) / np.maximum(dist, 1e-9))
+        actions.append(a.astype(np.float32))
+        agent = toy_step(agent, a, cfg)
+    return np.stack(actions, axis=1)  # (N, chunk, 2)
+
+
+def toy_random_chunk(state, cfg: ToyWorldConfig, rng):
+    return rng.uniform(-cfg.max_speed, cfg.max_speed, size=(len(state["agent"]), cfg.chunk, 2)).astype(np.float32)
+
+
+def toy_rollout(policy, seeds, cfg: ToyWorldConfig, record=False):
+    """Closed loop: every `execute` steps, policy(obs) -> (N, chunk, 2) actions. Returns success (N,) bool
+    (and the frames (N, steps + 1, 3, S, S) if record). obs: frame, text, proprio and the raw state."""
+    state = toy_reset(seeds, cfg)
+    text = toy_text_embedding(state["colours"][np.arange(len(seeds)), state["goal"]], state["template"], cfg)
+    frames = [toy_render(state["agent"], state["targets"], state["colours"], cfg)]
+    for _ in range(0, cfg.episode_steps, cfg.execute):
+        obs = {"frame": torch.from_numpy(frames[-1]), "text": text, "proprio": torch.from_numpy(state["agent"])[:, None], "state": state}
+        chunk = np.asarray(policy(obs), np.float32)
+        for j in range(cfg.execute):
+            state = dict(state, agent=toy_step(state["agent"], chunk[:, j], cfg))
+            frames.append(toy_render(state["agent"], state["targets"], state["colours"], cfg))
+    success = np.linalg.norm(state["agent"] - toy_goal_position(state), axis=-1) < cfg.success_radius
+    return (success, np.stack(frames, axis=1)) if record else success
+
+
+def make_toy_demos(num_episodes, seed, cfg: ToyWorldConfig, speed_range=None):
+    """Expert demonstrations (speed_range=None: the expert's speed) or a varied-speed 'play' corpus.
+
+    Stored as trajectories, not pixels: frames are re-rendered per batch (cheap at 16 x 16).
+    """
+    seeds = [seed * 1_000_003 + i for i in range(num_episodes)]
+    state = toy_reset(seeds, cfg)
+    rng = np.random.RandomState(seed)
+    speed = np.full(num_episodes, cfg.max_speed, np.float32) if speed_range is None else rng.uniform(*speed_range, num_episodes).astype(np.float32)
+    agents, actions = [state["agent"]], []
+    for _ in range(cfg.episode_steps):
+        a = toy_expert_chunk(state, cfg, speed)[:, 0]
+        state = dict(state, agent=toy_step(state["agent"], a, cfg))
+        agents.append(state["agent"]), actions.append(a)
+    goal_colour = state["colours"][np.arange(num_episodes), state["goal"]]
+    return {"agent": np.stack(agents, 1), "actions": np.stack(actions, 1), "targets": state["targets"],
+            "colours": state["colours"], "goal_colour": goal_colour, "template": state["template"]}
+
+
+def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
+    """The data seam: (episode, t) pairs -> context (B, 3, 1, S, S), future (B, 3, F, S, S),
+    text (B, N, C), proprio (B, 1, 2), actions (B, chunk, 2). Past the end the agent stands still."""
+    L = cfg.episode_steps
+    agent, targets, colours = demos["agent"][episodes], demos["targets"][episodes], demos["colours"][episodes]
+    B = len(episodes)
+
+    def frames_at(ts):  # (B, k) env steps -> (B, 3, k, S, S)
+        ts = np.minimum(ts, L)
+        pos = agent[np.arange(B)[:, None], ts]  # (B, k, 2)
+        k = ts.shape[1]
+        img = toy_render(pos.reshape(B * k, 2), np.repeat(targets, k, 0), np.repeat(colours, k, 0), cfg)
+        return torch.from_numpy(img.reshape(B, k, 3, cfg.image_size, cfg.image_size)).transpose(1, 2)
+
+    context = frames_at(steps[:, None])
+    future = frames_at(steps[:, None] + cfg.future_stride * np.arange(1, cfg.future_frames + 1)[None])
+    t_act = steps[:, None] + np.arange(cfg.chunk)[None]  # (B, chunk)
+    padded = np.concatenate([demos["actions"][episodes], np.zeros((B, cfg.chunk, 2), np.float32)], axis=1)
+    actions = torch.from_numpy(padded[np.arange(B)[:, None], t_act])
+    proprio = torch.from_numpy(agent[np.arange(B), steps])[:, None]
+    text = toy_text_embedding(demos["goal_colour"][episodes], demos["template"][episodes], cfg)
+    return {"context": context, "future": future, "text": text, "proprio": proprio, "actions": actions}
+
+
+def array_to_stats(x):
+    """Statistics of (N, H, d) chunks in the released JSON layout (official `array_to_stats`), per chunk step."""
+    x = np.asarray(x, np.float64)
+    pct = np.percentile(x, np.linspace(0, 100, 1001), axis=0)  # (1001, H, d)
+    mean = x.mean(0)
+    lo, hi = mean + 1.5 * (pct[20] - mean), mean + 1.5 * (pct[980] - mean)
+    clamped = np.clip(x, lo, hi)
+    return {k: v.tolist() for k, v in dict(min=x.min(0), max=x.max(0), mean=mean, std=x.std(0), percentiles=pct,
+                                            clamp_min=lo, clamp_max=hi, mean_clamped=clamped.mean(0),
+                                            std_clamped=clamped.std(0)).items()}
+
+
+TOY_VIDEO_PRESET = VideoDiTConfig(in_channels=3, out_channels=3, patch_spatial=4, model_channels=64, num_blocks=4,
+                                  num_heads=2, crossattn_emb_channels=32, adaln_lora_dim=16, max_img_h=16, max_img_w=16)
+TOY_DECODER_PRESET = ActionDecoderConfig(max_horizon=9, in_channels=2, out_channels=2, model_channels=64, num_blocks=2,
+                                         num_heads=2, crossattn_emb_channels=64, adaln_lora_dim=16, pair_timestep_feature_rank=64)
+VIDEO_DIT_PRESETS["toy"] = TOY_VIDEO_PRESET
+ACTION_DECODER_PRESETS["toy"] = TOY_DECODER_PRESET
+VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=3, latent_frames=5, video_sigma_multiplier=math.sqrt(5))

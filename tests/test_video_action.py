@@ -75,7 +75,9 @@ def test_stage2_loss_is_ten_times_velocity_mse_with_proprio_dropout(batch, monke
 
     monkeypatch.setattr(model.decoder, "denoise", spy)
     out = model.stage2_loss(**batch, generator=torch.Generator().manual_seed(2))
-    assert seen["obs_dropout"] == 0.2
+    assert seen["obs_dropout"].dtype == torch.bool and seen["obs_dropout"].shape == (B,)
+    noise = model.draw_noise(2, 20_000, (C, T, H, W), (4, 10), torch.Generator().manual_seed(0))
+    assert noise["obs_mask"].float().mean().item() == pytest.approx(0.2, abs=0.01)  # proprio masked 20% of the time
     tau = seen["tau_a"][:, None, None]
     eps = (seen["x_tau"] - (1 - tau) * batch["actions"]) / tau  # recover eps from x_tau
     u = eps - batch["actions"]
