@@ -1584,7 +1584,11 @@ def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
         d2 = (grid[None, :, None] - p[:, 1, None, None]) ** 2 + (grid[None, None, :] - p[:, 0, None, None]) ** 2
         return np.exp(-d2 / (2 * width ** 2))
 
-    img = np.zeros((len(agent), 3, S, S), np.float32)
+    # a floor whose colour changes with position, as a real scene's background does: the video model's
+    # hidden states carry no absolute position (RoPE acts inside attention only), so location must be
+    # readable from content for the decoder, which attends to the video tokens as an unordered set
+    floor = np.stack([0.3 * grid[None, :].repeat(S, 0), 0.3 * grid[:, None].repeat(S, 1), np.full((S, S), 0.15, np.float32)])
+    img = np.broadcast_to(floor, (len(agent), 3, S, S)).copy()
     for k in range(targets.shape[1]):
         img += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k])[:, None]
     img += blob(agent)[:, None]  # white
@@ -1694,3 +1698,28 @@ TOY_DECODER_PRESET = ActionDecoderConfig(max_horizon=9, in_channels=2, out_chann
 VIDEO_DIT_PRESETS["toy"] = TOY_VIDEO_PRESET
 ACTION_DECODER_PRESETS["toy"] = TOY_DECODER_PRESET
 VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=3, latent_frames=5, video_sigma_multiplier=math.sqrt(5))
+
+
+def toy_expert_future(state, cfg: ToyWorldConfig):
+    """The frames the expert would produce from here: the ground-truth future of the oracle case study."""
+    agent, frames = state["agent"], []
+    chunk = toy_expert_chunk(state, cfg)
+    for j in range(cfg.future_frames * cfg.future_stride):
+        agent = toy_step(agent, chunk[:, j] if j < cfg.chunk else np.zeros_like(agent), cfg)
+        if (j + 1) % cfg.future_stride == 0:
+            frames.append(toy_render(agent, state["targets"], state["colours"], cfg))
+    return torch.from_numpy(np.stack(frames, axis=2))  # (N, 3, F, S, S)
+
+
+def toy_policy(model: VideoActionModel, cfg: ToyWorldConfig, stop_after_step=None, tau_v=None, oracle=False, seed=0):
+    """A VideoActionModel as a toy-world policy: obs -> raw action chunk (N, chunk, 2), one query per call."""
+    device = next(model.parameters()).device
+
+    def policy(obs):
+        context = obs["frame"][:, :, None].to(device)  # (N, 3, 1, S, S): the current frame is the context
+        future = toy_expert_future(obs["state"], cfg).to(device) if oracle else None
+        actions = model.sample_actions(context, obs["text"].to(device), obs["proprio"].to(device), stop_after_step,
+                                       tau_v, seed=seed, oracle_future=future, raw=True)
+        return actions.float().cpu().numpy()
+
+    return policy
