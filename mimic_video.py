@@ -1574,7 +1574,7 @@ def toy_goal_position(state):
 
 
 def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
-    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 3, S, S) float32 frames in [-1, 1]."""
+    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 5, S, S) float32 frames in [-1, 1]: RGB + (x, y)."""
     S = cfg.image_size
     grid = (np.arange(S, dtype=np.float32) + 0.5) / S
     palette = np.array(list(TOY_COLOURS.values()), np.float32)  # (3 colours, RGB)
@@ -1584,15 +1584,16 @@ def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
         d2 = (grid[None, :, None] - p[:, 1, None, None]) ** 2 + (grid[None, None, :] - p[:, 0, None, None]) ** 2
         return np.exp(-d2 / (2 * width ** 2))
 
-    # a floor whose colour changes with position, as a real scene's background does: the video model's
-    # hidden states carry no absolute position (RoPE acts inside attention only), so location must be
-    # readable from content for the decoder, which attends to the video tokens as an unordered set
-    floor = np.stack([0.3 * grid[None, :].repeat(S, 0), 0.3 * grid[:, None].repeat(S, 1), np.full((S, S), 0.15, np.float32)])
-    img = np.broadcast_to(floor, (len(agent), 3, S, S)).copy()
+    img = np.zeros((len(agent), 3, S, S), np.float32)
     for k in range(targets.shape[1]):
         img += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k])[:, None]
     img += blob(agent)[:, None]  # white
-    return np.clip(img, 0, 1) * 2 - 1
+    # two coordinate channels (x, y): the video model's hidden states carry no absolute position (RoPE acts
+    # inside attention only) and the decoder attends to them as an unordered set, so location must be part
+    # of the content, as it is in a real VAE latent of a real scene
+    coords = np.stack([grid[None, :].repeat(S, 0), grid[:, None].repeat(S, 1)])  # (2, S, S)
+    coords = np.broadcast_to(coords, (len(agent), 2, S, S))
+    return np.concatenate([np.clip(img, 0, 1), coords], axis=1) * 2 - 1  # (N, 5, S, S)
 
 
 def toy_step(agent, action, cfg: ToyWorldConfig):
@@ -1656,7 +1657,7 @@ def make_toy_demos(num_episodes, seed, cfg: ToyWorldConfig, speed_range=None):
 
 
 def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
-    """The data seam: (episode, t) pairs -> context (B, 3, 1, S, S), future (B, 3, F, S, S),
+    """The data seam: (episode, t) pairs -> context (B, 5, 1, S, S), future (B, 5, F, S, S),
     text (B, N, C), proprio (B, 1, 2), actions (B, chunk, 2). Past the end the agent stands still."""
     L = cfg.episode_steps
     agent, targets, colours = demos["agent"][episodes], demos["targets"][episodes], demos["colours"][episodes]
@@ -1667,7 +1668,7 @@ def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
         pos = agent[np.arange(B)[:, None], ts]  # (B, k, 2)
         k = ts.shape[1]
         img = toy_render(pos.reshape(B * k, 2), np.repeat(targets, k, 0), np.repeat(colours, k, 0), cfg)
-        return torch.from_numpy(img.reshape(B, k, 3, cfg.image_size, cfg.image_size)).transpose(1, 2)
+        return torch.from_numpy(img.reshape(B, k, img.shape[1], cfg.image_size, cfg.image_size)).transpose(1, 2)
 
     context = frames_at(steps[:, None])
     future = frames_at(steps[:, None] + cfg.future_stride * np.arange(1, cfg.future_frames + 1)[None])
@@ -1691,7 +1692,7 @@ def array_to_stats(x):
                                             std_clamped=clamped.std(0)).items()}
 
 
-TOY_VIDEO_PRESET = VideoDiTConfig(in_channels=3, out_channels=3, patch_spatial=4, model_channels=64, num_blocks=4,
+TOY_VIDEO_PRESET = VideoDiTConfig(in_channels=5, out_channels=5, patch_spatial=4, model_channels=64, num_blocks=4,
                                   num_heads=2, crossattn_emb_channels=32, adaln_lora_dim=16, max_img_h=16, max_img_w=16)
 TOY_DECODER_PRESET = ActionDecoderConfig(max_horizon=9, in_channels=2, out_channels=2, model_channels=64, num_blocks=2,
                                          num_heads=2, crossattn_emb_channels=64, adaln_lora_dim=16, pair_timestep_feature_rank=64)
@@ -1708,7 +1709,7 @@ def toy_expert_future(state, cfg: ToyWorldConfig):
         agent = toy_step(agent, chunk[:, j] if j < cfg.chunk else np.zeros_like(agent), cfg)
         if (j + 1) % cfg.future_stride == 0:
             frames.append(toy_render(agent, state["targets"], state["colours"], cfg))
-    return torch.from_numpy(np.stack(frames, axis=2))  # (N, 3, F, S, S)
+    return torch.from_numpy(np.stack(frames, axis=2))  # (N, 5, F, S, S)
 
 
 def toy_policy(model: VideoActionModel, cfg: ToyWorldConfig, stop_after_step=None, tau_v=None, oracle=False, seed=0):
@@ -1716,7 +1717,7 @@ def toy_policy(model: VideoActionModel, cfg: ToyWorldConfig, stop_after_step=Non
     device = next(model.parameters()).device
 
     def policy(obs):
-        context = obs["frame"][:, :, None].to(device)  # (N, 3, 1, S, S): the current frame is the context
+        context = obs["frame"][:, :, None].to(device)  # (N, 5, 1, S, S): the current frame is the context
         future = toy_expert_future(obs["state"], cfg).to(device) if oracle else None
         actions = model.sample_actions(context, obs["text"].to(device), obs["proprio"].to(device), stop_after_step,
                                        tau_v, seed=seed, oracle_future=future, raw=True)

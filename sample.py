@@ -85,14 +85,14 @@ def save_gif(model, world, path, episodes=4, stop_after_step=0):
         latents, cond = model._window(context, None)
         eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            x0 = mv.cosmos_sample(model.video, eps, latents, cond, obs["text"])  # (N, 3, T, S, S)
+            x0 = mv.cosmos_sample(model.video, eps, latents, cond, obs["text"])  # (N, 5, T, S, S)
         for _ in range(world.execute):  # the imagined frame shown for each executed step
             imagined.append(x0[:, :, 1 + min(_ // world.future_stride, world.future_frames - 1)].numpy())
         return policy(obs)
 
     success, frames = mv.toy_rollout(imagining, seeds, world, record=True)
-    real = frames[:, 1:]  # (N, steps, 3, S, S)
-    fake = np.stack(imagined, axis=1)[:, : real.shape[1]].clip(-1, 1)
+    real = frames[:, 1:, :3]  # (N, steps, RGB, S, S)
+    fake = np.stack(imagined, axis=1)[:, : real.shape[1], :3].clip(-1, 1)
     pictures = []
     for t in range(real.shape[1]):
         rows = [np.concatenate([real[n, t], fake[n, t]], axis=1) for n in range(episodes)]  # (3, 2S, S) each

@@ -59,7 +59,7 @@ class TrainConfig:
     pretrain_lr: float = 1e-3  # constant, like the paper's video lr (1.778e-4 at 2B)
     stage1_steps: int = 300
     stage1_lr: float = 1e-3  # constant
-    stage2_steps: int = 2000
+    stage2_steps: int = 3000
     stage2_lr: float = 1e-3  # peak; the paper: 1e-4 at 0.5B
     stage2_warmup: int = 100  # linear warmup, then linear decay to 0.2 x peak (official LambdaLinearScheduler)
     weight_decay: float = 0.1
@@ -162,8 +162,8 @@ def normalizers(stats):
 
 def build_model(cfg, device, video=None, stats=None):
     video = video if video is not None else mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS))
-    if video.cfg.in_channels != 3:
-        sys.exit("error: the toy world renders RGB frames (3 channels); real presets need a latent dataset, "
+    if video.cfg.in_channels != 5:
+        sys.exit("error: the toy world renders 5-channel frames (RGB + x, y); real presets need a latent dataset, "
                  "which plugs into the same seam (mimic_video.toy_batch) in the next step")
     decoder = mv.ActionDecoder(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS))
     obs_norm, act_norm = normalizers(stats) if stats is not None else (None, None)
@@ -223,7 +223,7 @@ def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, on_ch
     B, b = cfg.batch_size, cfg.batch_size // world
     shard = slice(rank * b, (rank + 1) * b)
     S, F = world_cfg.image_size, world_cfg.future_frames
-    latent_shape, action_shape = (3, 1 + F, S, S), (world_cfg.chunk, 2)
+    latent_shape, action_shape = (model.video.cfg.in_channels, 1 + F, S, S), (world_cfg.chunk, 2)
     bins, window, t0 = np.linspace(0, 1, 5), [], time.perf_counter()
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0 or not sys.stderr.isatty(), initial=start, total=steps)
     model.train()

@@ -115,11 +115,25 @@ def test_ddp_two_processes_equal_one(smoke, tmp_path):
     assert "2 process(es)" in res.stdout
     a, b = (load_file(tmp_path / r / "stage2" / "model.safetensors") for r in ("single", "ddp"))
     assert a.keys() == b.keys()
-    for k in a:  # equal up to the summation order of the gradient all-reduce (Adam steps are ~1e-3)
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    # equal up to the summation order of the gradient all-reduce, which Adam can amplify where a gradient
+    # is near zero: every element within a tenth of one update (lr 1e-3), and nearly all exactly equal
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diffs.max() < 1e-4 and diffs.mean() < 1e-7, (diffs.max().item(), diffs.mean().item())
 
 
 def test_nan_loss_stops_with_a_clear_error(smoke, tmp_path):
     shutil.copytree(smoke / "stage1", tmp_path / "stage1")
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf)"):
         run_train(tmp_path, "--stage=2", "--stage2_steps=50", "--stage2_lr=1e30", "--stage2_warmup=1")
+
+
+def test_stage2_lowers_the_loss(smoke, tmp_path, capsys):
+    """160 decoder steps on the toy world: the logged loss falls well below its starting value.
+    (Beating the random policy in closed loop is not yet reached at CPU scale; see the README.)"""
+    shutil.copytree(smoke / "stage1", tmp_path / "stage1")
+    for f in smoke.glob("*.npz"):
+        shutil.copy(f, tmp_path)
+    run_train(tmp_path, "--stage=2", "--stage2_steps=160", "--stage2_warmup=10", "--log_every=40", "--batch_size=32")
+    losses = [float(line.split("| loss ")[1].split(" ")[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("stage2 step")]
+    assert len(losses) == 4 and losses[-1] < 0.7 * losses[0], losses
