@@ -23,6 +23,9 @@ Reading order (each part only uses what came before it):
     3. the Cosmos-Predict2 video DiT, Video2World conditioning and partial denoising
     4. LoRA (PEFT-compatible), merge / export
     5. checkpoint loading (official .pt, safetensors, diffusers layout; local or Hugging Face Hub)
+    6. the action decoder, normalization statistics and 6-D rotations
+    7. the video-action model: stage-1/2 losses, partial-denoising sampling, released checkpoints
+    8. a toy world to run the whole recipe on a CPU
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -635,8 +639,6 @@ def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35,
 
 def numpy_randn(shape, seed, dtype=torch.float32, device=None):
     """The official noise (`arch_invariant_rand`): numpy RandomState(seed) normals in one batch-major draw."""
-    import numpy as np
-
     return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32)).to(device, dtype)
 
 
@@ -1318,7 +1320,7 @@ class VideoActionModel(nn.Module):
         self.video, self.decoder, self.cfg = video, decoder, cfg
         self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
 
-    def _window(self, context, future):
+    def window(self, context, future):
         """(context, future) -> latents (B, C, T, H, W) and the conditioning-frame mask (B, T)."""
         if future is None:  # inference: the future is what the video model imagines; official zero-pads
             B, C, Tc, H, W = context.shape
@@ -1332,7 +1334,7 @@ class VideoActionModel(nn.Module):
         One video forward truncated after `tap_block`, no gradient to the backbone. Returns (B, T'H'W', D)
         in (t, h, w) order; the clean context frames are among the tokens.
         """
-        latents, cond = self._window(context, future)
+        latents, cond = self.window(context, future)
         if eps is None:
             eps = torch.randn(latents.shape, generator=generator, device=latents.device)
         tau_v = sigma_to_tau(sigma.float())
@@ -1395,7 +1397,7 @@ class VideoActionModel(nn.Module):
         Cosmos trains with the x0 loss weighted by (1 + sigma)^2 / sigma^2, which is exactly this velocity MSE.
         Returns {"loss", "per_sample", "tau_v"}.
         """
-        latents, cond = self._window(context, future)
+        latents, cond = self.window(context, future)
         if noise is None:
             noise = self.draw_noise(1, latents.shape[0], latents.shape[1:], generator=generator, device=latents.device)
         tau = sigma_to_tau(noise["sigma"])
@@ -1424,7 +1426,7 @@ class VideoActionModel(nn.Module):
             raise ValueError("give exactly one of stop_after_step and tau_v (mimic-video always stops early)")
         if raw and self.obs_normalizer is not None:
             proprio = self.obs_normalizer.normalize(proprio)
-        latents, cond = self._window(context, oracle_future)
+        latents, cond = self.window(context, oracle_future)
         B, HA = latents.shape[0], self.decoder.cfg.num_actions
         noise = self._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.decoder.cfg.out_channels)), seed, numpy_noise, latents.device)
         if oracle_future is not None:
@@ -1509,9 +1511,6 @@ def load_policy(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None
 # The instruction ("go to the red one") names the goal; the decoder never sees it, so the video model
 # must carry the intent. Frames serve directly as latents (no VAE, no temporal compression) and words
 # get a fixed random embedding (no T5). Proprio is the agent's position; actions are relative motions.
-
-import numpy as np  # noqa: E402  (only the toy world needs numpy arrays)
-
 
 @dataclass
 class ToyWorldConfig:

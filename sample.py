@@ -82,7 +82,7 @@ def save_gif(model, world, path, episodes=4, stop_after_step=0):
 
     def imagining(obs):
         context = obs["frame"][:, :, None]
-        latents, cond = model._window(context, None)
+        latents, cond = model.window(context, None)
         eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             x0 = mv.cosmos_sample(model.video, eps, latents, cond, obs["text"])  # (N, 5, T, S, S)
