@@ -1507,7 +1507,7 @@ def load_policy(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None
 # ------------------------------------------------------------------------------------------------
 # 8. A toy world: language-conditioned reaching, small enough to run the whole recipe on a CPU
 # ------------------------------------------------------------------------------------------------
-# Three coloured squares and a white agent in the unit square, rendered to 16 x 16 RGB frames with numpy.
+# Three coloured squares and a white agent in the unit square, rendered to 8 x 8 RGB frames with numpy.
 # The instruction ("go to the red one") names the goal; the decoder never sees it, so the video model
 # must carry the intent. Frames serve directly as latents (no VAE, no temporal compression) and words
 # get a fixed random embedding (no T5). Proprio is the agent's position; actions are relative motions.
@@ -1516,9 +1516,11 @@ def load_policy(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None
 class ToyWorldConfig:
     """The toy world and how its episodes become (context, future, text, proprio, action chunk) samples."""
 
-    image_size: int = 16  # frames are (3, S, S) in [-1, 1]
+    image_size: int = 8  # frames are (5, S, S) in [-1, 1]: 2 x 2 tokens of 4 x 4 pixels a frame
     max_speed: float = 0.08  # largest agent step per env step (arena [0, 1]^2)
     success_radius: float = 0.07  # success: the episode ends this close to the instructed square
+    agent_size: float = 1.0  # std of the agent's Gaussian blob, in pixels: big enough to dominate what moves
+    target_size: float = 0.6  # std of the squares' blobs, in pixels
     episode_steps: int = 24  # env steps per episode
     chunk: int = 8  # actions per chunk (decoder: 1 proprio token + 8 action tokens)
     execute: int = 4  # actions executed before replanning (the paper executes 5 of 15)
@@ -1577,22 +1579,22 @@ def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
     S = cfg.image_size
     grid = (np.arange(S, dtype=np.float32) + 0.5) / S
     palette = np.array(list(TOY_COLOURS.values()), np.float32)  # (3 colours, RGB)
-    width = 0.7 / S  # soft blobs: sub-pixel positions stay visible
 
-    def blob(p):  # (N, 2) -> (N, S, S); rows are y, columns x
+    def blob(p, size):  # (N, 2) -> (N, S, S) soft blobs: sub-pixel positions stay visible; rows y, columns x
         d2 = (grid[None, :, None] - p[:, 1, None, None]) ** 2 + (grid[None, None, :] - p[:, 0, None, None]) ** 2
-        return np.exp(-d2 / (2 * width ** 2))
+        return np.exp(-d2 / (2 * (size / S) ** 2))
 
-    img = np.zeros((len(agent), 3, S, S), np.float32)
+    squares = np.zeros((len(agent), 3, S, S), np.float32)
     for k in range(targets.shape[1]):
-        img += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k])[:, None]
-    img += blob(agent)[:, None]  # white
+        squares += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k], cfg.target_size)[:, None]
+    # added, not clipped: where the (white) agent covers a square, the square stays visible (values up to 2)
+    img = squares + blob(agent, cfg.agent_size)[:, None]
     # two coordinate channels (x, y): the video model's hidden states carry no absolute position (RoPE acts
     # inside attention only) and the decoder attends to them as an unordered set, so location must be part
     # of the content, as it is in a real VAE latent of a real scene
     coords = np.stack([grid[None, :].repeat(S, 0), grid[:, None].repeat(S, 1)])  # (2, S, S)
     coords = np.broadcast_to(coords, (len(agent), 2, S, S))
-    return np.concatenate([np.clip(img, 0, 1), coords], axis=1) * 2 - 1  # (N, 5, S, S)
+    return np.concatenate([img, coords], axis=1) * 2 - 1  # (N, 5, S, S)
 
 
 def toy_step(agent, action, cfg: ToyWorldConfig):
@@ -1639,7 +1641,7 @@ def toy_rollout(policy, seeds, cfg: ToyWorldConfig, record=False):
 def make_toy_demos(num_episodes, seed, cfg: ToyWorldConfig, speed_range=None):
     """Expert demonstrations (speed_range=None: the expert's speed) or a varied-speed 'play' corpus.
 
-    Stored as trajectories, not pixels: frames are re-rendered per batch (cheap at 16 x 16).
+    Stored as trajectories, not pixels: frames are re-rendered per batch (cheap at 8 x 8).
     """
     seeds = [seed * 1_000_003 + i for i in range(num_episodes)]
     state = toy_reset(seeds, cfg)
@@ -1653,6 +1655,16 @@ def make_toy_demos(num_episodes, seed, cfg: ToyWorldConfig, speed_range=None):
     goal_colour = state["colours"][np.arange(num_episodes), state["goal"]]
     return {"agent": np.stack(agents, 1), "actions": np.stack(actions, 1), "targets": state["targets"],
             "colours": state["colours"], "goal_colour": goal_colour, "template": state["template"]}
+
+
+def toy_demo_lengths(demos):
+    """(N,) steps of each demonstration up to and including its first state on the goal: recorded robot
+    episodes end at success, and the idle tail would otherwise be most of the data (a policy trained on it
+    learns to stand still as soon as it is near the goal)."""
+    goal_index = (demos["colours"] == demos["goal_colour"][:, None]).argmax(1)  # (N,)
+    goal = demos["targets"][np.arange(len(goal_index)), goal_index]  # (N, 2)
+    arrived = np.linalg.norm(demos["agent"] - goal[:, None], axis=-1) < 1e-6  # (N, L + 1)
+    return np.where(arrived.any(1), arrived.argmax(1) + 1, arrived.shape[1] - 1)
 
 
 def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
@@ -1692,12 +1704,12 @@ def array_to_stats(x):
 
 
 TOY_VIDEO_PRESET = VideoDiTConfig(in_channels=5, out_channels=5, patch_spatial=4, model_channels=64, num_blocks=4,
-                                  num_heads=2, crossattn_emb_channels=32, adaln_lora_dim=16, max_img_h=16, max_img_w=16)
+                                  num_heads=2, crossattn_emb_channels=32, adaln_lora_dim=16, max_img_h=8, max_img_w=8)
 TOY_DECODER_PRESET = ActionDecoderConfig(max_horizon=9, in_channels=2, out_channels=2, model_channels=64, num_blocks=2,
                                          num_heads=2, crossattn_emb_channels=64, adaln_lora_dim=16, pair_timestep_feature_rank=64)
 VIDEO_DIT_PRESETS["toy"] = TOY_VIDEO_PRESET
 ACTION_DECODER_PRESETS["toy"] = TOY_DECODER_PRESET
-VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=3, latent_frames=5, video_sigma_multiplier=math.sqrt(5))
+VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=2, latent_frames=5, video_sigma_multiplier=math.sqrt(5))
 
 
 def toy_expert_future(state, cfg: ToyWorldConfig):

@@ -7,8 +7,8 @@ Train mimic-video: the whole recipe, on the toy world in minutes on a CPU.
     torchrun --nproc_per_node=2 train.py         # DistributedDataParallel (gloo on CPU, nccl on GPU)
 
 Stages (mimic_video.py holds the model; this file is the training loop):
-    pretrain  a video model learns how the toy world moves from "play" videos at varied speeds
-              (stands in for Cosmos' pretraining on internet video)
+    pretrain  a video model learns how the toy world moves from videos of other episodes (stands in
+              for Cosmos' pretraining on internet video; --pretrain_data=play: the expert at random speeds)
     1         LoRA on that backbone with the expert's demonstrations (official stage-1 recipe, scaled down:
               adapters on q/k/v/output/x_embedder/t-MLP/MLP, adaLN trained fully, constant lr)
     2         the action decoder on the frozen, LoRA-fused backbone, reading block-3-of-4 hidden states of
@@ -45,7 +45,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # data: the toy world
     num_demos: int = 2000  # expert demonstrations (stages 1 and 2)
-    num_play: int = 4000  # play videos at varied speeds (pretraining)
+    num_pretrain: int = 4000  # pretraining videos (other episodes than the demonstrations)
     eval_episodes: int = 200  # held-out seeds for the closed-loop evaluation
     # models: presets of mimic_video.py
     video_preset: str = "toy"
@@ -55,11 +55,12 @@ class TrainConfig:
     lora_alpha: float = 16.0
     # optimisation
     batch_size: int = 64  # global batch (split across DDP ranks)
-    pretrain_steps: int = 1500
-    pretrain_lr: float = 1e-3  # constant, like the paper's video lr (1.778e-4 at 2B)
+    pretrain_steps: int = 4000
+    pretrain_lr: float = 1e-3  # cosine decay to 0.1 x (stands in for Cosmos' own pretraining)
+    pretrain_data: str = "expert"  # "expert": the expert in other episodes; "play": the expert at random speeds
     stage1_steps: int = 300
     stage1_lr: float = 1e-3  # constant
-    stage2_steps: int = 3000
+    stage2_steps: int = 6000
     stage2_lr: float = 1e-3  # peak; the paper: 1e-4 at 0.5B
     stage2_warmup: int = 100  # linear warmup, then linear decay to 0.2 x peak (official LambdaLinearScheduler)
     weight_decay: float = 0.1
@@ -74,6 +75,9 @@ class TrainConfig:
 def parse_args(argv, cfg_cls=TrainConfig):
     """--field=value overrides of a config dataclass; an unknown field or a bad value exits with a message."""
     cfg, types = cfg_cls(), {f.name: type(f.default) for f in fields(cfg_cls)}
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: --field=value ...; fields and defaults:\n" + "\n".join(f"  --{k}={getattr(cfg, k)}" for k in types))
+        sys.exit(0)
     for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep:
@@ -92,6 +96,8 @@ def parse_args(argv, cfg_cls=TrainConfig):
         setattr(cfg, key, parsed)
     if isinstance(cfg, TrainConfig) and cfg.stage not in ("all", "pretrain", "1", "2", "eval"):
         sys.exit(f"error: --stage must be all, pretrain, 1, 2 or eval, got {cfg.stage!r}")
+    if isinstance(cfg, TrainConfig) and cfg.pretrain_data not in ("play", "expert"):
+        sys.exit(f"error: --pretrain_data must be play or expert, got {cfg.pretrain_data!r}")
     return cfg
 
 
@@ -131,8 +137,9 @@ def barrier(world):
 # data: cached demonstrations, normalization statistics
 
 def load_demos(kind, cfg, world_cfg, rank, world):
-    """Expert demos or play videos, made once and cached under out_dir (rank 0 writes, atomically)."""
-    n, speeds = (cfg.num_demos, None) if kind == "demos" else (cfg.num_play, (0.3 * world_cfg.max_speed, world_cfg.max_speed))
+    """Expert demos or pretraining videos, made once and cached under out_dir (rank 0 writes, atomically)."""
+    n, speeds = (cfg.num_demos, None) if kind == "demos" else (cfg.num_pretrain, (0.3 * world_cfg.max_speed, world_cfg.max_speed))
+    speeds = None if kind == "expert" else speeds  # "expert": pretraining videos of the expert, other episodes
     seed = cfg.seed if kind == "demos" else cfg.seed + 1
     path = Path(cfg.out_dir) / f"{kind}_{n}_seed{seed}.npz"
     if rank == 0 and not path.exists():
@@ -148,8 +155,9 @@ def action_stats(demos, world_cfg):
     """Per-chunk-step statistics of the action chunks and the proprio, in the released JSON layout."""
     N, L, H = len(demos["actions"]), world_cfg.episode_steps, world_cfg.chunk
     padded = np.concatenate([demos["actions"], np.zeros((N, H, 2), np.float32)], axis=1)
-    chunks = np.stack([padded[:, t:t + H] for t in range(L)], axis=1).reshape(N * L, H, 2)
-    proprio = demos["agent"][:, :L].reshape(N * L, 1, 2)
+    keep = (np.arange(L)[None] < mv.toy_demo_lengths(demos)[:, None]).reshape(-1)  # the steps training samples
+    chunks = np.stack([padded[:, t:t + H] for t in range(L)], axis=1).reshape(N * L, H, 2)[keep]
+    proprio = demos["agent"][:, :L].reshape(N * L, 1, 2)[keep]
     return {"action/xy_lowdim": mv.array_to_stats(chunks), "obs/xy_lowdim": mv.array_to_stats(proprio)}
 
 
@@ -202,8 +210,10 @@ def resume_from(directory, model, opt):
 # the training loop, shared by all stages
 
 def lr_schedule(stage, cfg, steps):
-    if stage != 2:
-        return lambda step: 1.0  # the video model trains at a constant lr
+    if stage == 0:  # pretraining: cosine decay to 0.1 x
+        return lambda step: 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
+    if stage == 1:
+        return lambda step: 1.0  # LoRA stage 1 trains at a constant lr, as in the paper
     warm = max(1, cfg.stage2_warmup)
     return lambda step: (step + 1) / warm if step < warm else 0.2 + 0.8 * (steps - step) / max(1, steps - warm)
 
@@ -225,14 +235,17 @@ def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, on_ch
     S, F = world_cfg.image_size, world_cfg.future_frames
     latent_shape, action_shape = (model.video.cfg.in_channels, 1 + F, S, S), (world_cfg.chunk, 2)
     bins, window, t0 = np.linspace(0, 1, 5), [], time.perf_counter()
+    lengths = mv.toy_demo_lengths(demos)
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0 or not sys.stderr.isatty(), initial=start, total=steps)
     model.train()
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_003 + step)
-        episodes = torch.randint(len(demos["agent"]), (B,), generator=g).numpy()[shard]
-        t = torch.randint(world_cfg.episode_steps, (B,), generator=g).numpy()[shard]
+        loss_stage = 2 if stage == 2 else 1  # pretraining (stage 0) uses the stage-1 video loss
+        episodes = torch.randint(len(demos["agent"]), (B,), generator=g).numpy()
+        t = (torch.rand(B, generator=g).numpy() * lengths[episodes]).astype(np.int64)[shard]  # a step of the episode
+        episodes = episodes[shard]
         batch = {k: v.to(device) for k, v in mv.toy_batch(demos, episodes, t, world_cfg).items()}
-        noise = {k: v[shard].to(device) for k, v in model.draw_noise(stage, B, latent_shape, action_shape, g).items()}
+        noise = {k: v[shard].to(device) for k, v in model.draw_noise(loss_stage, B, latent_shape, action_shape, g).items()}
         for group in opt.param_groups:
             group["lr"] = lr * sched(step)
         with autocast:
@@ -304,10 +317,10 @@ def main(argv):
     t_start = time.perf_counter()
 
     if "pretrain" in stages:
-        play = load_demos("play", cfg, world_cfg, rank, world)
+        videos = load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world)
         model = build_model(cfg, device)
         model.decoder.requires_grad_(False)
-        train_stage("pretrain", 1, model, play, cfg.pretrain_steps, cfg.pretrain_lr, cfg, world_cfg, env)
+        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, world_cfg, env)
         if rank == 0:
             mv.save_video_dit_checkpoint(model.video, out / "pretrain" / "video.safetensors")
         barrier(world)

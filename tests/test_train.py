@@ -1,6 +1,7 @@
 """train.py and sample.py: config overrides, a smoke run of every stage, exact resume, DDP, learning."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 import train  # noqa: E402
 
-SMALL = ["--num_demos=64", "--num_play=64", "--eval_episodes=10", "--batch_size=8", "--log_every=1"]
+SMALL = ["--num_demos=64", "--num_pretrain=64", "--eval_episodes=10", "--batch_size=8", "--log_every=1"]
 
 
 def run_train(out_dir, *args):
@@ -48,6 +49,15 @@ def test_unknown_field_and_bad_value_exit_with_a_message():
     assert (cfg.stage, cfg.stage2_lr, cfg.resume) == ("2", 3e-4, True)
     with pytest.raises(SystemExit, match="unknown option --ckpts"):
         train.parse_args(["--ckpts=x"], sample.SampleConfig)
+    with pytest.raises(SystemExit, match="--pretrain_data must be play or expert"):
+        train.parse_args(["--pretrain_data=web"])
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--stage2_steps=6000" in capsys.readouterr().out
 
 
 def test_smoke_run_writes_every_artifact(smoke, capsys):
@@ -128,8 +138,7 @@ def test_nan_loss_stops_with_a_clear_error(smoke, tmp_path):
 
 
 def test_stage2_lowers_the_loss(smoke, tmp_path, capsys):
-    """160 decoder steps on the toy world: the logged loss falls well below its starting value.
-    (Beating the random policy in closed loop is not yet reached at CPU scale; see the README.)"""
+    """160 decoder steps on the toy world: the logged loss falls well below its starting value."""
     shutil.copytree(smoke / "stage1", tmp_path / "stage1")
     for f in smoke.glob("*.npz"):
         shutil.copy(f, tmp_path)
@@ -137,3 +146,14 @@ def test_stage2_lowers_the_loss(smoke, tmp_path, capsys):
     losses = [float(line.split("| loss ")[1].split(" ")[0]) for line in capsys.readouterr().out.splitlines()
               if line.startswith("stage2 step")]
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_short_recipe_beats_the_random_policy(tmp_path, capsys):
+    """The whole recipe, shortened (about 2.5 minutes on 2 cores; measured 63% against 5% for random
+    actions): the closed-loop policy succeeds far more often than chance."""
+    run_train(tmp_path, "--num_demos=1000", "--num_pretrain=2000", "--pretrain_steps=2500", "--stage1_steps=20",
+              "--stage2_steps=1500", "--batch_size=64", "--eval_episodes=100", "--log_every=500", "--ckpt_every=100000")
+    out = capsys.readouterr().out
+    random = float(re.search(r"random policy\s+([\d.]+)%", out).group(1))
+    policy = float(re.search(r"mimic-video\s+([\d.]+)%", out).group(1))
+    assert policy >= max(25.0, 4 * random), out[-400:]
