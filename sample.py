@@ -5,6 +5,7 @@ Run a trained mimic-video policy in the toy world, in closed loop, and sweep how
     python sample.py --stop_after_step=0,5,10,20,35   # the paper's tau_v sweep: success per noise level
     python sample.py --tau_v=0.99,0.9,0.5             # the same by flow time
     python sample.py --oracle=true --stop_after_step=0,10,20,35   # condition on noised true futures
+    python sample.py --wrong_instruction=true         # name another square: where does the policy go?
     python sample.py --gif=rollout.gif                # rollout beside the imagined future (needs Pillow)
     python sample.py --policy=libero_spatial_full     # released weights from jonpai/mimic-video (GPU)
 
@@ -32,6 +33,8 @@ class SampleConfig:
     stop_after_step: str = "0"  # comma-separated list of k on the 35-step schedule
     tau_v: str = ""  # comma-separated list of video flow times (instead of stop_after_step)
     oracle: bool = False  # condition on the expert's true future, noised to the same level
+    wrong_instruction: bool = False  # the instruction names another square (the decoder never reads it: only
+    #                                  the video model can make the policy follow it)
     gif: str = ""  # write the first episodes' rollout next to the imagined futures to this GIF
     policy: str = ""  # a released task (e.g. libero_spatial_full): load jonpai/mimic-video and time a query
     device: str = "auto"
@@ -118,6 +121,29 @@ def released_policy_query(cfg, device):
         print(f"stop_after_step={k}: one query {time.perf_counter() - t0:.2f} s (placeholder inputs; real ones need the VAE and T5)")
 
 
+def misinstructed(policy, seeds, world):
+    """The policy told to go to the next colour instead of the goal. Returns the wrapped policy and a function
+    giving the fraction of episodes whose final position is on the square the wrong instruction named."""
+    state = mv.toy_reset(seeds, world)
+    n = np.arange(len(seeds))
+    named = (state["colours"][n, state["goal"]] + 1) % len(mv.TOY_COLOURS)  # another colour of this scene
+    named_pos = state["targets"][n, (state["colours"] == named[:, None]).argmax(1)]  # (N, 2)
+    text = mv.toy_text_embedding(named, state["template"], world)
+    last = {}
+
+    def wrapped(obs):
+        last["agent"], last["chunk"] = obs["state"]["agent"], np.asarray(policy(dict(obs, text=text)), np.float32)
+        return last["chunk"]
+
+    def at_named():  # replay the executed part of the last chunk to get the final position
+        agent = last["agent"]
+        for j in range(world.execute):
+            agent = mv.toy_step(agent, last["chunk"][:, j], world)
+        return float((np.linalg.norm(agent - named_pos, axis=-1) < world.success_radius).mean())
+
+    return wrapped, at_named
+
+
 def main(argv):
     cfg = parse_args(argv, SampleConfig)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
@@ -137,10 +163,14 @@ def main(argv):
     for name, value in settings:
         kw = {name: value}
         tau_v = value if name == "tau_v" else float(mv.sigma_to_tau(mv.karras_sigmas(35)[value]))
-        policy = timed(mv.toy_policy(model, world, oracle=cfg.oracle, seed=cfg.seed, **kw))
+        policy = mv.toy_policy(model, world, oracle=cfg.oracle, seed=cfg.seed, **kw)
+        if cfg.wrong_instruction:
+            policy, named = misinstructed(policy, seeds, world)
+        policy = timed(policy)
         rate = mv.toy_rollout(policy, seeds, world).mean()
         ms = 1000 * policy.seconds / policy.calls / cfg.episodes  # per query of one episode (batched)
-        print(f"{name + '=' + str(value):>22} {tau_v:>8.4f} {rate:>8.1%} {ms:>9.2f}")
+        print(f"{name + '=' + str(value):>22} {tau_v:>8.4f} {rate:>8.1%} {ms:>9.2f}"
+              + (f"   ends at the named square: {named():.1%}" if cfg.wrong_instruction else ""))
     if cfg.gif:
         save_gif(model, world, cfg.gif, stop_after_step=settings[0][1] if settings[0][0] == "stop_after_step" else 0)
 

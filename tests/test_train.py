@@ -83,6 +83,26 @@ def test_sample_script_table_and_oracle(smoke, capsys):
     assert "stop_after_step=0" in out and "stop_after_step=35" in out and "tau_v=0.9" in out and "ORACLE" in out
     with pytest.raises(SystemExit, match="no checkpoint"):
         sample.main(["--ckpt=/nonexistent/stage2"])
+    sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=4", "--wrong_instruction=true"])
+    assert "ends at the named square" in capsys.readouterr().out
+
+
+def test_wrong_instruction_scores_the_named_square():
+    world, seeds = mv.ToyWorldConfig(), list(range(50))
+
+    def expert_to(next_colour):  # the scripted expert, going to the goal or to the next colour's square
+        def policy(obs):
+            s = obs["state"]
+            if next_colour:
+                colour = (s["colours"][np.arange(len(seeds)), s["goal"]] + 1) % 3
+                s = dict(s, goal=(s["colours"] == colour[:, None]).argmax(1))
+            return mv.toy_expert_chunk(s, world)
+        return policy
+
+    for next_colour, expected in ((False, 0.0), (True, 1.0)):
+        policy, at_named = sample.misinstructed(expert_to(next_colour), seeds, world)
+        success = mv.toy_rollout(policy, seeds, world).mean()
+        assert (success, at_named()) == (1.0 - expected, expected)
 
 
 @pytest.mark.parametrize("stage,flag", [("1", "--stage1_steps"), ("2", "--stage2_steps")])
