@@ -11,7 +11,7 @@ Stages (mimic_video.py holds the model; this file is the training loop):
               for Cosmos' pretraining on internet video; --pretrain_data=play: the expert at random speeds)
     1         LoRA on that backbone with the expert's demonstrations (official stage-1 recipe, scaled down:
               adapters on q/k/v/output/x_embedder/t-MLP/MLP, adaLN trained fully, constant lr)
-    2         the action decoder on the frozen, LoRA-fused backbone, reading block-3-of-4 hidden states of
+    2         the action decoder on the frozen, LoRA-fused backbone, reading block-2-of-4 hidden states of
               a partially denoised video (official stage 2: tau_v and tau_a independent, loss x10,
               proprio masked 20%, lr warmup then linear decay)
 Optimiser as in the paper (AdamW, weight decay 0.1, betas (0.9, 0.99), gradient clip 10) with learning
