@@ -1516,7 +1516,7 @@ def load_policy(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None
 class ToyWorldConfig:
     """The toy world and how its episodes become (context, future, text, proprio, action chunk) samples."""
 
-    image_size: int = 8  # frames are (5, S, S) in [-1, 1]: 2 x 2 tokens of 4 x 4 pixels a frame
+    image_size: int = 8  # frames are (5, S, S): 2 x 2 tokens of 4 x 4 pixels a frame
     max_speed: float = 0.08  # largest agent step per env step (arena [0, 1]^2)
     success_radius: float = 0.07  # success: the episode ends this close to the instructed square
     agent_size: float = 1.0  # std of the agent's Gaussian blob, in pixels: big enough to dominate what moves
@@ -1575,7 +1575,8 @@ def toy_goal_position(state):
 
 
 def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
-    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 5, S, S) float32 frames in [-1, 1]: RGB + (x, y)."""
+    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 5, S, S) float32 frames: RGB in [-1, 3]
+    (-1 is empty floor; above 1 where the agent covers a square) and (x, y) in [-1, 1]."""
     S = cfg.image_size
     grid = (np.arange(S, dtype=np.float32) + 0.5) / S
     palette = np.array(list(TOY_COLOURS.values()), np.float32)  # (3 colours, RGB)
@@ -1587,7 +1588,7 @@ def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
     squares = np.zeros((len(agent), 3, S, S), np.float32)
     for k in range(targets.shape[1]):
         squares += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k], cfg.target_size)[:, None]
-    # added, not clipped: where the (white) agent covers a square, the square stays visible (values up to 2)
+    # added, not clipped: where the (white) agent covers a square, the square stays visible
     img = squares + blob(agent, cfg.agent_size)[:, None]
     # two coordinate channels (x, y): the video model's hidden states carry no absolute position (RoPE acts
     # inside attention only) and the decoder attends to them as an unordered set, so location must be part

@@ -138,9 +138,11 @@ def barrier(world):
 
 def load_demos(kind, cfg, world_cfg, rank, world):
     """Expert demos or pretraining videos, made once and cached under out_dir (rank 0 writes, atomically)."""
-    n, speeds = (cfg.num_demos, None) if kind == "demos" else (cfg.num_pretrain, (0.3 * world_cfg.max_speed, world_cfg.max_speed))
-    speeds = None if kind == "expert" else speeds  # "expert": pretraining videos of the expert, other episodes
-    seed = cfg.seed if kind == "demos" else cfg.seed + 1
+    if kind == "demos":
+        n, seed, speeds = cfg.num_demos, cfg.seed, None
+    else:  # pretraining videos, of other episodes: the expert ("expert") or the expert at random speeds ("play")
+        n, seed = cfg.num_pretrain, cfg.seed + 1
+        speeds = (0.3 * world_cfg.max_speed, world_cfg.max_speed) if kind == "play" else None
     path = Path(cfg.out_dir) / f"{kind}_{n}_seed{seed}.npz"
     if rank == 0 and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,14 +237,14 @@ def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, on_ch
     S, F = world_cfg.image_size, world_cfg.future_frames
     latent_shape, action_shape = (model.video.cfg.in_channels, 1 + F, S, S), (world_cfg.chunk, 2)
     bins, window, t0 = np.linspace(0, 1, 5), [], time.perf_counter()
-    lengths = mv.toy_demo_lengths(demos)
+    lengths = mv.toy_demo_lengths(demos)  # steps are drawn from each episode up to its arrival
+    loss_stage = 2 if stage == 2 else 1  # pretraining (stage 0) uses the stage-1 video loss
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0 or not sys.stderr.isatty(), initial=start, total=steps)
     model.train()
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_003 + step)
-        loss_stage = 2 if stage == 2 else 1  # pretraining (stage 0) uses the stage-1 video loss
         episodes = torch.randint(len(demos["agent"]), (B,), generator=g).numpy()
-        t = (torch.rand(B, generator=g).numpy() * lengths[episodes]).astype(np.int64)[shard]  # a step of the episode
+        t = (torch.rand(B, generator=g).numpy() * lengths[episodes]).astype(np.int64)[shard]
         episodes = episodes[shard]
         batch = {k: v.to(device) for k, v in mv.toy_batch(demos, episodes, t, world_cfg).items()}
         noise = {k: v[shard].to(device) for k, v in model.draw_noise(loss_stage, B, latent_shape, action_shape, g).items()}
