@@ -73,8 +73,9 @@ def timed(policy):
 
 
 def save_gif(model, world, path, episodes=4, stop_after_step=0):
-    """Top row per episode: the rollout; bottom row: the future the video model imagines at each query
-    (its full 35-step sample from the current frame), shown until the next query."""
+    """Top row per episode: the rollout; bottom row: the plan the decoder read at each query, i.e. the video
+    model's x0 prediction at the noise level where partial denoising stopped (at k = 0 one forward from pure
+    noise: a blurred average of the futures it considers likely), shown until the next query."""
     try:
         from PIL import Image
     except ImportError:
@@ -82,19 +83,24 @@ def save_gif(model, world, path, episodes=4, stop_after_step=0):
     seeds = [10**9 + i for i in range(episodes)]
     imagined = []
     policy = mv.toy_policy(model, world, stop_after_step=stop_after_step)
+    sigmas = mv.partial_schedule(model.cfg.num_video_steps, stop_after_step)
 
     def imagining(obs):
-        context = obs["frame"][:, :, None]
-        latents, cond = model.window(context, None)
+        latents, cond = model.window(obs["frame"][:, :, None], None)  # (N, 5, T, S, S)
         eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+
+        def x0_fn(x_sigma, i):  # as in mv.cosmos_sample
+            tau = mv.sigma_to_tau(torch.tensor(float(sigmas[i])))
+            return mv.video2world_x0(model.video, (1 - tau) * x_sigma, tau, latents, cond, obs["text"])
+
         with torch.no_grad():
-            x0 = mv.cosmos_sample(model.video, eps, latents, cond, obs["text"])  # (N, 5, T, S, S)
-        for _ in range(world.execute):  # the imagined frame shown for each executed step
-            imagined.append(x0[:, :, 1 + min(_ // world.future_stride, world.future_frames - 1)].numpy())
+            plan = x0_fn(mv.rf_ab2_sample(x0_fn, eps, sigmas, stop_after_step), stop_after_step)
+        for j in range(world.execute):  # the planned frame shown for each executed step
+            imagined.append(plan[:, :, 1 + min(j // world.future_stride, world.future_frames - 1)].numpy())
         return policy(obs)
 
     success, frames = mv.toy_rollout(imagining, seeds, world, record=True)
-    real = frames[:, 1:, :3]  # (N, steps, RGB, S, S)
+    real = frames[:, 1:, :3].clip(-1, 1)  # (N, steps, RGB, S, S); white where the agent covers a square
     fake = np.stack(imagined, axis=1)[:, : real.shape[1], :3].clip(-1, 1)
     pictures = []
     for t in range(real.shape[1]):
@@ -103,7 +109,7 @@ def save_gif(model, world, path, episodes=4, stop_after_step=0):
         img = ((grid.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8).repeat(8, 0).repeat(8, 1)
         pictures.append(Image.fromarray(img))
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=150, loop=0)
-    print(f"wrote {path}: {episodes} episodes (success {success.mean():.0%}); top rollout, bottom imagined future")
+    print(f"wrote {path}: {episodes} episodes (success {success.mean():.0%}); top rollout, bottom the plan at k={stop_after_step}")
 
 
 def released_policy_query(cfg, device):

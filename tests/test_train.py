@@ -87,6 +87,20 @@ def test_sample_script_table_and_oracle(smoke, capsys):
     assert "ends at the named square" in capsys.readouterr().out
 
 
+def test_gif_or_a_clear_install_hint(smoke, tmp_path):
+    path = tmp_path / "rollout.gif"
+    try:
+        import PIL  # noqa: F401  (optional dependency)
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install pillow"):
+            sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=2", f"--gif={path}"])
+        return
+    sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=2", f"--gif={path}"])
+    from PIL import Image
+    gif = Image.open(path)
+    assert gif.n_frames == mv.ToyWorldConfig().episode_steps and gif.size == (4 * 8 * 8, 2 * 8 * 8)  # 4 episodes side by side, rollout over plan, 8x upscaled
+
+
 def test_wrong_instruction_scores_the_named_square():
     world, seeds = mv.ToyWorldConfig(), list(range(50))
 
