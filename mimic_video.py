@@ -31,11 +31,15 @@ Reading order (each part only uses what came before it):
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import importlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -442,6 +446,8 @@ class Timesteps(nn.Module):
 class VideoDiT(nn.Module):
     """Cosmos-Predict2 Video2World DiT. Input x_tau (clean on conditioning frames), output velocity eps - x0."""
 
+    config_class = VideoDiTConfig
+
     def __init__(self, cfg: VideoDiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -603,7 +609,7 @@ def partial_schedule(num_steps=35, stop_after_step=None, tau_v=None):
 
 
 def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35, stop_after_step=None, tau_v=None,
-                  hidden_block=None, padding_mask=None):
+                  hidden_block=None, padding_mask=None, return_x0=False):
     """The official Video2World sampler (`Video2WorldPipeline.generate_video`, guidance 0).
 
     eps: (B, 16, T, H, W) initial noise (draw it with `numpy_randn` to reproduce official outputs).
@@ -613,6 +619,8 @@ def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35,
     truncated after `hidden_block` blocks; returns (hidden (B, T, H/2, W/2, D), sigma_k (B,)).
     k = 0 is a single forward at sigma = 80; k = 35 taps the clean pass at sigma = 0.002.
     tau_v instead of k stops at that noise level (see `partial_schedule`).
+    return_x0: with a stop, return the x0 prediction at sigma_k instead (a full forward): the plan the decoder
+    reads, as latents one can decode into pictures.
     """
     partial = stop_after_step is not None or tau_v is not None
     sigmas = partial_schedule(num_steps, stop_after_step, tau_v) if partial else karras_sigmas(num_steps)
@@ -628,8 +636,8 @@ def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35,
 
     k = len(sigmas) - 1
     x = rf_ab2_sample(x0_fn, eps.float(), sigmas, k)
-    if not partial:
-        return x0_fn(x, k)  # final clean pass
+    if not partial or return_x0:
+        return x0_fn(x, k)  # the full run's final clean pass, or the plan at the stopping level
     x_tau, tau = x_tau_at(x, k)
     net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau, gt_latent, cond_frames)
     hidden = net(net_in, tau_BT, crossattn_emb, condition_mask, padding_mask, stop_after_block=hidden_block)
@@ -932,35 +940,102 @@ def load_state_dict_strict(model, sd, what="checkpoint", assign=False):
     return model
 
 
-def load_official(model_cls, cfg, source, filename=None, revision=None, cache_dir=None, device="cpu", dtype=None):
+# Files this project writes carry the config of their model in the safetensors metadata, so a checkpoint is
+# rebuilt without being told its shape; official .pt files do not, and take a preset (the released sizes).
+CONFIG_METADATA_KEY = "mimic_video_config"
+
+
+def read_config(path):
+    """The model config (a dict) stored in a safetensors file's metadata, or None (official files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else None
+
+
+def _shape_hint(sd):
+    """One line on the size of a checkpoint's network, to tell a wrong config from a wrong file."""
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    width = sd["t_embedding_norm.weight"].shape[0] if "t_embedding_norm.weight" in sd else "?"
+    return f"the checkpoint holds {len(blocks)} blocks of width {width}"
+
+
+def load_official(model_cls, config, presets, default_preset, source, filename=None, revision=None, cache_dir=None,
+                  device="cpu", dtype=None):
     """Build model_cls(cfg) on the meta device and assign a checkpoint's tensors strictly (one copy in memory).
 
     source: a Hub repo id (with filename), a local .pt / .safetensors file, or a folder (filename inside it;
-    a diffusers folder when filename is None).
+    a diffusers folder when filename is None). config: a preset name, dict or config; None takes the config the
+    file carries (files this project wrote) or else `default_preset` (the released model).
     """
     path = Path(source)
     file = path if (path.is_dir() and filename is None) else resolve_file(source, filename, revision, cache_dir)
     sd = official_keys(read_state_dict(file))
+    saved = None if file.is_dir() else read_config(file)
+    cfg = make_config(model_cls.config_class, config if config is not None else (saved or default_preset), presets)
     with torch.device("meta"):
         model = model_cls(cfg)
-    load_state_dict_strict(model, sd, f"{model_cls.__name__} checkpoint {file}", assign=True)
-    return model.to(device=device, dtype=dtype)
+    try:
+        load_state_dict_strict(model, sd, f"{model_cls.__name__} checkpoint {file}", assign=True)
+    except CheckpointMismatchError as e:
+        hint = f"\n  {_shape_hint(sd)}; the config has {getattr(cfg, 'num_blocks', '?')} blocks of width {getattr(cfg, 'model_channels', '?')}"
+        if saved is not None and config is not None:
+            hint += f"; the file says it was saved with config {saved}: pass config=None to use it"
+        elif saved is None:
+            hint += " (the file carries no config: pass the config it was trained with, e.g. config='toy')"
+        raise CheckpointMismatchError(str(e) + hint) from None
+    model = model.to(device=device, dtype=dtype)
+    with torch.no_grad():  # own, aligned memory: tensors still sliced from the file's buffer run other CPU kernel paths,
+        for t in list(model.parameters()) + list(model.buffers()):  # so results would depend on the file's layout
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
+    return model
 
 
-def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config="cosmos-predict2-2b",
-                   revision=None, cache_dir=None, device="cpu", dtype=None):
-    """Load a Cosmos-Predict2 Video2World DiT, or a fused mimic-video backbone (same layout), strictly."""
-    cfg = make_config(VideoDiTConfig, config, VIDEO_DIT_PRESETS)
-    return load_official(VideoDiT, cfg, source, filename, revision, cache_dir, device, dtype)
+def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config=None, revision=None, cache_dir=None,
+                   device="cpu", dtype=None):
+    """Load a Cosmos-Predict2 Video2World DiT, or a fused mimic-video backbone (same layout), strictly.
+
+    config None: the config stored in the file (our safetensors files), else the released 2B preset."""
+    return load_official(VideoDiT, config, VIDEO_DIT_PRESETS, "cosmos-predict2-2b", source, filename, revision,
+                         cache_dir, device, dtype)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path):
+    """Flush a folder's entries (a rename) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path, write_fn):
-    """Write via write_fn(tmp_path) to a temp file in the same folder, then rename: never a half-written file."""
+    """Write via write_fn(tmp_path) to a temp file in the same folder, flush it to disk, then rename: never a
+    half-written file. The file gets the ordinary mode, as if created with open() (mkstemp's is owner-only)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -968,15 +1043,20 @@ def atomic_write(path, write_fn):
         raise
 
 
-def save_video_dit_checkpoint(model, path):
-    """Save a video DiT (LoRA fused if wrapped) in the official layout: `net.` keys, .pt or .safetensors."""
-    sd = fused_state_dict(model)
+def save_state_dict(sd, path, config=None):
+    """Write `net.`-prefixed tensors atomically: .safetensors (with the model config in its metadata) or .pt."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p))
+        meta = {CONFIG_METADATA_KEY: json.dumps(asdict(config))} if config is not None else None
+        atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta))
     else:
         atomic_write(path, lambda p: torch.save(sd, p))
+
+
+def save_video_dit_checkpoint(model, path):
+    """Save a video DiT (LoRA fused if wrapped) in the official layout: `net.` keys, .pt or .safetensors."""
+    save_state_dict(fused_state_dict(model), path, model.cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1094,6 +1174,8 @@ class PairTimeEmbedder(nn.Module):
 class ActionDecoder(nn.Module):
     """Flow-matching action decoder: an inverse-dynamics DiT reading the video model's hidden states."""
 
+    config_class = ActionDecoderConfig
+
     def __init__(self, cfg: ActionDecoderConfig):
         super().__init__()
         if cfg.pair_timestep_feature_rank != cfg.model_channels:
@@ -1205,38 +1287,44 @@ class ActionDecoder(nn.Module):
 
 
 # Normalization (official `StaticBatchNormalizer`). The stats are PER CHUNK TIMESTEP, shape (H, d), not per
-# dimension: action k of a chunk has its own mean and std. Positions and grippers are standardized with
-# clamped stats and clipped to an outlier range; 6-D rotations pass through unchanged.
+# dimension: action k of a chunk has its own mean and std. Each group of dimensions names how it is normalized:
+# "variance" (positions, grippers, any plain vector) is standardized with clamped stats and clipped to an outlier
+# range; "identity" (6-D rotations) passes through unchanged. The modes are explicit, never guessed from key names.
 
-NORMALIZATION_KEYS = {  # concat order: position (3), 6-D rotation (6), gripper (1)
-    "libero": {"action": ("action/eef_pos_ref_delta_lowdim", "action/eef_rot_ref_delta_lowdim", "action/gripper_action_lowdim"),
-               "obs": ("obs/eef_pos_lowdim", "obs/eef_rot_lowdim", "obs/gripper_lowdim")},
-    "bridge": {"action": ("action/eef_pos_lowdim", "action/eef_rot_lowdim", "action/gripper_action_lowdim"),
-               "obs": ("obs/eef_pos_lowdim", "obs/eef_rot_lowdim", "obs/gripper_state_lowdim")},
+NORMALIZATION_GROUPS = {  # released statistics: (key, mode) in concat order: position (3), 6-D rotation (6), gripper (1)
+    "libero": {"action": (("action/eef_pos_ref_delta_lowdim", "variance"), ("action/eef_rot_ref_delta_lowdim", "identity"),
+                          ("action/gripper_action_lowdim", "variance")),
+               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"), ("obs/gripper_lowdim", "variance"))},
+    "bridge": {"action": (("action/eef_pos_lowdim", "variance"), ("action/eef_rot_lowdim", "identity"),
+                          ("action/gripper_action_lowdim", "variance")),
+               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"), ("obs/gripper_state_lowdim", "variance"))},
 }
+NORMALIZATION_MODES = ("variance", "identity")
 
 
 class Normalizer:
-    """normalize(x) = clamp((x - shift) * scale, lo, hi); unnormalize(y) = y / scale + shift (no clamp)."""
+    """normalize(x) = clamp((x - shift) * scale, lo, hi); unnormalize(y) = y / scale + shift (no clamp).
 
-    def __init__(self, shift, scale, clamp_min, clamp_max):
-        self.shift, self.scale, self.clamp_min, self.clamp_max = shift, scale, clamp_min, clamp_max  # each (H, d)
+    Built from statistics in the released JSON layout (key -> field -> nested lists, `array_to_stats`) and an
+    explicit list of (key, mode) groups, concatenated along the last axis in that order.
+    """
 
-    @classmethod
-    def from_stats(cls, stats, keys, dtype=torch.float32):
-        """Build from a released dataset_statistics JSON (dict of key -> field -> nested lists).
-
-        VARIANCE (positions, grippers): shift = mean_clamped, scale = 1 / std_clamped (1 where std < 1e-5),
-        bounds = (mean + 1.5 (p2 - mean) - shift) * scale and likewise with p98. IDENTITY (keys with "rot").
-        The official eval runs this in bf16 (pass dtype=torch.bfloat16 to match it bit for bit).
-        """
+    def __init__(self, stats, groups, dtype=torch.float32):
+        """VARIANCE: shift = mean_clamped, scale = 1 / std_clamped (1 where std < 1e-5), bounds =
+        (mean + 1.5 (p2 - mean) - shift) * scale and likewise with p98. IDENTITY: shift 0, scale 1, no bounds.
+        The official eval runs this in bf16 (pass dtype=torch.bfloat16 to match it bit for bit)."""
+        self.groups = tuple((key, mode) for key, mode in groups)
+        self.stats = {}
         parts = []
-        for key in keys:
+        for key, mode in self.groups:
             if key not in stats:
                 raise KeyError(f"statistics have no entry {key!r}; found {sorted(stats)}")
+            if mode not in NORMALIZATION_MODES:
+                raise ValueError(f"normalization mode of {key!r} must be one of {NORMALIZATION_MODES}, got {mode!r}")
+            self.stats[key] = {k: v for k, v in stats[key].items() if k != "normalization"}
             s = {k: torch.tensor(v, dtype=torch.float64) for k, v in stats[key].items()
                  if k in ("mean", "mean_clamped", "std_clamped", "percentiles")}
-            if "_rot" in key:
+            if mode == "identity":
                 z = torch.zeros_like(s["mean"])
                 parts.append((z, z + 1, z - math.inf, z + math.inf))
                 continue
@@ -1245,17 +1333,49 @@ class Normalizer:
             p2, p98 = s["percentiles"][20], s["percentiles"][980]  # grid 0.0..100.0 in steps of 0.1
             mean = s["mean"]
             parts.append((shift, scale, (mean + 1.5 * (p2 - mean) - shift) * scale, (mean + 1.5 * (p98 - mean) - shift) * scale))
-        return cls(*(torch.cat([p[i] for p in parts], dim=-1).to(dtype) for i in range(4)))  # 4 x (H, 10)
+        if not parts:
+            raise ValueError("a Normalizer needs at least one (key, mode) group")
+        self.shift, self.scale, self.clamp_min, self.clamp_max = (
+            torch.cat([p[i] for p in parts], dim=-1).to(dtype) for i in range(4))  # 4 x (H, d)
+
+    @classmethod
+    def from_stats(cls, stats, groups, dtype=torch.float32):
+        return cls(stats, groups, dtype)
 
     def normalize(self, x):
+        if x.shape[-1] != self.shift.shape[-1]:
+            raise ValueError(f"normalize: last dim of x must be {self.shift.shape[-1]}, got shape {tuple(x.shape)}")
         y = (x - self.shift.to(x)) * self.scale.to(x)
         if torch.isinf(self.clamp_min).all() and torch.isinf(self.clamp_max).all():
             return y
         return torch.maximum(torch.minimum(y, self.clamp_max.to(x)), self.clamp_min.to(x))
 
     def unnormalize(self, y):
+        if y.shape[-1] != self.shift.shape[-1]:
+            raise ValueError(f"unnormalize: last dim of y must be {self.shift.shape[-1]}, got shape {tuple(y.shape)}")
         return y / self.scale.to(y) + self.shift.to(y)
 
+    def to_stats(self):
+        """The statistics in the released layout, each entry also saying its mode ("normalization")."""
+        return {key: {**self.stats[key], "normalization": mode} for key, mode in self.groups}
+
+    def save(self, path):
+        atomic_write(path, lambda p: Path(p).write_text(json.dumps(self.to_stats())))
+
+    @classmethod
+    def load(cls, path, keys=None, dtype=torch.float32):
+        """Read a statistics JSON that `save` wrote (every entry names its mode); `keys` picks and orders groups."""
+        stats = json.loads(Path(path).read_text())
+        keys = list(stats) if keys is None else list(keys)
+        missing = [k for k in keys if k in stats and "normalization" not in stats[k]]
+        if missing:
+            raise ValueError(f"{path}: entries {missing} do not say their normalization mode; build the Normalizer "
+                             f"with explicit (key, mode) groups instead (e.g. NORMALIZATION_GROUPS)")
+        return cls(stats, [(k, stats[k]["normalization"]) if k in stats else (k, None) for k in keys], dtype)
+
+
+# Rotations. The decoder's 10-D vectors hold a rotation as the first two ROWS of its matrix (official
+# `RotationMatrixTo6D`); datasets and simulators give quaternions or axis-angle vectors.
 
 def rotation_to_6d(R):
     """(..., 3, 3) rotation matrix -> (..., 6): its first two ROWS, row-major (official `RotationMatrixTo6D`)."""
@@ -1271,10 +1391,195 @@ def rotation_from_6d(r6):
     return torch.stack([r1, r2, r3], dim=-2)
 
 
-def load_action_decoder(source, filename=None, config="libero", revision=None, cache_dir=None, device="cpu", dtype=None):
-    """Load a released mimic-video action decoder (`net.` keys, .pt) strictly."""
-    cfg = make_config(ActionDecoderConfig, config, ACTION_DECODER_PRESETS)
-    return load_official(ActionDecoder, cfg, source, filename, revision, cache_dir, device, dtype)
+def quaternion_to_matrix(q, scalar_first=False):
+    """(..., 4) quaternion -> (..., 3, 3). Default order (x, y, z, w), as scipy and robosuite (`robot0_eef_quat`)."""
+    q = F.normalize(q, dim=-1)
+    w, x, y, z = q.unbind(-1) if scalar_first else (q[..., 3], q[..., 0], q[..., 1], q[..., 2])
+    return torch.stack([
+        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    ], dim=-2)
+
+
+def axis_angle_to_matrix(v):
+    """(..., 3) rotation vector (axis * angle) -> (..., 3, 3) by Rodrigues' formula (scipy `from_rotvec`)."""
+    angle = v.norm(dim=-1, keepdim=True)[..., None]  # (..., 1, 1)
+    K = torch.zeros(*v.shape[:-1], 3, 3, dtype=v.dtype, device=v.device)  # cross-product matrix of v
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -v[..., 2], v[..., 1], -v[..., 0]
+    K = K - K.transpose(-1, -2)
+    small = angle < 1e-6  # Taylor terms near zero: sin(a)/a -> 1 - a^2/6, (1 - cos a)/a^2 -> 1/2 - a^2/24
+    a = torch.where(small, torch.ones_like(angle), angle)
+    s = torch.where(small, 1 - angle ** 2 / 6, torch.sin(a) / a)
+    c = torch.where(small, 0.5 - angle ** 2 / 24, (1 - torch.cos(a)) / a ** 2)
+    return torch.eye(3, dtype=v.dtype, device=v.device) + s * K + c * (K @ K)
+
+
+def matrix_to_axis_angle(R):
+    """(..., 3, 3) -> (..., 3) rotation vector with angle in [0, pi] (scipy `as_rotvec`), through the quaternion."""
+    # quaternion by the numerically stable branch choice (Shepperd): pick the largest of w, x, y, z
+    m = R
+    trace = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
+    cands = torch.stack([trace, m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]], -1)  # (..., 4)
+    best = cands.argmax(-1)
+    qw = torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1)
+    qx = torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + 2 * m[..., 0, 0] - trace, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1)
+    qy = torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 + 2 * m[..., 1, 1] - trace, m[..., 1, 2] + m[..., 2, 1]], -1)
+    qz = torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 + 2 * m[..., 2, 2] - trace], -1)
+    q = torch.stack([qw, qx, qy, qz], -2)  # (..., 4 candidates, (w, x, y, z))
+    q = torch.gather(q, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
+    q = F.normalize(q, dim=-1)
+    q = torch.where(q[..., :1] < 0, -q, q)  # w >= 0: angle in [0, pi]
+    xyz_norm = q[..., 1:].norm(dim=-1, keepdim=True)
+    angle = 2 * torch.atan2(xyz_norm, q[..., :1])
+    small = xyz_norm < 1e-7  # angle / sin(angle / 2) -> 2 near zero
+    scale = torch.where(small, torch.full_like(angle, 2.0), angle / torch.where(small, torch.ones_like(xyz_norm), xyz_norm))
+    return q[..., 1:] * scale
+
+
+# Representations: how a dataset's or simulator's state and action vectors become the decoder's vectors and back.
+# "libero" is the LeRobot LIBERO layout (state: eef xyz, axis-angle, 2 finger joints; action: delta xyz, delta
+# axis-angle, gripper -1/+1) mapped onto the official 10-D vectors [xyz, 6-D rotation rows, gripper] (official
+# `process_libero.py` and LIBERO eval); "identity" passes vectors of any dimension through unchanged.
+
+class Representation:
+    """Maps environment state/action vectors to the decoder's proprio/action vectors and back.
+
+    kind "identity": state (d_s,) and action (d_a,) pass through; each is one "variance" group unless `groups` says
+        otherwise (e.g. the released Bridge 10-D layout).
+    kind "libero": state (8,) = [xyz, axis-angle, finger_l, finger_r] -> [xyz, 6-D, finger_l] (10);
+        action (7,) = [dxyz, axis-angle, gripper] <-> [dxyz, 6-D, gripper] (10), back through Gram-Schmidt, the
+        rotation vector and sign(gripper), as the official LIBERO eval.
+    """
+
+    def __init__(self, kind="identity", state_dim=None, action_dim=None, state_groups=None, action_groups=None):
+        if kind == "libero":
+            g = NORMALIZATION_GROUPS["libero"]
+            state_dim, action_dim = state_dim or 8, action_dim or 7
+            if (state_dim, action_dim) != (8, 7):
+                raise ValueError(f"the libero representation takes 8-D states and 7-D actions, got {state_dim} and {action_dim}")
+            state_groups = state_groups or [(k, d, m) for (k, m), d in zip(g["obs"], (3, 6, 1))]
+            action_groups = action_groups or [(k, d, m) for (k, m), d in zip(g["action"], (3, 6, 1))]
+        elif kind == "identity":
+            if not state_dim or not action_dim or state_dim < 1 or action_dim < 1:
+                raise ValueError(f"the identity representation needs state_dim and action_dim >= 1, got {state_dim}, {action_dim}")
+            state_groups = state_groups or [("obs/state_lowdim", state_dim, "variance")]
+            action_groups = action_groups or [("action/action_lowdim", action_dim, "variance")]
+        else:
+            raise ValueError(f"unknown representation kind {kind!r}; choose 'identity' or 'libero'")
+        self.kind, self.state_dim, self.action_dim = kind, int(state_dim), int(action_dim)
+        self.state_groups = [(k, int(d), m) for k, d, m in state_groups]
+        self.action_groups = [(k, int(d), m) for k, d, m in action_groups]
+        for name, groups, dim in (("state", self.state_groups, self.model_state_dim), ("action", self.action_groups, self.model_action_dim)):
+            if sum(d for _, d, _ in groups) != dim:
+                raise ValueError(f"{name} groups {groups} do not add up to the model's {dim} dimensions")
+
+    @property
+    def model_state_dim(self):
+        return 10 if self.kind == "libero" else self.state_dim
+
+    @property
+    def model_action_dim(self):
+        return 10 if self.kind == "libero" else self.action_dim
+
+    def to_config(self):
+        return {"kind": self.kind, "state_dim": self.state_dim, "action_dim": self.action_dim,
+                "state_groups": [list(g) for g in self.state_groups], "action_groups": [list(g) for g in self.action_groups]}
+
+    @classmethod
+    def from_config(cls, c):
+        return cls(c["kind"], c.get("state_dim"), c.get("action_dim"), c.get("state_groups"), c.get("action_groups"))
+
+    def _check(self, x, dim, what):
+        if x.shape[-1] != dim:
+            raise ValueError(f"{what} must have {dim} values in its last dimension ({self.kind} representation), "
+                             f"got shape {tuple(x.shape)}")
+
+    def state_to_model(self, s):
+        """(..., state_dim) -> (..., model_state_dim)."""
+        self._check(s, self.state_dim, "observation.state")
+        if self.kind == "identity":
+            return s
+        r6 = rotation_to_6d(axis_angle_to_matrix(s[..., 3:6].double())).to(s.dtype)
+        return torch.cat([s[..., :3], r6, s[..., 6:7]], dim=-1)
+
+    def action_to_model(self, a):
+        """(..., action_dim) -> (..., model_action_dim)."""
+        self._check(a, self.action_dim, "action")
+        if self.kind == "identity":
+            return a
+        r6 = rotation_to_6d(axis_angle_to_matrix(a[..., 3:6].double())).to(a.dtype)
+        return torch.cat([a[..., :3], r6, a[..., 6:7]], dim=-1)
+
+    def action_from_model(self, y):
+        """(..., model_action_dim) -> (..., action_dim): what the environment executes."""
+        self._check(y, self.model_action_dim, "decoder action")
+        if self.kind == "identity":
+            return y
+        rotvec = matrix_to_axis_angle(rotation_from_6d(y[..., 3:9].double())).to(y.dtype)
+        return torch.cat([y[..., :3], rotvec, torch.sign(y[..., 9:10])], dim=-1)
+
+    def normalizers(self, stats, dtype=torch.float32):
+        """(proprio normalizer, action normalizer) from statistics in the released layout."""
+        return (Normalizer(stats, [(k, m) for k, _, m in self.state_groups], dtype),
+                Normalizer(stats, [(k, m) for k, _, m in self.action_groups], dtype))
+
+    def stats(self, states, action_chunks):
+        """Statistics in the released layout of (N, 1, d_s) model states and (N, H, d_a) model action chunks."""
+        out = {}
+        for groups, x in ((self.state_groups, states), (self.action_groups, action_chunks)):
+            i = 0
+            for key, d, mode in groups:
+                out[key] = {**array_to_stats(np.asarray(x[..., i:i + d])), "normalization": mode}
+                i += d
+        return out
+
+
+def array_to_stats(x):
+    """Statistics of (N, H, d) chunks in the released JSON layout (official `array_to_stats`), per chunk step."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 3 or len(x) == 0:
+        raise ValueError(f"array_to_stats takes (N, H, d) chunks with N >= 1, got shape {x.shape}")
+    pct = np.percentile(x, np.linspace(0, 100, 1001), axis=0)  # (1001, H, d)
+    mean = x.mean(0)
+    lo, hi = mean + 1.5 * (pct[20] - mean), mean + 1.5 * (pct[980] - mean)
+    clamped = np.clip(x, lo, hi)
+    return {k: v.tolist() for k, v in dict(min=x.min(0), max=x.max(0), mean=mean, std=x.std(0), percentiles=pct,
+                                            clamp_min=lo, clamp_max=hi, mean_clamped=clamped.mean(0),
+                                            std_clamped=clamped.std(0)).items()}
+
+
+def episode_chunks(values, starts, horizon, pad="repeat", length=None):
+    """Chunks values[t : t + horizon] of one episode for each start t -> (n, horizon, d).
+
+    Past the episode's end (`length` steps, default all) the chunk is padded: "repeat" the last value (official
+    chunk reader: interpolation clipped to the episode) or "zero" (relative motions: standing still). Training
+    batches and normalization statistics both use this, so they agree on the tail.
+    """
+    values = np.asarray(values)
+    length = len(values) if length is None else int(length)
+    if length < 1:
+        raise ValueError(f"episode_chunks needs an episode of at least 1 step, got {length}")
+    if pad not in ("repeat", "zero"):
+        raise ValueError(f"pad must be 'repeat' or 'zero', got {pad!r}")
+    t = np.asarray(starts)[:, None] + np.arange(horizon)[None]  # (n, horizon)
+    out = values[np.minimum(t, length - 1)]
+    if pad == "zero":
+        out = np.where((t < length)[..., None], out, 0)
+    return out.astype(values.dtype)
+
+
+def load_action_decoder(source, filename=None, config=None, revision=None, cache_dir=None, device="cpu", dtype=None):
+    """Load a mimic-video action decoder (`net.` keys; released .pt or our .safetensors) strictly.
+
+    config None: the config stored in the file (our safetensors files), else the released LIBERO preset."""
+    return load_official(ActionDecoder, config, ACTION_DECODER_PRESETS, "libero", source, filename, revision,
+                         cache_dir, device, dtype)
+
+
+def save_action_decoder(decoder, path):
+    """Save a decoder in the released layout (`net.` keys), with its config when the file is safetensors."""
+    save_state_dict({"net." + k: v.detach() for k, v in decoder.state_dict().items()}, path, decoder.cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1288,26 +1593,31 @@ class VideoActionConfig:
 
     tap_block: int = 20  # the decoder reads the output of this video block (official xattn_layer_idx; 20 of 28)
     latent_frames: int = 16  # context + future latent frames in the window (61 pixel frames -> 2 + 14 latents)
+    context_latents: int = 2  # observed latent frames at the start of the window (5 pixel frames -> 2 latents)
     num_video_steps: int = 35  # the Cosmos schedule that stop_after_step indexes
     num_action_steps: int = 10  # Euler steps of the decoder from tau_a = 1 to 0
     loss_scale: float = 10.0  # stage-2 loss = loss_scale * velocity MSE
     obs_dropout: float = 0.2  # stage-2 probability of masking the proprio token
-    video_time: str = "official"  # "official": sigma = 4 exp(N(0,1)) + 5% tail; "paper": logit-normal tau_v
-    video_sigma_multiplier: float = 4.0  # official: sqrt(latent frames)
+    video_time: str = "official"  # "official": sigma = sqrt(latent_frames) exp(N(0,1)) + 5% tail; "paper": logit-normal tau_v
     action_time: str = "official"  # "official": uniform on [0.001, 1]; "paper": Beta(1.5, 1)
+
+    @property
+    def video_sigma_multiplier(self):
+        """Official `video_noise_multiplier` = sqrt(state_t): 4 for 16 latent frames."""
+        return math.sqrt(self.latent_frames)
 
 
 VIDEO_ACTION_PRESETS = {
     "mimic-video": VideoActionConfig(),
-    "tiny": VideoActionConfig(tap_block=2, latent_frames=4),
+    "tiny": VideoActionConfig(tap_block=2, latent_frames=4, context_latents=2),
 }
 
 
 class VideoActionModel(nn.Module):
     """The video DiT (frozen in stage 2) and the action decoder, with the optional normalizers of a policy.
 
-    Latents are (B, 16, T, H, W) with the first Tc frames the observed context; the text is (B, N, 1024).
-    Proprio (B, 1, 10) and actions (B, HA, 10) are normalized unless a method says otherwise.
+    Latents are (B, C, T, H, W) with the first `context_latents` frames the observed context; the text is (B, N, D_text).
+    Proprio (B, 1, d_s) and actions (B, HA, d_a) are normalized unless a method says otherwise.
     """
 
     def __init__(self, video: VideoDiT, decoder: ActionDecoder, cfg: VideoActionConfig = VideoActionConfig(),
@@ -1317,15 +1627,34 @@ class VideoActionModel(nn.Module):
             raise ValueError(f"decoder reads {decoder.cfg.crossattn_emb_channels}-d context, video width is {video.cfg.model_channels}")
         if not 0 <= cfg.tap_block <= video.cfg.num_blocks:
             raise ValueError(f"tap_block must be in [0, {video.cfg.num_blocks}], got {cfg.tap_block}")
+        if not 1 <= cfg.context_latents < cfg.latent_frames:
+            raise ValueError(f"context_latents must be in [1, latent_frames - 1] = [1, {cfg.latent_frames - 1}], got {cfg.context_latents}")
+        for name, norm, dim in (("obs_normalizer", obs_normalizer, decoder.cfg.in_channels),
+                                ("action_normalizer", action_normalizer, decoder.cfg.out_channels)):
+            if norm is not None and norm.shift.shape[-1] != dim:
+                raise ValueError(f"{name} has {norm.shift.shape[-1]} dimensions, the decoder {dim}")
         self.video, self.decoder, self.cfg = video, decoder, cfg
         self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
 
     def window(self, context, future):
-        """(context, future) -> latents (B, C, T, H, W) and the conditioning-frame mask (B, T)."""
+        """(context, future) -> latents (B, C, T, H, W) and the conditioning-frame mask (B, T).
+
+        The window must be the one the model was trained with: `context_latents` observed frames, then
+        `latent_frames - context_latents` future frames (given in training, zeros when the model imagines them).
+        """
+        cfg = self.cfg
+        if context.dim() != 5 or context.shape[1] != self.video.cfg.in_channels:
+            raise ValueError(f"context must be (B, {self.video.cfg.in_channels}, T, H, W) latents, got {tuple(context.shape)}")
+        if context.shape[2] != cfg.context_latents:
+            raise ValueError(f"context has {context.shape[2]} latent frames; this model was configured for "
+                             f"context_latents={cfg.context_latents}")
+        B, C, Tc, H, W = context.shape
         if future is None:  # inference: the future is what the video model imagines; official zero-pads
-            B, C, Tc, H, W = context.shape
-            future = context.new_zeros(B, C, self.cfg.latent_frames - Tc, H, W)
-        latents = torch.cat([context, future], dim=2)  # (B, C, Tc + Tf, H, W)
+            future = context.new_zeros(B, C, cfg.latent_frames - Tc, H, W)
+        elif tuple(future.shape) != (B, C, cfg.latent_frames - Tc, H, W):
+            raise ValueError(f"future must be {(B, C, cfg.latent_frames - Tc, H, W)} (latent_frames={cfg.latent_frames} "
+                             f"minus {Tc} context frames), got {tuple(future.shape)}")
+        latents = torch.cat([context, future.to(context.dtype)], dim=2)  # (B, C, Tc + Tf, H, W)
         return latents, first_frames_mask(latents.shape[0], latents.shape[2], context.shape[2], latents.device)
 
     def video_features(self, context, future, text, sigma, eps=None, generator=None):
@@ -1344,23 +1673,30 @@ class VideoActionModel(nn.Module):
             hidden = self.video(net_in, tau_BT, text, condition_mask, stop_after_block=self.cfg.tap_block)
         return hidden.flatten(1, 3)  # (B, T, H', W', D) -> (B, L, D)
 
-    def forward(self, stage, *args, **kwargs):
-        """The training loss of a stage (1: video LoRA, 2: decoder), so DistributedDataParallel can wrap the model."""
-        return self.stage1_loss(*args, **kwargs) if stage == 1 else self.stage2_loss(*args, **kwargs)
+    def forward(self, loss, **batch):
+        """`model("video", ...)` is `video_loss`, `model("action", ...)` is `action_loss`: one entry point, so
+        DistributedDataParallel can wrap the model for either stage."""
+        if loss == "video":
+            return self.video_loss(**batch)
+        if loss == "action":
+            return self.action_loss(**batch)
+        raise ValueError(f"loss must be 'video' (stage 1, pretraining) or 'action' (stage 2), got {loss!r}")
 
-    def draw_noise(self, stage, batch, latent_shape, action_shape=None, generator=None, device=None):
-        """Every random draw of one training step, for `batch` samples: sigma (and tau_a, the proprio mask),
-        eps for the video and the actions. Draw it for the global batch and slice it per rank, and the loss
-        does not depend on how the batch is sharded (DDP equals one process; resume is exact)."""
+    def draw_noise(self, loss, batch, latent_shape, action_shape=None, generator=None, device=None):
+        """Every random draw of one training step of `loss` ("video" or "action"), for `batch` samples: sigma (and
+        tau_a, the proprio mask), eps for the video and the actions. Draw it for the global batch and slice it per
+        rank, and the loss does not depend on how the batch is sharded (DDP equals one process; resume is exact)."""
         cfg = self.cfg
-        if stage == 1 or cfg.video_time == "official":
+        if loss not in ("video", "action"):
+            raise ValueError(f"loss must be 'video' or 'action', got {loss!r}")
+        if loss == "video" or cfg.video_time == "official":
             sigma = sample_video_sigma(batch, generator, device, multiplier=cfg.video_sigma_multiplier)
         elif cfg.video_time == "paper":
             sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
         else:
             raise ValueError(f"video_time must be 'official' or 'paper', got {cfg.video_time!r}")
         noise = {"sigma": sigma, "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
-        if stage == 1:
+        if loss == "video":
             return noise
         if cfg.action_time == "official":
             noise["tau_a"] = sample_tau_action_uniform(batch, generator, device)
@@ -1372,8 +1708,8 @@ class VideoActionModel(nn.Module):
         noise["obs_mask"] = torch.rand(batch, generator=generator, device=device) < cfg.obs_dropout
         return noise
 
-    def stage2_loss(self, context, future, text, proprio, actions, noise=None, generator=None):
-        """Decoder loss on the frozen backbone: tau_v and tau_a drawn independently per sample.
+    def action_loss(self, context, future, text, proprio, actions, noise=None, generator=None):
+        """Stage 2: the decoder's loss on the frozen backbone, tau_v and tau_a drawn independently per sample.
 
         Returns {"loss": scalar, "per_sample": (B,), "tau_a": (B,), "tau_v": (B,)} (per-sample values for
         logging the loss binned by time).
@@ -1381,7 +1717,7 @@ class VideoActionModel(nn.Module):
         B = actions.shape[0]
         latent_shape = (context.shape[1], context.shape[2] + future.shape[2]) + tuple(context.shape[3:])
         if noise is None:
-            noise = self.draw_noise(2, B, latent_shape, actions.shape[1:], generator, actions.device)
+            noise = self.draw_noise("action", B, latent_shape, actions.shape[1:], generator, actions.device)
         sigma, tau_a = noise["sigma"], noise["tau_a"]
         ctx = self.video_features(context, future, text, sigma, eps=noise["eps_video"])
         x0, eps = actions.float(), noise["eps_action"]
@@ -1391,15 +1727,15 @@ class VideoActionModel(nn.Module):
         per_sample = self.cfg.loss_scale * ((v_hat.float() - u) ** 2).mean(dim=(1, 2))
         return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": sigma_to_tau(sigma)}
 
-    def stage1_loss(self, context, future, text, noise=None, generator=None):
-        """Video flow loss (LoRA stage): future frames noised, context frames clean and excluded from the loss.
+    def video_loss(self, context, future, text, noise=None, generator=None):
+        """Stage 1 (and pretraining): the video flow loss, future frames noised, context frames clean and excluded.
 
         Cosmos trains with the x0 loss weighted by (1 + sigma)^2 / sigma^2, which is exactly this velocity MSE.
         Returns {"loss", "per_sample", "tau_v"}.
         """
         latents, cond = self.window(context, future)
         if noise is None:
-            noise = self.draw_noise(1, latents.shape[0], latents.shape[1:], generator=generator, device=latents.device)
+            noise = self.draw_noise("video", latents.shape[0], latents.shape[1:], generator=generator, device=latents.device)
         tau = sigma_to_tau(noise["sigma"])
         x0, eps = latents.float(), noise["eps_video"]
         x_tau = interpolate(x0, eps, tau)
@@ -1424,7 +1760,10 @@ class VideoActionModel(nn.Module):
         """
         if (stop_after_step is None) == (tau_v is None):
             raise ValueError("give exactly one of stop_after_step and tau_v (mimic-video always stops early)")
-        if raw and self.obs_normalizer is not None:
+        if raw and (self.obs_normalizer is None or self.action_normalizer is None):
+            raise ValueError("raw=True needs the policy's obs and action normalizers; this model has none "
+                             "(pass normalized proprio and use raw=False, or build the model with normalizers)")
+        if raw:
             proprio = self.obs_normalizer.normalize(proprio)
         latents, cond = self.window(context, oracle_future)
         B, HA = latents.shape[0], self.decoder.cfg.num_actions
@@ -1438,7 +1777,7 @@ class VideoActionModel(nn.Module):
                                           stop_after_step, tau_v, hidden_block=self.cfg.tap_block)
             ctx = hidden.flatten(1, 3)  # (B, L, D) in (t, h, w) order
         actions = self.decoder.sample(proprio, ctx, sigma, noise[1], self.cfg.num_action_steps)
-        if raw and self.action_normalizer is not None:
+        if raw:
             actions = self.action_normalizer.unnormalize(actions)
         return actions
 
@@ -1486,37 +1825,612 @@ def released_files(task):
             "statistics": f"dataset_statistics/{data}.json"}
 
 
-def load_policy(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None, device="cpu", dtype=None,
-                video_config="cosmos-predict2-2b", decoder_config=None, config="mimic-video"):
-    """A released mimic-video policy (backbone, decoder, normalizers) from the Hub repo or a local copy of it.
-
-    The official eval runs in bf16 (dtype=torch.bfloat16) on a GPU: 2B + 0.5B parameters.
-    """
+def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None, device="cpu", dtype=None,
+                        video_config=None, decoder_config=None, config="mimic-video"):
+    """A released task's VideoActionModel (backbone, decoder, normalizers in the released layout); `load_policy`
+    wraps it with the encoders and the official timing. bf16 (dtype=torch.bfloat16) on a GPU: 2B + 0.5B parameters."""
     files = released_files(task)
     preset = RELEASED_POLICIES[task][0]
     video = load_video_dit(source, files["video"], video_config, revision, cache_dir, device, dtype)
     decoder = load_action_decoder(source, files["decoder"], decoder_config or preset, revision, cache_dir, device, dtype)
     stats = json.loads(resolve_file(source, files["statistics"], revision, cache_dir).read_text())
-    keys = NORMALIZATION_KEYS[preset]
+    groups = NORMALIZATION_GROUPS[preset]
+    norm_dtype = dtype or torch.float32  # the official eval normalizes in the model's dtype (bf16)
     model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
                              make_config(VideoActionConfig, config, VIDEO_ACTION_PRESETS),
-                             Normalizer.from_stats(stats, keys["obs"]), Normalizer.from_stats(stats, keys["action"]))
+                             Normalizer(stats, groups["obs"], norm_dtype), Normalizer(stats, groups["action"], norm_dtype))
     return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. A toy world: language-conditioned reaching, small enough to run the whole recipe on a CPU
+# 8. Encoders: camera frames -> video latents, instructions -> text embeddings
+# ------------------------------------------------------------------------------------------------
+# The released models read Wan2.1-VAE latents of the camera frames and T5-11B embeddings of the instruction.
+# Both are large (the VAE has 127M parameters, the T5-11B encoder 4.9B) and come from optional packages
+# (diffusers, transformers), imported only here. Offline stand-ins with the same contracts let small models
+# train and run on a CPU: a pixel encoder (space-to-depth) and a hashed word embedding.
+
+def require(module, package):
+    """Import an optional dependency, or raise ImportError with the one-line command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is not installed; it is needed here: pip install {package}") from e
+
+
+def images_to_frames(images):
+    """Camera images -> model frames in [-1, 1], channels first: (..., H, W, 3) uint8, or (..., 3, H, W) float in
+    [0, 1] (LeRobot's two conventions), mapped by 2 x - 1 (official `CosmosProcessImage`: 2 (x / 255 - 0.5))."""
+    images = torch.as_tensor(images)
+    if images.dtype == torch.uint8:
+        if images.dim() < 3 or images.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (..., H, W, 3), got {tuple(images.shape)}")
+        images = images.movedim(-1, -3).float() / 255  # (..., 3, H, W)
+    elif images.is_floating_point():
+        if images.dim() < 3 or images.shape[-3] != 3:
+            raise ValueError(f"float images must be (..., 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        images = images.float()
+    else:
+        raise ValueError(f"images must be uint8 (H, W, 3) or float (3, H, W), got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values")
+    return images * 2 - 1
+
+
+def resize_frames(frames, size):
+    """(..., 3, H, W) -> (..., 3, size[0], size[1]) by antialiased bilinear resizing (torchvision's `Resize`);
+    frames already of that size are returned as they are."""
+    size = tuple(int(s) for s in size)
+    if tuple(frames.shape[-2:]) == size:
+        return frames
+    lead = frames.shape[:-3]
+    out = F.interpolate(frames.reshape(-1, *frames.shape[-3:]).float(), size=size, mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE (diffusers `AutoencoderKLWan`, the Cosmos-Predict2 tokenizer) with Cosmos' latent normalization.
+
+    encode: frames (B, 3, 1 + 4k, H, W) in [-1, 1] -> (B, 16, 1 + k, H/8, W/8) = (mode - latents_mean[c]) / latents_std[c],
+    the posterior MODE (the official code takes the mean; diffusers' Cosmos pipeline samples, which we do not).
+    Causal in time: the first 1 + 4j frames' latents do not depend on later frames, so encoding the context alone is
+    exact. decode inverts it, for pictures.
+    """
+
+    def __init__(self, vae, spec=None):
+        super().__init__()
+        self.vae = vae
+        c = vae.config
+        self.channels = c.z_dim
+        self.temporal_factor = c.scale_factor_temporal or 4
+        self.spatial_factor = c.scale_factor_spatial or 8
+        self.spec = spec or {"kind": "wan"}
+        self.register_buffer("latents_mean", torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+
+    def latent_frames(self, num_frames):
+        """1 + 4k pixel frames -> 1 + k latent frames; other counts are refused."""
+        if num_frames < 1 or (num_frames - 1) % self.temporal_factor:
+            raise ValueError(f"the Wan VAE encodes 1 + {self.temporal_factor}k frames (1, 5, 9, ..., 61), got {num_frames}")
+        return 1 + (num_frames - 1) // self.temporal_factor
+
+    @torch.no_grad()
+    def encode(self, frames):
+        """(B, 3, 1 + 4k, H, W) in [-1, 1] -> normalized latents (B, 16, 1 + k, H/8, W/8), float32."""
+        _check_frames(frames, self.spatial_factor)
+        self.latent_frames(frames.shape[2])
+        dtype = next(self.vae.parameters()).dtype
+        mode = self.vae.encode(frames.to(dtype)).latent_dist.mode()
+        return (mode.float() - self.latents_mean) / self.latents_std
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """(B, 16, 1 + k, h, w) normalized latents -> frames (B, 3, 1 + 4k, 8h, 8w) in [-1, 1]."""
+        dtype = next(self.vae.parameters()).dtype
+        x = latents.float() * self.latents_std + self.latents_mean
+        return self.vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
+
+
+def _check_frames(frames, spatial_factor):
+    if frames.dim() != 5 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be (B, 3, T, H, W) in [-1, 1], got {tuple(frames.shape)}")
+    if frames.shape[3] % spatial_factor or frames.shape[4] % spatial_factor:
+        raise ValueError(f"frame height and width must be multiples of {spatial_factor}, got {tuple(frames.shape[3:])}")
+    if not torch.isfinite(frames).all():
+        raise ValueError("frames contain NaN or infinite values")
+
+
+def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, revision=None, cache_dir=None):
+    """The Wan2.1 VAE from a diffusers layout: the Cosmos repo's `vae` subfolder, `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`
+    (subfolder "vae"), or a local folder (the VAE folder itself, or one with a `vae` subfolder).
+    The official code runs it in bf16 (about 2x faster, also on a CPU)."""
+    diffusers = require("diffusers", "diffusers")
+    path = Path(source)
+    if path.is_dir() and subfolder and not (path / subfolder).is_dir():
+        subfolder = None  # a local folder that is the VAE itself
+    try:
+        vae = diffusers.AutoencoderKLWan.from_pretrained(source, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                                         torch_dtype=dtype, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
+                                f"diffusers folder, or download it first (`hf download {source}`)") from e
+    spec = {"kind": "wan", "source": str(source), "subfolder": subfolder}
+    return WanVAE(vae.eval().requires_grad_(False), spec).to(device)
+
+
+class PixelEncoder(nn.Module):
+    """Offline stand-in for the VAE: frames become small multi-channel "latents" by space-to-depth, without temporal
+    compression (T frames -> T latents), plus two coordinate channels.
+
+    (B, 3, T, H, W) in [-1, 1] -> (B, 3 p^2 + 2, T, H/p, W/p). The coordinate channels (x, y in [-1, 1]) put each
+    token's location into its content: the video DiT's hidden states carry no absolute position (RoPE acts inside
+    attention only) and the decoder reads them as an unordered set, while a real VAE latent of a real scene has its
+    location in its content anyway.
+    """
+
+    temporal_factor = 1
+
+    def __init__(self, patch=1, coords=True):
+        super().__init__()
+        if patch < 1:
+            raise ValueError(f"patch must be >= 1, got {patch}")
+        self.patch, self.coords = int(patch), bool(coords)
+        self.spatial_factor = self.patch
+        self.channels = 3 * self.patch ** 2 + 2 * self.coords
+        self.spec = {"kind": "pixels", "patch": self.patch, "coords": self.coords}
+
+    def latent_frames(self, num_frames):
+        return num_frames
+
+    def encode(self, frames):
+        _check_frames(frames, self.patch)
+        p = self.patch
+        x = rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p)  # (B, 3p^2, T, H/p, W/p)
+        if not self.coords:
+            return x
+        B, _, T, h, w = x.shape
+        gx = (torch.arange(w, dtype=torch.float32, device=x.device) + 0.5) / w * 2 - 1  # token centres in [-1, 1]
+        gy = (torch.arange(h, dtype=torch.float32, device=x.device) + 0.5) / h * 2 - 1
+        xy = torch.stack([gx[None, :].expand(h, w), gy[:, None].expand(h, w)])  # (2, h, w)
+        return torch.cat([x, xy[None, :, None].expand(B, 2, T, h, w)], dim=1)
+
+    def decode(self, latents):
+        """Inverse of encode (the coordinate channels dropped): (B, C, T, h, w) -> (B, 3, T, h p, w p)."""
+        p = self.patch
+        return rearrange(latents[:, : 3 * p * p].float(), "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p)
+
+
+class T5TextEncoder:
+    """T5 encoder embeddings as Cosmos uses them: tokens padded and truncated to `max_length` (512), the last hidden
+    state with every row past the instruction's tokens set to exactly zero -> (B, max_length, d_model) float32.
+    Embeddings are cached per distinct instruction (LIBERO has 40)."""
+
+    def __init__(self, model, tokenizer, max_length=512, spec=None):
+        self.model, self.tokenizer, self.max_length = model.eval().requires_grad_(False), tokenizer, int(max_length)
+        self.width = model.config.d_model
+        self.spec = spec or {"kind": "t5", "max_length": self.max_length}
+        self.cache = {}
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        texts = _check_texts(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            device = next(self.model.parameters()).device
+            enc = self.tokenizer(new, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+            mask = enc.attention_mask.to(device)
+            h = self.model(input_ids=enc.input_ids.to(device), attention_mask=mask).last_hidden_state.float()
+            h = torch.where(mask[..., None].bool(), h, torch.zeros((), device=device))  # (n, L, D): exact zeros past the tokens
+            self.cache.update(zip(new, h))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def _check_texts(texts):
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad or not texts:
+        raise ValueError(f"instructions must be a string or a non-empty list of strings, got {bad[:3] or texts!r}")
+    return texts
+
+
+def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512, device="cpu", dtype=None,
+                      revision=None, cache_dir=None):
+    """The T5 encoder and tokenizer through transformers: `google-t5/t5-11b` (what Cosmos-Predict2 uses), the
+    released `jonpai/mimic-video` (subfolder "text_encoder/t5-11b"), or a local folder. 4.9B parameters: 9 GB in bf16,
+    minutes per instruction on a CPU; precompute on a GPU (train.py caches embeddings per instruction)."""
+    transformers = require("transformers", "transformers")
+    kw = dict(subfolder=subfolder or "", revision=revision, cache_dir=cache_dir)
+    try:
+        model = transformers.T5EncoderModel.from_pretrained(source, dtype=dtype, **kw)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
+                                f"folder, or download it first (`hf download {source}`)") from e
+    spec = {"kind": "t5", "source": str(source), "subfolder": subfolder, "max_length": int(max_length)}
+    return T5TextEncoder(model.to(device), tokenizer, max_length, spec)
+
+
+class HashedWordEncoder:
+    """Offline stand-in for T5: each word (lower case, letters and digits) gets a fixed N(0, 1) vector seeded by a
+    hash of the word, the same on every machine and run; zero-padded or truncated to `max_tokens` ->
+    (B, max_tokens, width). Any instruction works; unlike T5, a word carries nothing beyond its identity."""
+
+    def __init__(self, width=32, max_tokens=16):
+        if width < 1 or max_tokens < 1:
+            raise ValueError(f"width and max_tokens must be >= 1, got {width}, {max_tokens}")
+        self.width, self.max_tokens = int(width), int(max_tokens)
+        self.spec = {"kind": "hashed_words", "width": self.width, "max_tokens": self.max_tokens}
+        self.cache = {}
+
+    def word_vector(self, word):
+        seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")  # not hash(): salted per run
+        return np.random.RandomState(seed).standard_normal(self.width).astype(np.float32)
+
+    def __call__(self, texts):
+        texts = _check_texts(texts)
+        for t in texts:
+            if t not in self.cache:
+                out = np.zeros((self.max_tokens, self.width), np.float32)
+                for i, word in enumerate(re.findall(r"[a-z0-9]+", t.lower())[: self.max_tokens]):
+                    out[i] = self.word_vector(word)
+                self.cache[t] = torch.from_numpy(out)
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def build_video_encoder(spec, device="cpu", dtype=None):
+    """An encoder from its spec in a policy's config.json: {"kind": "wan", "source", "subfolder"} or
+    {"kind": "pixels", "patch", "coords"}."""
+    kind = spec.get("kind")
+    if kind == "pixels":
+        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True)).to(device)
+    if kind == "wan":
+        return load_vae(spec.get("source", COSMOS_HUB_REPO), spec.get("subfolder", "vae"), device, dtype)
+    raise ValueError(f"unknown video encoder kind {kind!r} in {spec}; choose 'wan' or 'pixels'")
+
+
+def build_text_encoder(spec, device="cpu", dtype=None):
+    """A text encoder from its spec: {"kind": "t5", "source", "subfolder", "max_length"} or
+    {"kind": "hashed_words", "width", "max_tokens"}."""
+    kind = spec.get("kind")
+    if kind == "hashed_words":
+        return HashedWordEncoder(spec.get("width", 32), spec.get("max_tokens", 16))
+    if kind == "t5":
+        return load_text_encoder(spec.get("source", "google-t5/t5-11b"), spec.get("subfolder"), spec.get("max_length", 512),
+                                 device, dtype)
+    raise ValueError(f"unknown text encoder kind {kind!r} in {spec}; choose 't5' or 'hashed_words'")
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. The policy: LeRobot's interface, frame history, action chunks, one folder format
+# ------------------------------------------------------------------------------------------------
+# A robot learner drives a policy the LeRobot way: policy.reset() at an episode's start, then
+# policy.select_action(observation) once per control step. Observations use LeRobot's keys:
+#     "observation.images.<camera>"  (H, W, 3) uint8 or (3, H, W) float in [0, 1]; a leading batch dim for B envs
+#     "observation.state"            (d_s,) or (B, d_s)
+#     "task"                         the instruction: a string, or a list of B strings
+# The policy keeps the frame history the model was trained with, encodes the frames and the instruction,
+# queries the model when its action queue is empty and executes `n_action_steps` of each chunk.
+
+
+@dataclass
+class PolicyConfig:
+    """Everything between a robot's observations and the model; the defaults are the released LIBERO policies."""
+
+    camera: str = "image"  # reads observation.images.<camera> (LeRobot LIBERO: "image" is the agentview, flipped 180 deg)
+    image_size: tuple = (480, 640)  # (H, W) every frame is resized to before encoding (official LIBERO data: 480 x 640)
+    context_frames: int = 5  # camera frames per query (the Wan VAE takes 1 + 4k: 5 frames -> 2 latents)
+    frame_stride: int = 4  # control steps between context frames (20 Hz control, 5 Hz frames: last 17 frames, every 4th)
+    history_padding: str = "first"  # episode start: copies of the "first" frame (LIBERO eval) or of the "latest" (Bridge)
+    n_action_steps: int = 5  # actions executed from each chunk before the next query (both released benchmarks: 5)
+    stop_after_step: int = 23  # partial denoising: video sampler steps before the decoder reads (official HIL eval: 23)
+    tau_v: float | None = None  # or stop at this video flow time instead (see `partial_schedule`)
+    seed: int = 0  # the noise of every query is drawn from this seed (official: 0, every query)
+    numpy_noise: bool = True  # draw the noise as the official code does (numpy RandomState); False: torch
+    text_replacements: tuple = ()  # (old, new) pairs applied to the instruction (released LIBERO: "black bowl" -> "bowl")
+    video_encoder: dict = field(default_factory=lambda: {"kind": "wan", "source": COSMOS_HUB_REPO, "subfolder": "vae"})
+    text_encoder: dict = field(default_factory=lambda: {"kind": "t5", "source": MIMIC_VIDEO_HUB_REPO,
+                                                        "subfolder": "text_encoder/t5-11b", "max_length": 512})
+    representation: dict = field(default_factory=lambda: {"kind": "libero"})
+
+    def __post_init__(self):  # JSON gives lists: keep the tuples, so a saved and loaded config compares equal
+        self.image_size = tuple(int(v) for v in self.image_size)
+        self.text_replacements = tuple(tuple(pair) for pair in self.text_replacements)
+
+    @property
+    def history_length(self):
+        """Control steps of history one query reads: (context_frames - 1) * frame_stride + 1 (LIBERO: 17)."""
+        return (self.context_frames - 1) * self.frame_stride + 1
+
+
+POLICY_PRESETS = {
+    "libero": PolicyConfig(text_replacements=(("black bowl", "bowl"),)),  # eval/libero/run.py
+    # eval/bridge (SimplerEnv): 5 Hz control, 5 frames at 5 Hz, the latest frame repeated until there are 5; the
+    # 10-D vectors ([xyz, 6-D rows, gripper]: absolute proprio, relative target pose) pass through unchanged
+    "bridge": PolicyConfig(frame_stride=1, history_padding="latest", representation={
+        "kind": "identity", "state_dim": 10, "action_dim": 10,
+        "state_groups": [[k, d, m] for (k, m), d in zip(NORMALIZATION_GROUPS["bridge"]["obs"], (3, 6, 1))],
+        "action_groups": [[k, d, m] for (k, m), d in zip(NORMALIZATION_GROUPS["bridge"]["action"], (3, 6, 1))]}),
+}
+
+
+class ChunkedPolicy:
+    """LeRobot's action queue: a chunk is predicted when the queue is empty, and its first `n_action_steps` actions are
+    returned one per `select_action` call. Subclasses implement `observe` (every step) and `query` (a chunk)."""
+
+    n_action_steps = 1
+
+    def reset(self):
+        self.queue = []
+
+    def observe(self, observation):
+        """Called on every control step with the new observation; returns whether it was batched."""
+        return True
+
+    def query(self, observation):
+        """An action chunk (B, horizon, d_a) for the current observation."""
+        raise NotImplementedError
+
+    def select_action(self, observation, **kwargs):
+        """The next action: (d_a,) for one environment, (B, d_a) for a batch of B."""
+        batched = self.observe(observation)
+        if not self.queue:
+            chunk = torch.as_tensor(self.query(observation, **kwargs))  # (B, H, d_a)
+            self.queue = list(chunk[:, : self.n_action_steps].unbind(1))
+        action = self.queue.pop(0)
+        return action if batched else action[0]
+
+    def predict_action_chunk(self, observation, **kwargs):
+        """The whole chunk for this observation, (B, H, d_a) or (H, d_a); the action queue is not touched."""
+        batched = self.observe(observation)
+        chunk = torch.as_tensor(self.query(observation, **kwargs))
+        return chunk if batched else chunk[0]
+
+
+class Policy(ChunkedPolicy):
+    """A mimic-video policy: encoders + VideoActionModel + representation, driven with raw observations."""
+
+    def __init__(self, model: VideoActionModel, config: PolicyConfig, video_encoder, text_encoder):
+        # the config describes the encoders in use, so a saved policy rebuilds exactly these
+        self.model = model.eval()
+        self.config = replace(config, video_encoder=video_encoder.spec, text_encoder=text_encoder.spec)
+        self.video_encoder, self.text_encoder = video_encoder, text_encoder
+        self.representation = Representation.from_config(config.representation)
+        self.n_action_steps = config.n_action_steps
+        self._check()
+        self.reset()
+
+    def _check(self):
+        cfg, m = self.config, self.model
+        rep, dec = self.representation, m.decoder.cfg
+        if m.obs_normalizer is None or m.action_normalizer is None:
+            raise ValueError("a Policy needs a model with its obs and action normalizers (the statistics)")
+        if (rep.model_state_dim, rep.model_action_dim) != (dec.in_channels, dec.out_channels):
+            raise ValueError(f"representation {rep.kind} gives {rep.model_state_dim}-D proprio and {rep.model_action_dim}-D "
+                             f"actions; the decoder takes {dec.in_channels} and {dec.out_channels}")
+        if self.video_encoder.channels != m.video.cfg.in_channels:
+            raise ValueError(f"the video encoder makes {self.video_encoder.channels}-channel latents; the video DiT takes "
+                             f"{m.video.cfg.in_channels}")
+        if self.video_encoder.latent_frames(cfg.context_frames) != m.cfg.context_latents:
+            raise ValueError(f"{cfg.context_frames} context frames give {self.video_encoder.latent_frames(cfg.context_frames)} "
+                             f"latent frames; the model was trained with context_latents={m.cfg.context_latents}")
+        if self.text_encoder.width != m.video.cfg.crossattn_emb_channels:
+            raise ValueError(f"the text encoder makes {self.text_encoder.width}-d embeddings; the video DiT reads "
+                             f"{m.video.cfg.crossattn_emb_channels}")
+        if not 1 <= cfg.n_action_steps <= dec.num_actions:
+            raise ValueError(f"n_action_steps must be in [1, {dec.num_actions}] (the chunk), got {cfg.n_action_steps}")
+        if cfg.frame_stride < 1 or cfg.context_frames < 1:
+            raise ValueError(f"frame_stride and context_frames must be >= 1, got {cfg.frame_stride}, {cfg.context_frames}")
+        if cfg.history_padding not in ("first", "latest"):
+            raise ValueError(f"history_padding must be 'first' or 'latest', got {cfg.history_padding!r}")
+        partial_schedule(m.cfg.num_video_steps, *self._stop())  # validates the range
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _stop(self, stop_after_step=None, tau_v=None):
+        """(stop_after_step, tau_v), exactly one of them set: the arguments, else the config's tau_v, else its k."""
+        if stop_after_step is not None or tau_v is not None:
+            return stop_after_step, tau_v
+        return (None, self.config.tau_v) if self.config.tau_v is not None else (self.config.stop_after_step, None)
+
+    def reset(self):
+        """Forget the episode: the frame history and the queued actions."""
+        super().reset()
+        self.history, self.seen, self.tasks, self.state = None, 0, None, None
+
+    def observe(self, observation):
+        """Read one step's observation into the frame history; keep its state and instruction for a query."""
+        cfg = self.config
+        key = f"observation.images.{cfg.camera}"
+        if key not in observation:
+            raise KeyError(f"observation has no {key!r} (the camera this policy was trained on); it has "
+                           f"{sorted(k for k in observation if isinstance(k, str))}")
+        for k in ("observation.state", "task"):
+            if k not in observation:
+                raise KeyError(f"observation has no {k!r}")
+        images = torch.as_tensor(observation[key])
+        batched = images.dim() == 4
+        frames = resize_frames(images_to_frames(images if batched else images[None]), cfg.image_size)  # (B, 3, H, W)
+        B = frames.shape[0]
+        state = torch.as_tensor(observation["observation.state"], dtype=torch.float32)
+        state = state if state.dim() == 2 else state[None]
+        if state.shape[0] != B or state.dim() != 2:
+            raise ValueError(f"observation.state must be ({B}, d) for {B} environment(s), got {tuple(state.shape)}")
+        if not torch.isfinite(state).all():
+            raise ValueError("observation.state contains NaN or infinite values")
+        tasks = _check_texts(observation["task"])
+        for old, new in cfg.text_replacements:  # e.g. the released LIBERO policies never saw "black bowl"
+            tasks = [t.replace(old, new) for t in tasks]
+        if len(tasks) == 1 and B > 1:
+            tasks = tasks * B
+        if len(tasks) != B:
+            raise ValueError(f"task must be one string or {B} strings (one per environment), got {len(tasks)}")
+        if self.history is not None and self.history.shape[0] != B:
+            raise ValueError(f"the batch changed from {self.history.shape[0]} to {B} environments: call reset() first")
+        frames = frames.to(self.device)
+        if self.history is None:  # episode start: the history is padded with the first frame
+            self.history = frames[:, None].repeat(1, cfg.history_length, 1, 1, 1)  # (B, L, 3, H, W)
+        else:
+            self.history = torch.cat([self.history[:, 1:], frames[:, None]], dim=1)
+        self.seen += 1
+        self.state, self.tasks = state, tasks
+        return batched
+
+    def context_frames(self):
+        """(B, 3, context_frames, H, W): every frame_stride-th frame of the history, ending now."""
+        cfg = self.config
+        if cfg.history_padding == "latest" and self.seen < cfg.history_length:  # Bridge: repeat the latest frame
+            return self.history[:, -1:].repeat(1, cfg.context_frames, 1, 1, 1).transpose(1, 2)
+        return self.history[:, :: cfg.frame_stride].transpose(1, 2)  # (B, L, 3, H, W) -> (B, 3, Tc, H, W)
+
+    def _inputs(self, oracle_future=None):
+        """Encoded context latents, future latents (oracle only), text and model-space proprio of the current step."""
+        frames = self.context_frames()
+        Tc = self.model.cfg.context_latents
+        future = None
+        if oracle_future is not None:  # encode context and future together: the VAE is causal in time
+            oracle_future = torch.as_tensor(oracle_future, dtype=torch.float32, device=frames.device)
+            latents = self.video_encoder.encode(torch.cat([frames, oracle_future], dim=2))
+            context, future = latents[:, :, :Tc], latents[:, :, Tc:]
+        else:
+            context = self.video_encoder.encode(frames)
+        text = self.text_encoder(self.tasks).to(self.device)
+        proprio = self.representation.state_to_model(self.state).to(self.device)[:, None]  # (B, 1, d)
+        return context, future, text, proprio
+
+    @torch.no_grad()
+    def query(self, observation=None, oracle_future=None, stop_after_step=None, tau_v=None):
+        """One model query from the current history: (B, chunk, d_a) actions in the environment's space.
+
+        oracle_future: (B, 3, T_f, H, W) true future frames in [-1, 1] instead of the video model's imagination.
+        """
+        if self.history is None:
+            raise RuntimeError("no observation yet: call select_action or predict_action_chunk with an observation")
+        self.model.eval()
+        context, future, text, proprio = self._inputs(oracle_future)
+        k, tau_v = self._stop(stop_after_step, tau_v)
+        y = self.model.sample_actions(context, text, proprio, stop_after_step=k, tau_v=tau_v, seed=self.config.seed,
+                                      numpy_noise=self.config.numpy_noise, oracle_future=future, raw=True)
+        actions = self.representation.action_from_model(y.float())
+        if not torch.isfinite(actions).all():
+            raise FloatingPointError("the policy produced non-finite actions (NaN or inf): check the weights and the "
+                                     "statistics; nothing was executed")
+        return actions.cpu()
+
+    @torch.no_grad()
+    def imagine(self, stop_after_step=None):
+        """The plan the decoder reads at the current step, as pictures: the video model's x0 prediction at the noise
+        level where partial denoising stops, decoded -> (B, 3, T, H, W) in [-1, 1] (context frames first)."""
+        if self.history is None:
+            raise RuntimeError("no observation yet: call select_action first")
+        context, _, text, _ = self._inputs()
+        m, (k, tau_v) = self.model, self._stop(stop_after_step)
+        latents, cond = m.window(context, None)
+        eps = m._noise([latents.shape], self.config.seed, self.config.numpy_noise, latents.device)[0]
+        x0 = cosmos_sample(m.video, eps, latents, cond, text, m.cfg.num_video_steps, k, tau_v, return_x0=True)
+        return self.video_encoder.decode(x0)
+
+    def save(self, folder):
+        """Write the policy folder atomically: config.json, video_backbone.safetensors (LoRA fused, `net.` keys),
+        action_decoder.safetensors (`net.` keys) and stats.json (the released statistics layout)."""
+        m = self.model
+        config = {"format": POLICY_FORMAT, "video": asdict(m.video.cfg), "decoder": asdict(m.decoder.cfg),
+                  "model": asdict(m.cfg), "policy": asdict(self.config)}
+        stats = {**m.obs_normalizer.to_stats(), **m.action_normalizer.to_stats()}
+
+        def write(tmp):
+            tmp = Path(tmp)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            (tmp / "stats.json").write_text(json.dumps(stats))
+            save_video_dit_checkpoint(m.video, tmp / "video_backbone.safetensors")
+            save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
+
+        atomic_write_dir(folder, write)
+
+
+POLICY_FORMAT = "mimic-video policy v1"
+
+
+def atomic_write_dir(folder, write_fn):
+    """Fill a temp folder beside `folder` with write_fn(tmp), then swap it into place: readers see the old folder or
+    the new one, never a mix (the old one is removed only after the new one is in place)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write_fn(tmp)
+        _fsync_dir(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old.{os.getpid()}"
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        if old is not None and not folder.exists():
+            os.replace(old, folder)  # put the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype=None, video_encoder=None,
+                text_encoder=None, revision=None, cache_dir=None, video_config=None, decoder_config=None,
+                model_config="mimic-video", **overrides):
+    """A `Policy` from a folder `Policy.save` (or train.py) wrote, or from a released task of jonpai/mimic-video.
+
+    task_or_folder: a folder with config.json, or a released task (`libero_spatial_full`, ..., `bridge`) fetched from
+    `source` (the Hub repo, or a local copy of its layout) with the official LIBERO or Bridge timing.
+    video_encoder / text_encoder: objects to use instead of building them from the config (e.g. already loaded).
+    video_config, decoder_config, model_config: the released task's model configs (default: the released sizes).
+    overrides: PolicyConfig fields (e.g. stop_after_step=0, n_action_steps=8). bf16 (dtype) on a GPU.
+    """
+    path = Path(task_or_folder)
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if config.get("format") != POLICY_FORMAT:
+            raise ValueError(f"{path / 'config.json'} is not a policy folder of this format ({POLICY_FORMAT!r}); found "
+                             f"format {config.get('format')!r}")
+        pcfg = make_config(PolicyConfig, config["policy"], **overrides)
+        video = load_video_dit(path / "video_backbone.safetensors", None, config["video"], device=device, dtype=dtype)
+        decoder = load_action_decoder(path / "action_decoder.safetensors", None, config["decoder"], device=device, dtype=dtype)
+        stats = json.loads((path / "stats.json").read_text())
+        obs_norm, act_norm = Representation.from_config(pcfg.representation).normalizers(stats, dtype or torch.float32)
+        model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
+                                 make_config(VideoActionConfig, config["model"]), obs_norm, act_norm)
+    elif str(task_or_folder) in RELEASED_POLICIES:
+        model = load_released_model(str(task_or_folder), source, revision, cache_dir, device, dtype, video_config,
+                                    decoder_config, model_config)
+        pcfg = make_config(PolicyConfig, RELEASED_POLICIES[str(task_or_folder)][0], POLICY_PRESETS, **overrides)
+    else:
+        raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder (no config.json there) nor a released task "
+                                f"({', '.join(sorted(RELEASED_POLICIES))})")
+    video_encoder = video_encoder if video_encoder is not None else build_video_encoder(pcfg.video_encoder, device, dtype)
+    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(pcfg.text_encoder, device)
+    return Policy(model.eval(), pcfg, video_encoder.to(device) if isinstance(video_encoder, nn.Module) else video_encoder,
+                  text_encoder)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. A toy world: language-conditioned reaching, small enough to run the whole recipe on a CPU
 # ------------------------------------------------------------------------------------------------
 # Three coloured squares and a white agent in the unit square, rendered to 8 x 8 RGB frames with numpy.
 # The instruction ("go to the red one") names the goal; the decoder never sees it, so the video model
-# must carry the intent. Frames serve directly as latents (no VAE, no temporal compression) and words
-# get a fixed random embedding (no T5). Proprio is the agent's position; actions are relative motions.
+# must carry the intent. Frames go through the pixel encoder (RGB plus coordinate channels, no temporal
+# compression) and instructions through the hashed word embedding: the offline stand-ins for the VAE and T5.
+# The world speaks LeRobot (observation.images.top, observation.state = the agent's position, task);
+# actions are relative motions.
 
 @dataclass
 class ToyWorldConfig:
-    """The toy world and how its episodes become (context, future, text, proprio, action chunk) samples."""
+    """The toy world and how its episodes become (context, future, instruction, state, action chunk) samples."""
 
-    image_size: int = 8  # frames are (5, S, S): 2 x 2 tokens of 4 x 4 pixels a frame
+    image_size: int = 8  # frames are (3, S, S): with coordinates, 2 x 2 tokens of 4 x 4 pixels a frame
     max_speed: float = 0.08  # largest agent step per env step (arena [0, 1]^2)
     success_radius: float = 0.07  # success: the episode ends this close to the instructed square
     agent_size: float = 1.0  # std of the agent's Gaussian blob, in pixels: big enough to dominate what moves
@@ -1534,20 +2448,9 @@ TOY_COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 1.0, 0.15), "blue": (0.
 TOY_TEMPLATES = ("go to the {} one", "move to the {} square", "reach {}", "{}")
 
 
-def toy_vocab():
-    words = sorted({w for t in TOY_TEMPLATES for w in t.format("").split()} | set(TOY_COLOURS))
-    return {w: i for i, w in enumerate(words)}
-
-
-def toy_text_embedding(goal_colour, template, cfg: ToyWorldConfig):
-    """(N,) colour and template indices -> (N, text_tokens, text_dim) fixed word embeddings, zero padded."""
-    vocab, colours = toy_vocab(), list(TOY_COLOURS)
-    table = np.random.RandomState(1234).standard_normal((len(vocab), cfg.text_dim)).astype(np.float32)
-    out = np.zeros((len(goal_colour), cfg.text_tokens, cfg.text_dim), np.float32)
-    for n, (c, t) in enumerate(zip(goal_colour, template)):
-        words = TOY_TEMPLATES[t].format(colours[c]).split()
-        out[n, : len(words)] = table[[vocab[w] for w in words]]
-    return torch.from_numpy(out)
+def toy_instruction(colour, template):
+    """The instruction naming colour id `colour` with template id `template`, e.g. "go to the red one"."""
+    return TOY_TEMPLATES[template].format(list(TOY_COLOURS)[colour])
 
 
 def toy_reset(seeds, cfg: ToyWorldConfig):
@@ -1574,9 +2477,16 @@ def toy_goal_position(state):
     return state["targets"][np.arange(len(state["goal"])), state["goal"]]  # (N, 2)
 
 
+def toy_instructions(state):
+    """The instruction of each episode, naming its goal's colour."""
+    colour = state["colours"][np.arange(len(state["goal"])), state["goal"]]
+    return [toy_instruction(c, t) for c, t in zip(colour, state["template"])]
+
+
 def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
-    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 5, S, S) float32 frames: RGB in [-1, 3]
-    (-1 is empty floor; above 1 where the agent covers a square) and (x, y) in [-1, 1]."""
+    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 3, S, S) float32 RGB images, channels first, in
+    LeRobot's float units: 0 is the empty floor, 1 a full colour, up to 2 where the (white) agent covers a square.
+    Added, not clipped: where the agent covers a square the square stays visible."""
     S = cfg.image_size
     grid = (np.arange(S, dtype=np.float32) + 0.5) / S
     palette = np.array(list(TOY_COLOURS.values()), np.float32)  # (3 colours, RGB)
@@ -1588,14 +2498,7 @@ def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
     squares = np.zeros((len(agent), 3, S, S), np.float32)
     for k in range(targets.shape[1]):
         squares += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k], cfg.target_size)[:, None]
-    # added, not clipped: where the (white) agent covers a square, the square stays visible
-    img = squares + blob(agent, cfg.agent_size)[:, None]
-    # two coordinate channels (x, y): the video model's hidden states carry no absolute position (RoPE acts
-    # inside attention only) and the decoder attends to them as an unordered set, so location must be part
-    # of the content, as it is in a real VAE latent of a real scene
-    coords = np.stack([grid[None, :].repeat(S, 0), grid[:, None].repeat(S, 1)])  # (2, S, S)
-    coords = np.broadcast_to(coords, (len(agent), 2, S, S))
-    return np.concatenate([img, coords], axis=1) * 2 - 1  # (N, 5, S, S)
+    return squares + blob(agent, cfg.agent_size)[:, None]
 
 
 def toy_step(agent, action, cfg: ToyWorldConfig):
@@ -1623,20 +2526,45 @@ def toy_random_chunk(state, cfg: ToyWorldConfig, rng):
     return rng.uniform(-cfg.max_speed, cfg.max_speed, size=(len(state["agent"]), cfg.chunk, 2)).astype(np.float32)
 
 
-def toy_rollout(policy, seeds, cfg: ToyWorldConfig, record=False):
-    """Closed loop: every `execute` steps, policy(obs) -> (N, chunk, 2) actions. Returns success (N,) bool
-    (and the frames (N, steps + 1, 3, S, S) if record). obs: frame, text, proprio and the raw state."""
+def toy_observation(state, cfg: ToyWorldConfig, tasks):
+    """The world's observation in LeRobot keys (a batch of N environments); "toy.state" is the true state, which only
+    the scripted policies read."""
+    image = toy_render(state["agent"], state["targets"], state["colours"], cfg)
+    return {"observation.images.top": torch.from_numpy(image), "observation.state": torch.from_numpy(state["agent"]),
+            "task": tasks, "toy.state": state}
+
+
+class ToyScriptedPolicy(ChunkedPolicy):
+    """The scripted expert ("expert") or uniformly random actions ("random"), on the world's true state."""
+
+    def __init__(self, kind, cfg: ToyWorldConfig, seed=0):
+        if kind not in ("expert", "random"):
+            raise ValueError(f"kind must be 'expert' or 'random', got {kind!r}")
+        self.kind, self.cfg, self.rng, self.n_action_steps = kind, cfg, np.random.RandomState(seed), cfg.execute
+        self.reset()
+
+    def query(self, observation):
+        state = observation["toy.state"]
+        return toy_expert_chunk(state, self.cfg) if self.kind == "expert" else toy_random_chunk(state, self.cfg, self.rng)
+
+
+def toy_rollout(policy, seeds, cfg: ToyWorldConfig, tasks=None):
+    """Closed loop, one `policy.select_action(observation)` per env step after `policy.reset()`.
+
+    tasks: instructions to give instead of the true ones. Returns {"success": (N,) bool, "agent": (N, 2) final
+    positions, "images": (N, steps + 1, 3, S, S) what the camera saw}."""
     state = toy_reset(seeds, cfg)
-    text = toy_text_embedding(state["colours"][np.arange(len(seeds)), state["goal"]], state["template"], cfg)
-    frames = [toy_render(state["agent"], state["targets"], state["colours"], cfg)]
-    for _ in range(0, cfg.episode_steps, cfg.execute):
-        obs = {"frame": torch.from_numpy(frames[-1]), "text": text, "proprio": torch.from_numpy(state["agent"])[:, None], "state": state}
-        chunk = np.asarray(policy(obs), np.float32)
-        for j in range(cfg.execute):
-            state = dict(state, agent=toy_step(state["agent"], chunk[:, j], cfg))
-            frames.append(toy_render(state["agent"], state["targets"], state["colours"], cfg))
+    tasks = toy_instructions(state) if tasks is None else tasks
+    policy.reset()
+    obs = toy_observation(state, cfg, tasks)
+    images = [obs["observation.images.top"].numpy()]
+    for _ in range(cfg.episode_steps):
+        action = np.asarray(policy.select_action(obs), np.float32)  # (N, 2)
+        state = dict(state, agent=toy_step(state["agent"], action, cfg))
+        obs = toy_observation(state, cfg, tasks)
+        images.append(obs["observation.images.top"].numpy())
     success = np.linalg.norm(state["agent"] - toy_goal_position(state), axis=-1) < cfg.success_radius
-    return (success, np.stack(frames, axis=1)) if record else success
+    return {"success": success, "agent": state["agent"], "images": np.stack(images, axis=1)}
 
 
 def make_toy_demos(num_episodes, seed, cfg: ToyWorldConfig, speed_range=None):
@@ -1669,8 +2597,9 @@ def toy_demo_lengths(demos):
 
 
 def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
-    """The data seam: (episode, t) pairs -> context (B, 5, 1, S, S), future (B, 5, F, S, S),
-    text (B, N, C), proprio (B, 1, 2), actions (B, chunk, 2). Past the end the agent stands still."""
+    """The data seam: (episode, t) pairs -> context frames (B, 3, 1, S, S) and future frames (B, 3, F, S, S) in model
+    units (2 x - 1), instructions (B strings), state (B, 2) and action chunks (B, chunk, 2). Past the end of an
+    episode the agent stands still (zero actions, the last frame)."""
     L = cfg.episode_steps
     agent, targets, colours = demos["agent"][episodes], demos["targets"][episodes], demos["colours"][episodes]
     B = len(episodes)
@@ -1680,28 +2609,26 @@ def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
         pos = agent[np.arange(B)[:, None], ts]  # (B, k, 2)
         k = ts.shape[1]
         img = toy_render(pos.reshape(B * k, 2), np.repeat(targets, k, 0), np.repeat(colours, k, 0), cfg)
-        return torch.from_numpy(img.reshape(B, k, img.shape[1], cfg.image_size, cfg.image_size)).transpose(1, 2)
+        return images_to_frames(img).reshape(B, k, 3, cfg.image_size, cfg.image_size).transpose(1, 2)
 
     context = frames_at(steps[:, None])
     future = frames_at(steps[:, None] + cfg.future_stride * np.arange(1, cfg.future_frames + 1)[None])
-    t_act = steps[:, None] + np.arange(cfg.chunk)[None]  # (B, chunk)
-    padded = np.concatenate([demos["actions"][episodes], np.zeros((B, cfg.chunk, 2), np.float32)], axis=1)
-    actions = torch.from_numpy(padded[np.arange(B)[:, None], t_act])
-    proprio = torch.from_numpy(agent[np.arange(B), steps])[:, None]
-    text = toy_text_embedding(demos["goal_colour"][episodes], demos["template"][episodes], cfg)
-    return {"context": context, "future": future, "text": text, "proprio": proprio, "actions": actions}
+    actions = np.stack([episode_chunks(demos["actions"][e], [t], cfg.chunk, pad="zero")[0] for e, t in zip(episodes, steps)])
+    tasks = [toy_instruction(c, t) for c, t in zip(demos["goal_colour"][episodes], demos["template"][episodes])]
+    return {"context": context, "future": future, "task": tasks, "state": torch.from_numpy(agent[np.arange(B), steps]),
+            "actions": torch.from_numpy(actions)}
 
 
-def array_to_stats(x):
-    """Statistics of (N, H, d) chunks in the released JSON layout (official `array_to_stats`), per chunk step."""
-    x = np.asarray(x, np.float64)
-    pct = np.percentile(x, np.linspace(0, 100, 1001), axis=0)  # (1001, H, d)
-    mean = x.mean(0)
-    lo, hi = mean + 1.5 * (pct[20] - mean), mean + 1.5 * (pct[980] - mean)
-    clamped = np.clip(x, lo, hi)
-    return {k: v.tolist() for k, v in dict(min=x.min(0), max=x.max(0), mean=mean, std=x.std(0), percentiles=pct,
-                                            clamp_min=lo, clamp_max=hi, mean_clamped=clamped.mean(0),
-                                            std_clamped=clamped.std(0)).items()}
+def toy_expert_future(state, cfg: ToyWorldConfig):
+    """The frames the expert would produce from here, in model units (B, 3, F, S, S): the ground-truth future of the
+    oracle case study."""
+    agent, frames = state["agent"], []
+    chunk = toy_expert_chunk(state, cfg)
+    for j in range(cfg.future_frames * cfg.future_stride):
+        agent = toy_step(agent, chunk[:, j] if j < cfg.chunk else np.zeros_like(agent), cfg)
+        if (j + 1) % cfg.future_stride == 0:
+            frames.append(images_to_frames(toy_render(agent, state["targets"], state["colours"], cfg)))
+    return torch.stack(frames, dim=2)  # (N, 3, F, S, S)
 
 
 TOY_VIDEO_PRESET = VideoDiTConfig(in_channels=5, out_channels=5, patch_spatial=4, model_channels=64, num_blocks=4,
@@ -1710,29 +2637,55 @@ TOY_DECODER_PRESET = ActionDecoderConfig(max_horizon=9, in_channels=2, out_chann
                                          num_heads=2, crossattn_emb_channels=64, adaln_lora_dim=16, pair_timestep_feature_rank=64)
 VIDEO_DIT_PRESETS["toy"] = TOY_VIDEO_PRESET
 ACTION_DECODER_PRESETS["toy"] = TOY_DECODER_PRESET
-VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=2, latent_frames=5, video_sigma_multiplier=math.sqrt(5))
+VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=2, latent_frames=5, context_latents=1)
+POLICY_PRESETS["toy"] = PolicyConfig(  # the current frame, the pixel encoder and hashed words; 4 of 8 actions executed
+    camera="top", image_size=(8, 8), context_frames=1, frame_stride=1, n_action_steps=4, stop_after_step=0,
+    numpy_noise=False, video_encoder={"kind": "pixels", "patch": 1, "coords": True},
+    text_encoder={"kind": "hashed_words", "width": 32, "max_tokens": 6},
+    representation={"kind": "identity", "state_dim": 2, "action_dim": 2})
 
 
-def toy_expert_future(state, cfg: ToyWorldConfig):
-    """The frames the expert would produce from here: the ground-truth future of the oracle case study."""
-    agent, frames = state["agent"], []
-    chunk = toy_expert_chunk(state, cfg)
-    for j in range(cfg.future_frames * cfg.future_stride):
-        agent = toy_step(agent, chunk[:, j] if j < cfg.chunk else np.zeros_like(agent), cfg)
-        if (j + 1) % cfg.future_stride == 0:
-            frames.append(toy_render(agent, state["targets"], state["colours"], cfg))
-    return torch.from_numpy(np.stack(frames, axis=2))  # (N, 5, F, S, S)
+def toy_baselines(seeds, cfg: ToyWorldConfig, seed=0):
+    """Success rates of uniformly random actions and of the scripted expert on the given episodes."""
+    random = toy_rollout(ToyScriptedPolicy("random", cfg, seed), seeds, cfg)["success"].mean()
+    expert = toy_rollout(ToyScriptedPolicy("expert", cfg), seeds, cfg)["success"].mean()
+    return float(random), float(expert)
 
 
-def toy_policy(model: VideoActionModel, cfg: ToyWorldConfig, stop_after_step=None, tau_v=None, oracle=False, seed=0):
-    """A VideoActionModel as a toy-world policy: obs -> raw action chunk (N, chunk, 2), one query per call."""
-    device = next(model.parameters()).device
+TOY_EVAL_SEEDS = 10**9  # held-out episodes are seeds 10**9, 10**9 + 1, ...: never used for demonstrations
 
-    def policy(obs):
-        context = obs["frame"][:, :, None].to(device)  # (N, 5, 1, S, S): the current frame is the context
-        future = toy_expert_future(obs["state"], cfg).to(device) if oracle else None
-        actions = model.sample_actions(context, obs["text"].to(device), obs["proprio"].to(device), stop_after_step,
-                                       tau_v, seed=seed, oracle_future=future, raw=True)
-        return actions.float().cpu().numpy()
 
-    return policy
+# ------------------------------------------------------------------------------------------------
+# 11. Command-line configs, shared by train.py and sample.py
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_config(argv, cfg_cls):
+    """--field=value overrides of a config dataclass. An unknown field or a value of the wrong type exits with a
+    one-line message; the config's own `validate()` (if any) checks ranges the same way, before any work starts."""
+    cfg, types = cfg_cls(), {f.name: type(f.default) for f in fields(cfg_cls)}
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: --field=value ...; fields and defaults:\n" + "\n".join(f"  --{k}={getattr(cfg, k)}" for k in types))
+        raise SystemExit(0)
+    for arg in argv:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"error: expected --field=value, got {arg!r}")
+        if key not in types:
+            raise SystemExit(f"error: unknown option --{key}; valid: {', '.join('--' + k for k in types)}")
+        try:
+            if types[key] is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                parsed = value.lower() in ("true", "1")
+            else:
+                parsed = types[key](value)
+        except ValueError:
+            raise SystemExit(f"error: --{key}={value!r} is not a valid {types[key].__name__}") from None
+        setattr(cfg, key, parsed)
+    if hasattr(cfg, "validate"):
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    return cfg

@@ -71,34 +71,11 @@ class TrainConfig:
     resume: bool = False  # continue the stage from its checkpoint (weights, optimizer, step)
     stop_after_step: int = 0  # the policy query of the eval: k = 0 is one video forward at sigma = 80
 
-
-def parse_args(argv, cfg_cls=TrainConfig):
-    """--field=value overrides of a config dataclass; an unknown field or a bad value exits with a message."""
-    cfg, types = cfg_cls(), {f.name: type(f.default) for f in fields(cfg_cls)}
-    if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: --field=value ...; fields and defaults:\n" + "\n".join(f"  --{k}={getattr(cfg, k)}" for k in types))
-        sys.exit(0)
-    for arg in argv:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            sys.exit(f"error: expected --field=value, got {arg!r}")
-        if key not in types:
-            sys.exit(f"error: unknown option --{key}; valid: {', '.join('--' + k for k in types)}")
-        try:
-            if types[key] is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                parsed = value.lower() in ("true", "1")
-            else:
-                parsed = types[key](value)
-        except ValueError:
-            sys.exit(f"error: --{key}={value!r} is not a valid {types[key].__name__}")
-        setattr(cfg, key, parsed)
-    if isinstance(cfg, TrainConfig) and cfg.stage not in ("all", "pretrain", "1", "2", "eval"):
-        sys.exit(f"error: --stage must be all, pretrain, 1, 2 or eval, got {cfg.stage!r}")
-    if isinstance(cfg, TrainConfig) and cfg.pretrain_data not in ("play", "expert"):
-        sys.exit(f"error: --pretrain_data must be play or expert, got {cfg.pretrain_data!r}")
-    return cfg
+    def validate(self):
+        if self.stage not in ("all", "pretrain", "1", "2", "eval"):
+            raise ValueError(f"--stage must be all, pretrain, 1, 2 or eval, got {self.stage!r}")
+        if self.pretrain_data not in ("play", "expert"):
+            raise ValueError(f"--pretrain_data must be play or expert, got {self.pretrain_data!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,30 +130,39 @@ def load_demos(kind, cfg, world_cfg, rank, world):
         return {k: f[k] for k in f.files}
 
 
-def action_stats(demos, world_cfg):
-    """Per-chunk-step statistics of the action chunks and the proprio, in the released JSON layout."""
-    N, L, H = len(demos["actions"]), world_cfg.episode_steps, world_cfg.chunk
-    padded = np.concatenate([demos["actions"], np.zeros((N, H, 2), np.float32)], axis=1)
-    keep = (np.arange(L)[None] < mv.toy_demo_lengths(demos)[:, None]).reshape(-1)  # the steps training samples
-    chunks = np.stack([padded[:, t:t + H] for t in range(L)], axis=1).reshape(N * L, H, 2)[keep]
-    proprio = demos["agent"][:, :L].reshape(N * L, 1, 2)[keep]
-    return {"action/xy_lowdim": mv.array_to_stats(chunks), "obs/xy_lowdim": mv.array_to_stats(proprio)}
+def toy_stats(demos, world_cfg, representation):
+    """Per-chunk-step statistics of the proprio and the action chunks over every training sample (each episode up to
+    its arrival), with the same end-of-episode padding as the training batches (`mv.episode_chunks`)."""
+    lengths = mv.toy_demo_lengths(demos)
+    chunks = np.concatenate([mv.episode_chunks(demos["actions"][e], np.arange(n), world_cfg.chunk, pad="zero")
+                             for e, n in enumerate(lengths)])  # (samples, chunk, 2)
+    states = np.concatenate([demos["agent"][e, :n] for e, n in enumerate(lengths)])[:, None]  # (samples, 1, 2)
+    return representation.stats(states, chunks)
 
 
-def normalizers(stats):
-    return mv.Normalizer.from_stats(stats, ("obs/xy_lowdim",)), mv.Normalizer.from_stats(stats, ("action/xy_lowdim",))
+def model_inputs(batch, model, encoders, representation):
+    """Raw samples -> what the model trains on: encoded context and future latents, text embeddings, and (when the
+    model has normalizers) normalized proprio and action chunks in the decoder's representation."""
+    video_encoder, text_encoder = encoders
+    latents = video_encoder.encode(torch.cat([batch["context"], batch["future"]], dim=2))  # (B, C, T, h, w)
+    Tc = model.cfg.context_latents
+    out = {"context": latents[:, :, :Tc], "future": latents[:, :, Tc:], "text": text_encoder(batch["task"])}
+    if model.obs_normalizer is not None:
+        out["proprio"] = model.obs_normalizer.normalize(representation.state_to_model(batch["state"]))[:, None]
+        out["actions"] = model.action_normalizer.normalize(representation.action_to_model(batch["actions"]))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # models
 
-def build_model(cfg, device, video=None, stats=None):
+def build_model(cfg, device, video=None, stats=None, representation=None):
     video = video if video is not None else mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS))
     if video.cfg.in_channels != 5:
-        sys.exit("error: the toy world renders 5-channel frames (RGB + x, y); real presets need a latent dataset, "
-                 "which plugs into the same seam (mimic_video.toy_batch) in the next step")
+        sys.exit("error: the toy world's frames become 5-channel latents (RGB + x, y); real presets need a latent "
+                 "dataset, which plugs into the same seam (mimic_video.toy_batch)")
     decoder = mv.ActionDecoder(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS))
-    obs_norm, act_norm = normalizers(stats) if stats is not None else (None, None)
+    obs_norm, act_norm = representation.normalizers(stats) if stats is not None else (None, None)
     va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
     return mv.VideoActionModel(video, decoder, va_cfg, obs_norm, act_norm).to(device)
 
@@ -220,7 +206,7 @@ def lr_schedule(stage, cfg, steps):
     return lambda step: (step + 1) / warm if step < warm else 0.2 + 0.8 * (steps - step) / max(1, steps - warm)
 
 
-def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, on_checkpoint=None):
+def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, encoders, representation, on_checkpoint=None):
     """AdamW over the trainable parameters; per-step randomness from (seed, stage, step) alone."""
     rank, world, device, autocast = env
     params = list(trainable(model).values())
@@ -235,10 +221,11 @@ def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, on_ch
     B, b = cfg.batch_size, cfg.batch_size // world
     shard = slice(rank * b, (rank + 1) * b)
     S, F = world_cfg.image_size, world_cfg.future_frames
-    latent_shape, action_shape = (model.video.cfg.in_channels, 1 + F, S, S), (world_cfg.chunk, 2)
+    latent_shape = (model.video.cfg.in_channels, model.cfg.latent_frames, S, S)
+    action_shape = (world_cfg.chunk, model.decoder.cfg.out_channels)
     bins, window, t0 = np.linspace(0, 1, 5), [], time.perf_counter()
     lengths = mv.toy_demo_lengths(demos)  # steps are drawn from each episode up to its arrival
-    loss_stage = 2 if stage == 2 else 1  # pretraining (stage 0) uses the stage-1 video loss
+    loss = "action" if stage == 2 else "video"  # pretraining (stage 0) and stage 1 train the video model
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0 or not sys.stderr.isatty(), initial=start, total=steps)
     model.train()
     for step in bar:
@@ -246,26 +233,24 @@ def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, on_ch
         episodes = torch.randint(len(demos["agent"]), (B,), generator=g).numpy()
         t = (torch.rand(B, generator=g).numpy() * lengths[episodes]).astype(np.int64)[shard]
         episodes = episodes[shard]
-        batch = {k: v.to(device) for k, v in mv.toy_batch(demos, episodes, t, world_cfg).items()}
-        noise = {k: v[shard].to(device) for k, v in model.draw_noise(loss_stage, B, latent_shape, action_shape, g).items()}
+        inputs = model_inputs(mv.toy_batch(demos, episodes, t, world_cfg), model, encoders, representation)
+        if loss == "video":
+            inputs = {k: inputs[k] for k in ("context", "future", "text")}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        noise = {k: v[shard].to(device) for k, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
         for group in opt.param_groups:
             group["lr"] = lr * sched(step)
         with autocast:
-            if stage == 2:
-                out = net(2, batch["context"], batch["future"], batch["text"], model.obs_normalizer.normalize(batch["proprio"]),
-                          model.action_normalizer.normalize(batch["actions"]), noise=noise)
-            else:
-                out = net(1, batch["context"], batch["future"], batch["text"], noise=noise)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name} step {step}: loss is {loss.item()} (NaN/inf); lower the learning rate")
+            out = net(loss, **inputs, noise=noise)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(f"{name} step {step}: loss is {out['loss'].item()} (NaN/inf); lower the learning rate")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         tau = out["tau_a"] if stage == 2 else out["tau_v"]
         window.append((tau.detach().cpu().numpy(), out["per_sample"].cpu().numpy()))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{out['loss'].item():.4f}")
         last = step + 1 == steps
         if (step + 1) % cfg.log_every == 0 or last:
             taus, losses = map(np.concatenate, zip(*window))
@@ -290,25 +275,17 @@ def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, on_ch
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
-def evaluate(model, cfg, world_cfg, stop_after_step=None, tau_v=None, oracle=False, episodes=None):
-    seeds = [10**9 + i for i in range(episodes or cfg.eval_episodes)]  # never used for demos
-    return float(mv.toy_rollout(mv.toy_policy(model, world_cfg, stop_after_step, tau_v, oracle), seeds, world_cfg).mean())
-
-
-def baselines(episodes, seed, world_cfg):
-    """Success of a uniformly random policy and of the scripted expert on the held-out seeds."""
-    seeds = [10**9 + i for i in range(episodes)]
-    rng = np.random.RandomState(seed)
-    random = mv.toy_rollout(lambda o: mv.toy_random_chunk(o["state"], world_cfg, rng), seeds, world_cfg).mean()
-    expert = mv.toy_rollout(lambda o: mv.toy_expert_chunk(o["state"], world_cfg), seeds, world_cfg).mean()
-    return float(random), float(expert)
+def evaluate(policy, episodes, world_cfg):
+    """Closed-loop success of a policy on held-out toy episodes."""
+    seeds = [mv.TOY_EVAL_SEEDS + i for i in range(episodes)]
+    return float(mv.toy_rollout(policy, seeds, world_cfg)["success"].mean())
 
 
 # ----------------------------------------------------------------------------------------------
 # the recipe
 
 def main(argv):
-    cfg = parse_args(argv)
+    cfg = mv.parse_config(argv, TrainConfig)
     env = rank, world, device, autocast = setup(cfg)
     torch.manual_seed(cfg.seed)
     world_cfg = mv.ToyWorldConfig()
@@ -317,23 +294,27 @@ def main(argv):
     log(rank, f"device {device}, {world} process(es), {torch.get_num_threads()} thread(s) each")
     stages = ("pretrain", "1", "2", "eval") if cfg.stage == "all" else (cfg.stage,)
     t_start = time.perf_counter()
+    # the policy around the model: the toy world's camera, encoders (pixels, hashed words) and representation
+    policy_cfg = mv.make_config(mv.PolicyConfig, "toy", mv.POLICY_PRESETS, stop_after_step=cfg.stop_after_step)
+    encoders = (mv.build_video_encoder(policy_cfg.video_encoder, device), mv.build_text_encoder(policy_cfg.text_encoder))
+    representation = mv.Representation.from_config(policy_cfg.representation)
 
     if "pretrain" in stages:
         videos = load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world)
         model = build_model(cfg, device)
         model.decoder.requires_grad_(False)
-        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, world_cfg, env)
+        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, world_cfg, env, encoders, representation)
         if rank == 0:
             mv.save_video_dit_checkpoint(model.video, out / "pretrain" / "video.safetensors")
         barrier(world)
 
     if "1" in stages:
         demos = load_demos("demos", cfg, world_cfg, rank, world)
-        video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, cfg.video_preset, device=device)
+        video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device)
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
         model = build_model(cfg, device, video)
         model.decoder.requires_grad_(False)
-        train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, world_cfg, env)
+        train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, world_cfg, env, encoders, representation)
         if rank == 0:  # the released-backbone layout (LoRA fused, `net.` keys) and a PEFT adapter
             mv.save_video_dit_checkpoint(model.video, out / "stage1" / "video_fused.safetensors")
             mv.save_lora_adapter(model.video, out / "stage1" / "adapter")
@@ -341,27 +322,28 @@ def main(argv):
 
     if "2" in stages:
         demos = load_demos("demos", cfg, world_cfg, rank, world)
-        stats = action_stats(demos, world_cfg)
-        video = mv.load_video_dit(out / "stage1" / "video_fused.safetensors", None, cfg.video_preset, device=device)
-        model = build_model(cfg, device, video.requires_grad_(False), stats)
-        (out / "stage2").mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            mv.atomic_write(out / "stage2" / "stats.json", lambda p: Path(p).write_text(json.dumps(stats)))
+        stats = toy_stats(demos, world_cfg, representation)
+        video = mv.load_video_dit(out / "stage1" / "video_fused.safetensors", None, device=device)
+        model = build_model(cfg, device, video.requires_grad_(False), stats, representation)
+        policy = mv.Policy(model, policy_cfg, *encoders)
 
         def quick_eval(step):
-            rate = evaluate(model.eval(), cfg, world_cfg, stop_after_step=cfg.stop_after_step, episodes=50)
+            rate = evaluate(policy, 50, world_cfg)  # puts the model in eval mode
             model.train()
             log(rank, f"stage2 step {step}: closed-loop success {rate:.0%} on 50 held-out episodes")
 
-        train_stage("stage2", 2, model, demos, cfg.stage2_steps, cfg.stage2_lr, cfg, world_cfg, env,
+        train_stage("stage2", 2, model, demos, cfg.stage2_steps, cfg.stage2_lr, cfg, world_cfg, env, encoders, representation,
                     on_checkpoint=None if cfg.stage2_steps < cfg.ckpt_every else quick_eval)
+        if rank == 0:  # the policy folder: what mv.load_policy and sample.py read
+            policy.save(out / "policy")
+            log(rank, f"wrote the policy to {out / 'policy'}")
+        barrier(world)
 
     if "eval" in stages and rank == 0:
-        import sample
-
-        model = sample.load_policy(out / "stage2", device)
-        random, expert = baselines(cfg.eval_episodes, cfg.seed, world_cfg)
-        rate = evaluate(model, cfg, world_cfg, stop_after_step=cfg.stop_after_step)
+        policy = mv.load_policy(out / "policy", device=device, stop_after_step=cfg.stop_after_step)
+        seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.eval_episodes)]
+        random, expert = mv.toy_baselines(seeds, world_cfg, cfg.seed)
+        rate = evaluate(policy, cfg.eval_episodes, world_cfg)
         tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
         print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
         print(f"  random policy     {random:6.1%}")

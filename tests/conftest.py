@@ -46,3 +46,32 @@ def make_stats(H, keys, seed=0):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# ------------------------------ tiny stand-ins for the real encoders (optional packages) ------------------------------
+
+def tiny_wan_vae(seed=0):
+    """A randomly initialised small diffusers `AutoencoderKLWan` (the Wan2.1 architecture, fewer channels)."""
+    diffusers = pytest.importorskip("diffusers", reason="optional: pip install diffusers")
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True]).eval()
+
+
+TINY_T5_WORDS = "go to the red one blue green square pick up bowl and place it on plate".split()
+
+
+def tiny_t5(d_model=24, seed=0):
+    """A tiny random `T5EncoderModel` and a word-level tokenizer built in memory (T5's sentencepiece model cannot be
+    downloaded here): "</s>" ends every instruction, "<pad>" pads, as T5's own tokenizer does."""
+    transformers = pytest.importorskip("transformers", reason="optional: pip install transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_T5_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=48, num_layers=2, num_heads=3)
+    return transformers.T5EncoderModel(cfg).eval(), tokenizer

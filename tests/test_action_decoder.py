@@ -124,9 +124,10 @@ def test_fresh_decoder_init_is_official():
 
 
 def test_normalizer_round_trip_per_timestep_and_clamp():
-    keys = mv.NORMALIZATION_KEYS["libero"]["action"]
+    groups = mv.NORMALIZATION_GROUPS["libero"]["action"]
+    keys = [k for k, _ in groups]
     stats = make_stats(6, keys)
-    norm = mv.Normalizer.from_stats(stats, keys)
+    norm = mv.Normalizer.from_stats(stats, groups)
     assert norm.shift.shape == (6, 10)
     # stats are per chunk step: step 0 and step 5 have different scales
     assert not torch.allclose(norm.scale[0, :3], norm.scale[5, :3])
@@ -154,7 +155,7 @@ def test_normalizer_round_trip_per_timestep_and_clamp():
 
 def test_normalizer_missing_key():
     with pytest.raises(KeyError, match="obs/eef_pos_lowdim"):
-        mv.Normalizer.from_stats({}, mv.NORMALIZATION_KEYS["bridge"]["obs"])
+        mv.Normalizer.from_stats({}, mv.NORMALIZATION_GROUPS["bridge"]["obs"])
 
 
 def random_rotations(n, seed=0):

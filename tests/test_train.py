@@ -35,27 +35,28 @@ def smoke(tmp_path_factory):
 
 
 def test_unknown_field_and_bad_value_exit_with_a_message():
+    parse = lambda argv, cls=train.TrainConfig: mv.parse_config(argv, cls)  # noqa: E731
     with pytest.raises(SystemExit, match="unknown option --stage2_step;"):
-        train.parse_args(["--stage2_step=5"])
+        parse(["--stage2_step=5"])
     with pytest.raises(SystemExit, match="--batch_size='big' is not a valid int"):
-        train.parse_args(["--batch_size=big"])
+        parse(["--batch_size=big"])
     with pytest.raises(SystemExit, match="--resume='maybe' is not a valid bool"):
-        train.parse_args(["--resume=maybe"])
+        parse(["--resume=maybe"])
     with pytest.raises(SystemExit, match="expected --field=value"):
-        train.parse_args(["--resume"])
+        parse(["--resume"])
     with pytest.raises(SystemExit, match="--stage must be"):
-        train.parse_args(["--stage=3"])
-    cfg = train.parse_args(["--stage=2", "--stage2_lr=3e-4", "--resume=true"])
+        parse(["--stage=3"])
+    cfg = parse(["--stage=2", "--stage2_lr=3e-4", "--resume=true"])
     assert (cfg.stage, cfg.stage2_lr, cfg.resume) == ("2", 3e-4, True)
     with pytest.raises(SystemExit, match="unknown option --ckpts"):
-        train.parse_args(["--ckpts=x"], sample.SampleConfig)
+        parse(["--ckpts=x"], sample.SampleConfig)
     with pytest.raises(SystemExit, match="--pretrain_data must be play or expert"):
-        train.parse_args(["--pretrain_data=web"])
+        parse(["--pretrain_data=web"])
 
 
 def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(["--help"])
+        mv.parse_config(["--help"], train.TrainConfig)
     assert exit_info.value.code == 0
     assert "--stage2_steps=6000" in capsys.readouterr().out
 
@@ -63,27 +64,28 @@ def test_help_lists_every_field(capsys):
 def test_smoke_run_writes_every_artifact(smoke, capsys):
     for f in ("pretrain/video.safetensors", "stage1/model.safetensors", "stage1/optim.pt", "stage1/config.json",
               "stage1/video_fused.safetensors", "stage1/adapter/adapter_model.safetensors",
-              "stage2/model.safetensors", "stage2/optim.pt", "stage2/stats.json", "stage2/config.json"):
+              "stage2/model.safetensors", "stage2/optim.pt", "stage2/config.json", "policy/config.json",
+              "policy/video_backbone.safetensors", "policy/action_decoder.safetensors", "policy/stats.json"):
         assert (smoke / f).exists(), f
     assert not list(smoke.rglob("*.tmp"))  # atomic writes leave no temp files
     # stage 1 trained only adapters and adaLN; its fused export is the official backbone layout
     assert all(".lora_" in k or "adaln_modulation" in k for k in load_file(smoke / "stage1" / "model.safetensors"))
     fused = load_file(smoke / "stage1" / "video_fused.safetensors")
     assert all(k.startswith("net.") and "lora" not in k for k in fused)
-    mv.load_video_dit(smoke / "stage1" / "video_fused.safetensors", None, "toy")
-    # the trained policy loads back and runs
-    model = sample.load_policy(smoke / "stage2")
-    assert mv.toy_rollout(mv.toy_policy(model, mv.ToyWorldConfig(), stop_after_step=0), [1, 2], mv.ToyWorldConfig()).shape == (2,)
+    mv.load_video_dit(smoke / "stage1" / "video_fused.safetensors", None)  # the file carries its config
+    # the trained policy loads back in one call and runs
+    policy = mv.load_policy(smoke / "policy")
+    assert mv.toy_rollout(policy, [1, 2], mv.ToyWorldConfig())["success"].shape == (2,)
 
 
 def test_sample_script_table_and_oracle(smoke, capsys):
-    sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=4", "--stop_after_step=0,35"])
-    sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=4", "--tau_v=0.9", "--oracle=true"])
+    sample.main([f"--policy={smoke / 'policy'}", "--episodes=4", "--stop_after_step=0,35"])
+    sample.main([f"--policy={smoke / 'policy'}", "--episodes=4", "--tau_v=0.9", "--oracle=true"])
     out = capsys.readouterr().out
     assert "stop_after_step=0" in out and "stop_after_step=35" in out and "tau_v=0.9" in out and "ORACLE" in out
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        sample.main(["--ckpt=/nonexistent/stage2"])
-    sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=4", "--wrong_instruction=true"])
+    with pytest.raises(SystemExit, match="no policy at /nonexistent/policy"):
+        sample.main(["--policy=/nonexistent/policy"])
+    sample.main([f"--policy={smoke / 'policy'}", "--episodes=4", "--wrong_instruction=true"])
     assert "ends at the named square" in capsys.readouterr().out
 
 
@@ -93,9 +95,9 @@ def test_gif_or_a_clear_install_hint(smoke, tmp_path):
         import PIL  # noqa: F401  (optional dependency)
     except ImportError:
         with pytest.raises(SystemExit, match="pip install pillow"):
-            sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=2", f"--gif={path}"])
+            sample.main([f"--policy={smoke / 'policy'}", "--episodes=2", f"--gif={path}"])
         return
-    sample.main([f"--ckpt={smoke / 'stage2'}", "--episodes=2", f"--gif={path}"])
+    sample.main([f"--policy={smoke / 'policy'}", "--episodes=2", f"--gif={path}"])
     from PIL import Image
     gif = Image.open(path)
     assert gif.n_frames == mv.ToyWorldConfig().episode_steps and gif.size == (4 * 8 * 8, 2 * 8 * 8)  # 4 episodes side by side, rollout over plan, 8x upscaled
@@ -103,20 +105,19 @@ def test_gif_or_a_clear_install_hint(smoke, tmp_path):
 
 def test_wrong_instruction_scores_the_named_square():
     world, seeds = mv.ToyWorldConfig(), list(range(50))
+    tasks, named_pos = sample.wrong_instructions(seeds, world)
+    state = mv.toy_reset(seeds, world)
+    assert all(t != r for t, r in zip(tasks, mv.toy_instructions(state)))  # another square, every time
+    # the scripted expert sent to the named square instead of the goal ends there, and never on the goal
+    named_goal = np.array([np.argmin(np.linalg.norm(state["targets"][n] - named_pos[n], axis=-1)) for n in range(50)])
 
-    def expert_to(next_colour):  # the scripted expert, going to the goal or to the next colour's square
-        def policy(obs):
-            s = obs["state"]
-            if next_colour:
-                colour = (s["colours"][np.arange(len(seeds)), s["goal"]] + 1) % 3
-                s = dict(s, goal=(s["colours"] == colour[:, None]).argmax(1))
-            return mv.toy_expert_chunk(s, world)
-        return policy
+    class ToNamed(mv.ToyScriptedPolicy):
+        def query(self, obs):
+            return mv.toy_expert_chunk(dict(obs["toy.state"], goal=named_goal), self.cfg)
 
-    for next_colour, expected in ((False, 0.0), (True, 1.0)):
-        policy, at_named = sample.misinstructed(expert_to(next_colour), seeds, world)
-        success = mv.toy_rollout(policy, seeds, world).mean()
-        assert (success, at_named()) == (1.0 - expected, expected)
+    result = mv.toy_rollout(ToNamed("expert", world), seeds, world, tasks=tasks)
+    assert result["success"].mean() == 0.0
+    assert (np.linalg.norm(result["agent"] - named_pos, axis=-1) < world.success_radius).all()
 
 
 @pytest.mark.parametrize("stage,flag", [("1", "--stage1_steps"), ("2", "--stage2_steps")])

@@ -51,7 +51,7 @@ def test_stage2_trains_the_decoder_only(batch):
     video_before = {k: v.clone() for k, v in model.video.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    out = model.stage2_loss(**batch, generator=torch.Generator().manual_seed(1))
+    out = model.action_loss(**batch, generator=torch.Generator().manual_seed(1))
     assert out["per_sample"].shape == (B,) and out["tau_a"].shape == (B,) and out["tau_v"].shape == (B,)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -74,9 +74,9 @@ def test_stage2_loss_is_ten_times_velocity_mse_with_proprio_dropout(batch, monke
         return seen["v"]
 
     monkeypatch.setattr(model.decoder, "denoise", spy)
-    out = model.stage2_loss(**batch, generator=torch.Generator().manual_seed(2))
+    out = model.action_loss(**batch, generator=torch.Generator().manual_seed(2))
     assert seen["obs_dropout"].dtype == torch.bool and seen["obs_dropout"].shape == (B,)
-    noise = model.draw_noise(2, 20_000, (C, T, H, W), (4, 10), torch.Generator().manual_seed(0))
+    noise = model.draw_noise("action", 20_000, (C, T, H, W), (4, 10), torch.Generator().manual_seed(0))
     assert noise["obs_mask"].float().mean().item() == pytest.approx(0.2, abs=0.01)  # proprio masked 20% of the time
     tau = seen["tau_a"][:, None, None]
     eps = (seen["x_tau"] - (1 - tau) * batch["actions"]) / tau  # recover eps from x_tau
@@ -88,7 +88,7 @@ def test_stage1_trains_only_lora_and_adaln(batch):
     model = tiny_model(lora=True)
     frozen = {n: p.clone() for n, p in model.video.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.video.parameters() if p.requires_grad], lr=1e-2)
-    out = model.stage1_loss(batch["context"], batch["future"], batch["text"], generator=torch.Generator().manual_seed(3))
+    out = model.video_loss(batch["context"], batch["future"], batch["text"], generator=torch.Generator().manual_seed(3))
     out["loss"].backward()
     for n, p in model.video.named_parameters():
         assert (p.grad is not None) == (".lora_" in n or "adaln_modulation" in n), n
@@ -114,7 +114,7 @@ class PerfectVideo(torch.nn.Module):
 def test_stage1_loss_ignores_the_context_frames(batch):
     latents = torch.cat([batch["context"], batch["future"]], dim=2)
     model = mv.VideoActionModel(PerfectVideo(latents), tiny_model().decoder, mv.VIDEO_ACTION_PRESETS["tiny"])
-    out = model.stage1_loss(batch["context"], batch["future"], batch["text"], generator=torch.Generator().manual_seed(4))
+    out = model.video_loss(batch["context"], batch["future"], batch["text"], generator=torch.Generator().manual_seed(4))
     assert out["loss"].item() < 1e-6
 
 
@@ -185,8 +185,8 @@ def write_release(root, task="libero_spatial_full"):
         sd = torch.load(FIXTURES / fixture_file, weights_only=True)
         (root / files[kind]).parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}, root / files[kind])
-    keys = mv.NORMALIZATION_KEYS["libero"]
-    stats = {**make_stats(4, keys["action"], seed=1), **make_stats(1, keys["obs"], seed=2)}
+    groups = mv.NORMALIZATION_GROUPS["libero"]
+    stats = {**make_stats(4, [k for k, _ in groups["action"]], seed=1), **make_stats(1, [k for k, _ in groups["obs"]], seed=2)}
     (root / files["statistics"]).parent.mkdir(parents=True, exist_ok=True)
     (root / files["statistics"]).write_text(json.dumps(stats))
     return files
@@ -205,7 +205,7 @@ def test_released_file_names():
 
 
 def tiny_policy(source, **kw):
-    return mv.load_policy("libero_spatial_full", source, video_config="tiny", decoder_config="tiny", config="tiny", **kw)
+    return mv.load_released_model("libero_spatial_full", source, video_config="tiny", decoder_config="tiny", config="tiny", **kw)
 
 
 def test_load_policy_from_a_local_folder(tmp_path, batch):
