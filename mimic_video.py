@@ -30,6 +30,7 @@ Reading order (each part only uses what came before it):
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import importlib
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from einops.layers.torch import Rearrange
 
@@ -462,6 +464,8 @@ class VideoDiT(nn.Module):
         ])
         self.final_layer = FinalLayer(D, D, cfg.adaln_lora_dim, p * p * pt * cfg.out_channels)
         self.t_embedding_norm = RMSNorm(D, eps=1e-6)  # normalizes the raw sinusoid, not the MLP output
+        self.activation_checkpointing = False  # stage 1 at real scale: recompute each block in the backward pass
+        self._rope_cache = {}  # (T', H', W', device) -> (cos, sin)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -490,39 +494,67 @@ class VideoDiT(nn.Module):
         returns: velocity (B, 16, T, H, W)
         """
         cfg = self.cfg
-        B, C, T, H, W = self._check_inputs(x, tau, crossattn_emb, condition_mask)
+        self._check_inputs(x, tau, crossattn_emb, condition_mask)
+        if stop_after_block is not None and not 0 <= stop_after_block <= cfg.num_blocks:
+            raise ValueError(f"stop_after_block must be in [0, {cfg.num_blocks}] (this DiT has {cfg.num_blocks} blocks), "
+                             f"got {stop_after_block}")
+        x, emb, adaln_lora = self.embed(x, tau, condition_mask, padding_mask)  # (B, T', H', W', D), (B, T', D), (B, T', 3D)
+        B, Tp, Hp, Wp, D = x.shape
+        rope = self.rope(Tp, Hp, Wp, x.device)  # computed once per forward
+        context = crossattn_emb.to(emb.dtype)
+
+        x = x.reshape(B, Tp, Hp * Wp, D)  # (B, T', S, D): blocks modulate per frame, attend over all tokens
+        if stop_after_block == 0:
+            return x.view(B, Tp, Hp, Wp, D)
+        for i, block in enumerate(self.blocks):
+            if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward: memory for time
+                x = torch.utils.checkpoint.checkpoint(block, x, emb, adaln_lora, context, rope, use_reentrant=False)
+            else:
+                x = block(x, emb, adaln_lora, context=context, rope=rope)
+            if stop_after_block is not None and i + 1 == stop_after_block:
+                return x.view(B, Tp, Hp, Wp, D)  # later blocks never run
+        out = self.final_layer(x, emb, adaln_lora).view(B, Tp, Hp, Wp, -1)  # (B, T', H', W', p*p*pt*C)
+        return self.unpatchify(out)
+
+    def embed(self, x, tau, condition_mask, padding_mask=None):
+        """Patch tokens and time embeddings: x (B, C, T, H, W), tau (B, T) or (B,) -> tokens (B, T', H', W', D),
+        emb = RMSNorm(sinusoid) (B, T', D) for the blocks, adaln_lora = MLP(sinusoid) (B, T', 3D) shared by all blocks."""
+        cfg = self.cfg
+        B, C, T, H, W = x.shape
         dtype = self.t_embedding_norm.weight.dtype
         if padding_mask is None:
             padding_mask = x.new_zeros(B, 1, H, W)
         padding_mask = F.interpolate(padding_mask.to(x.dtype), size=(H, W), mode="nearest")  # (B, 1, H, W)
         x = torch.cat([x, condition_mask.to(x.dtype), padding_mask[:, :, None].expand(B, 1, T, H, W)], dim=1)  # (B, 18, T, H, W)
         x = self.x_embedder(x.to(dtype))  # (B, T', H', W', D)
-        _, Tp, Hp, Wp, D = x.shape
-
         tau = tau.expand(B, T) if tau.dim() == 2 else tau[:, None].expand(B, T)
         tau = tau[:, :: cfg.patch_temporal]  # (B, T'): one time per temporal patch
-        s = self.t_embedder[0](tau).to(dtype)  # (B, T', D) raw sinusoid
-        adaln_lora = self.t_embedder[1](s)  # (B, T', 3D), shared by all blocks and the final layer
-        emb = self.t_embedding_norm(s)  # (B, T', D)
+        emb, adaln_lora = self.time_embedding(tau)
+        return x, emb, adaln_lora
 
-        angles = rope3d_angles(Tp, Hp, Wp, D // cfg.num_heads, (cfg.rope_t_extrapolation_ratio,
-                               cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio), x.device)
-        rope = (angles.cos()[:, None, :], angles.sin()[:, None, :])  # 2 x (L, 1, hd), computed once per forward
-        context = crossattn_emb.to(dtype)
+    def time_embedding(self, tau):
+        """Flow times (B, L) -> (RMSNorm(sinusoid) (B, L, D), adaln_lora (B, L, 3D))."""
+        s = self.t_embedder[0](tau).to(self.t_embedding_norm.weight.dtype)  # (B, L, D) raw sinusoid
+        return self.t_embedding_norm(s), self.t_embedder[1](s)
 
-        x = x.reshape(B, Tp, Hp * Wp, D)  # (B, T', S, D): blocks modulate per frame, attend over all tokens
-        if stop_after_block == 0:
-            return x.view(B, Tp, Hp, Wp, D)
-        for i, block in enumerate(self.blocks):
-            x = block(x, emb, adaln_lora, context=context, rope=rope)
-            if stop_after_block is not None and i + 1 == stop_after_block:
-                return x.view(B, Tp, Hp, Wp, D)  # later blocks never run
-        out = self.final_layer(x, emb, adaln_lora).view(B, Tp, Hp, Wp, -1)  # (B, T', H', W', p*p*pt*C)
-        # unpatchify: the output channel is INNERMOST (p1, p2, r, c), unlike the input packing
-        p, pt = cfg.patch_spatial, cfg.patch_temporal
+    def rope(self, Tp, Hp, Wp, device):
+        """(cos, sin) of the 3D RoPE angles of a T' x H' x W' token grid, each (L, 1, head_dim); built once per shape
+        and device (a policy query runs the same shape k + 1 times)."""
+        key = (Tp, Hp, Wp, str(device))
+        if key not in self._rope_cache:
+            cfg = self.cfg
+            angles = rope3d_angles(Tp, Hp, Wp, cfg.model_channels // cfg.num_heads, (cfg.rope_t_extrapolation_ratio,
+                                   cfg.rope_h_extrapolation_ratio, cfg.rope_w_extrapolation_ratio), device)
+            self._rope_cache = {key: (angles.cos()[:, None, :], angles.sin()[:, None, :])}  # keep only the latest shape
+        return self._rope_cache[key]
+
+    def unpatchify(self, out):
+        """(B, T', H', W', p*p*pt*C) -> (B, C, T, H, W): the output channel is INNERMOST (p1, p2, r, c), unlike the input."""
+        p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
         return rearrange(out, "b t h w (p1 p2 r c) -> b c (t r) (h p1) (w p2)", p1=p, p2=p, r=pt)
 
     def _check_inputs(self, x, tau, crossattn_emb, condition_mask):
+        """Shapes that fit this network, or a ValueError naming the argument."""
         cfg = self.cfg
         if x.dim() != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, T, H, W), got {tuple(x.shape)}")
@@ -550,8 +582,8 @@ SIGMA_CONDITIONAL = 1e-4
 
 
 def conditional_tau(dtype=torch.float32, device=None):
-    """Flow time of the conditioning frames: fp32(1e-4) / (fp32(1e-4) + 1) = 9.999e-5."""
-    return sigma_to_tau(torch.tensor(SIGMA_CONDITIONAL, dtype=dtype, device=device))
+    """Flow time of the conditioning frames: fp32(1e-4) / (fp32(1e-4) + 1) = 9.999e-5 (made on the device: no copy)."""
+    return sigma_to_tau(torch.full((), SIGMA_CONDITIONAL, dtype=dtype, device=device))
 
 
 def first_frames_mask(batch, num_frames, num_cond, device=None):
@@ -626,7 +658,7 @@ def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35,
     sigmas = partial_schedule(num_steps, stop_after_step, tau_v) if partial else karras_sigmas(num_steps)
 
     def x_tau_at(x_sigma, i):
-        sigma = torch.tensor(float(sigmas[i]), dtype=torch.float32, device=eps.device)  # fp32, as official
+        sigma = torch.full((), float(sigmas[i]), dtype=torch.float32, device=eps.device)  # fp32, as official; no H2D copy
         tau = sigma_to_tau(sigma)
         return (1 - tau) * x_sigma, tau  # x_tau = (1 - tau) x_sigma
 
@@ -892,26 +924,76 @@ def resolve_file(source, filename=None, revision=None, cache_dir=None):
         ) from e
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read as it should (truncated, corrupt, inconsistent): names the file."""
+
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
 def read_state_dict(path):
     """Tensors of a .pt (torch.load, weights_only) or .safetensors file, or of a diffusers transformer folder."""
     path = Path(path)
-    if path.is_dir():  # diffusers layout: (transformer/)diffusion_pytorch_model*.safetensors, maybe sharded
-        folder = path / "transformer" if (path / "transformer").is_dir() else path
-        shards = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"no diffusion_pytorch_model*.safetensors in {folder}")
-        sd = {}
-        for shard in shards:
-            sd.update(read_state_dict(shard))
-        return sd
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.is_dir():
+        return _read_diffusers_folder(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, expected a flat dict of tensors")
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # safetensors and torch raise their own types for truncated or corrupt files
+        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointReadError(f"{path} holds a {type(sd).__name__}, expected a flat dict of tensors")
     return sd
+
+
+def _read_diffusers_folder(path):
+    """A diffusers folder, (transformer/)diffusion_pytorch_model.safetensors or the shards its index names: exactly
+    the files the index lists, each holding exactly its keys. Stray files (an old shard, a precision variant such
+    as *.fp16.safetensors) are never read."""
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    index, single = folder / (DIFFUSERS_WEIGHTS + ".index.json"), folder / DIFFUSERS_WEIGHTS
+    if not index.is_file():
+        if not single.is_file():
+            found = sorted(p.name for p in folder.glob("*.safetensors*"))
+            raise FileNotFoundError(f"{folder} has neither {single.name} nor {index.name} (found: {found or 'nothing'}); "
+                                    f"pass the file to load instead of the folder")
+        return read_state_dict(single)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointReadError(f"cannot read the shard index {index}: {type(e).__name__}: {e}") from e
+    sd, origin = {}, {}
+    for name in sorted(set(weight_map.values())):
+        part = read_state_dict(folder / name)
+        for key, value in part.items():
+            if key in sd:
+                raise CheckpointReadError(f"{key!r} is defined twice: in {origin[key]} and in {folder / name}")
+            if weight_map.get(key) != name:
+                raise CheckpointReadError(f"{folder / name} holds {key!r}, which {index.name} assigns to "
+                                          f"{weight_map.get(key, 'no file')}")
+            sd[key], origin[key] = value, folder / name
+    missing = sorted(set(weight_map) - set(sd))
+    if missing:
+        raise CheckpointReadError(f"{index} lists {len(missing)} key(s) that its shards do not hold, e.g. "
+                                  f"{missing[0]!r} in {weight_map[missing[0]]}")
+    return sd
+
+
+def check_parameter_dtypes(sd, where):
+    """Every parameter must be floating point, all of one dtype (a mix means a broken or half-converted file)."""
+    bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if bad:
+        raise CheckpointReadError(f"{where}: non-floating parameters, e.g. {bad[0]!r} ({sd[bad[0]].dtype})")
+    dtypes = {}
+    for k, v in sd.items():
+        dtypes.setdefault(v.dtype, []).append(k)
+    if len(dtypes) > 1:
+        mix = ", ".join(f"{len(keys)} in {dt} (e.g. {keys[0]!r})" for dt, keys in dtypes.items())
+        raise CheckpointReadError(f"{where}: mixed parameter dtypes: {mix}")
 
 
 def official_keys(sd, prefix="net."):
@@ -975,6 +1057,7 @@ def load_official(model_cls, config, presets, default_preset, source, filename=N
     path = Path(source)
     file = path if (path.is_dir() and filename is None) else resolve_file(source, filename, revision, cache_dir)
     sd = official_keys(read_state_dict(file))
+    check_parameter_dtypes(sd, str(file))
     saved = None if file.is_dir() else read_config(file)
     cfg = make_config(model_cls.config_class, config if config is not None else (saved or default_preset), presets)
     with torch.device("meta"):
@@ -1025,6 +1108,25 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _disk_full(e):
+    """Whether an exception (or one it came from) is a full disk or quota: serializers wrap the OSError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(e) for m in ("No space left", "StorageFull", "os error 28", "Disk quota")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _write_error(e, what):
+    """The error to raise when writing `what` failed: a full disk says so plainly (the serializers' messages do not)."""
+    if _disk_full(e):
+        return OSError(errno.ENOSPC, f"no space left on device while writing {what}; nothing there was changed "
+                                     f"(the previous version, if any, is intact)")
+    return e
+
+
 def atomic_write(path, write_fn):
     """Write via write_fn(tmp_path) to a temp file in the same folder, flush it to disk, then rename: never a
     half-written file. The file gets the ordinary mode, as if created with open() (mkstemp's is owner-only)."""
@@ -1037,10 +1139,13 @@ def atomic_write(path, write_fn):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        error = _write_error(e, path)
+        if error is e:
+            raise
+        raise error from e
 
 
 def save_state_dict(sd, path, config=None):
@@ -1475,6 +1580,11 @@ class Representation:
                 raise ValueError(f"{name} groups {groups} do not add up to the model's {dim} dimensions")
 
     @property
+    def rotvec_dims(self):
+        """Where axis-angle triples start in (state, action): interpolated by slerp, not linearly."""
+        return ((3,), (3,)) if self.kind == "libero" else ((), ())
+
+    @property
     def model_state_dim(self):
         return 10 if self.kind == "libero" else self.state_dim
 
@@ -1598,7 +1708,9 @@ class VideoActionConfig:
     num_action_steps: int = 10  # Euler steps of the decoder from tau_a = 1 to 0
     loss_scale: float = 10.0  # stage-2 loss = loss_scale * velocity MSE
     obs_dropout: float = 0.2  # stage-2 probability of masking the proprio token
-    video_time: str = "official"  # "official": sigma = sqrt(latent_frames) exp(N(0,1)) + 5% tail; "paper": logit-normal tau_v
+    video_time: str = "official"  # "official": sigma = sqrt(latent_frames) exp(N(0,1)) + 5% tail; "paper": logit-normal
+    #                               tau_v; "max": sigma = 80 and no future frames, what a k = 0 query sees (VLA baseline)
+    train_backbone: bool = False  # the action loss also trains the video DiT (the end-to-end VLA-style baseline)
     action_time: str = "official"  # "official": uniform on [0.001, 1]; "paper": Beta(1.5, 1)
 
     @property
@@ -1636,6 +1748,10 @@ class VideoActionModel(nn.Module):
         self.video, self.decoder, self.cfg = video, decoder, cfg
         self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
 
+    state_dim = property(lambda self: self.decoder.cfg.in_channels)  # model-space proprio dims
+    action_dim = property(lambda self: self.decoder.cfg.out_channels)  # model-space action dims
+    num_actions = property(lambda self: self.decoder.cfg.num_actions)  # actions per chunk
+
     def window(self, context, future):
         """(context, future) -> latents (B, C, T, H, W) and the conditioning-frame mask (B, T).
 
@@ -1669,7 +1785,7 @@ class VideoActionModel(nn.Module):
         tau_v = sigma_to_tau(sigma.float())
         x_tau = interpolate(latents.float(), eps, tau_v)  # = (1 - tau_v) x_sigma
         net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau_v, latents, cond)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.cfg.train_backbone and torch.is_grad_enabled()):  # frozen, unless end to end
             hidden = self.video(net_in, tau_BT, text, condition_mask, stop_after_block=self.cfg.tap_block)
         return hidden.flatten(1, 3)  # (B, T, H', W', D) -> (B, L, D)
 
@@ -1689,12 +1805,14 @@ class VideoActionModel(nn.Module):
         cfg = self.cfg
         if loss not in ("video", "action"):
             raise ValueError(f"loss must be 'video' or 'action', got {loss!r}")
-        if loss == "video" or cfg.video_time == "official":
+        if loss == "video" or cfg.video_time in ("official", "max"):
             sigma = sample_video_sigma(batch, generator, device, multiplier=cfg.video_sigma_multiplier)
         elif cfg.video_time == "paper":
             sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
         else:
-            raise ValueError(f"video_time must be 'official' or 'paper', got {cfg.video_time!r}")
+            raise ValueError(f"video_time must be 'official', 'paper' or 'max', got {cfg.video_time!r}")
+        if loss == "action" and cfg.video_time == "max":  # drawn all the same, so every mode consumes the same randomness
+            sigma = torch.full_like(sigma, 80.0)
         noise = {"sigma": sigma, "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
         if loss == "video":
             return noise
@@ -1719,6 +1837,8 @@ class VideoActionModel(nn.Module):
         if noise is None:
             noise = self.draw_noise("action", B, latent_shape, actions.shape[1:], generator, actions.device)
         sigma, tau_a = noise["sigma"], noise["tau_a"]
+        if self.cfg.video_time == "max":  # the backbone sees the current frames, the instruction and noise: no future
+            future = torch.zeros_like(future)
         ctx = self.video_features(context, future, text, sigma, eps=noise["eps_video"])
         x0, eps = actions.float(), noise["eps_action"]
         x_tau = interpolate(x0, eps, tau_a)
@@ -1842,6 +1962,127 @@ def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_
     return model.eval()
 
 
+# VideoVLA-style joint denoising (Shen et al., arXiv 2512.06963), the other seed approach, for comparison. There is
+# no separate decoder: the action chunk becomes extra tokens of the video DiT, with its own embedder, its own output
+# head and its own flow time, and video and actions are denoised together by the one network. At inference the
+# future video and the actions are denoised fully, jointly. VideoVLA builds on CogVideoX, whose sampler takes 50
+# DDIM steps; here the joint sampler is 50 Euler steps of flow matching (our one time convention).
+
+@dataclass
+class JointConfig:
+    """The joint model's action tokens, sampler and loss weights."""
+
+    state_dim: int = 2  # a clean proprio token, embedded like the decoder's
+    action_dim: int = 2  # per action token
+    chunk: int = 8  # action tokens
+    num_steps: int = 50  # joint Euler steps from tau = 1 to 0 at inference
+    action_loss_scale: float = 10.0  # joint loss = video flow MSE + this x action flow MSE (the decoder's scale)
+
+
+class JointVideoActionModel(nn.Module):
+    """One DiT for video and actions: [video tokens | proprio token | action tokens], each token with its own time."""
+
+    def __init__(self, video: VideoDiT, jcfg: JointConfig, cfg: VideoActionConfig, obs_normalizer=None, action_normalizer=None):
+        super().__init__()
+        D = video.cfg.model_channels
+        self.video, self.joint, self.cfg = video, jcfg, cfg
+        self.obs_normalizer, self.action_normalizer = obs_normalizer, action_normalizer
+        self.state_embedder = ActionEmbedder(jcfg.state_dim, D)
+        self.action_embedder = ActionEmbedder(jcfg.action_dim, D)
+        self.action_pos = nn.Parameter(torch.zeros(1, 1 + jcfg.chunk, D))  # learned positions; the tokens get no RoPE
+        self.action_head = FinalLayer(D, D, video.cfg.adaln_lora_dim, jcfg.action_dim)
+        nn.init.trunc_normal_(self.action_pos, std=D ** -0.5, a=-3 * D ** -0.5, b=3 * D ** -0.5)
+        for m in (*self.state_embedder.layers, *self.action_embedder.layers, self.action_head.linear, self.action_head.adaln_modulation[1]):
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
+        nn.init.zeros_(self.action_head.adaln_modulation[2].weight)  # a new head starts modulated by adaln_lora alone
+
+    state_dim = property(lambda self: self.joint.state_dim)
+    action_dim = property(lambda self: self.joint.action_dim)
+    num_actions = property(lambda self: self.joint.chunk)
+    window = VideoActionModel.window
+    draw_noise = VideoActionModel.draw_noise
+
+    def velocities(self, net_in, tau_BT, text, condition_mask, proprio, x_a, tau_a):
+        """One joint forward: video velocity (B, C, T, H, W) and action velocity (B, HA, d_a).
+
+        net_in, tau_BT, condition_mask: the Video2World inputs; proprio (B, 1, d_s); x_a (B, HA, d_a) noisy actions
+        at flow time tau_a (B,)."""
+        video = self.video
+        x, emb, adaln = video.embed(net_in, tau_BT, condition_mask)  # (B, T', H', W', D), (B, T', D), (B, T', 3D)
+        B, Tp, Hp, Wp, D = x.shape
+        S, HA = Hp * Wp, x_a.shape[1]
+        tau_a = tau_a.reshape(B, 1).float()
+        a_in = x_a / torch.sqrt((1 - tau_a) ** 2 + tau_a ** 2)[..., None]  # unit variance along the path, as the decoder
+        a = torch.cat([self.state_embedder(proprio.to(x.dtype)), self.action_embedder(a_in.to(x.dtype))], 1) + self.action_pos[:, : 1 + HA]
+        tau_tok = torch.cat([torch.full((B, 1), TAU_PROPRIO, device=x.device), tau_a.expand(B, HA)], dim=1)  # (B, 1 + HA)
+        emb_a, adaln_a = video.time_embedding(tau_tok)  # (B, 1 + HA, D), (B, 1 + HA, 3D)
+        # every token its own "frame" (S = 1), so each carries its own time: video tokens their frame's, actions theirs
+        tokens = torch.cat([x.reshape(B, Tp * S, D), a], dim=1)[:, :, None]  # (B, L, 1, D)
+        emb_all = torch.cat([emb.repeat_interleave(S, dim=1), emb_a], dim=1)  # (B, L, D)
+        adaln_all = torch.cat([adaln.repeat_interleave(S, dim=1), adaln_a], dim=1)  # (B, L, 3D)
+        cos, sin = video.rope(Tp, Hp, Wp, x.device)  # (Lv, 1, hd); the action tokens are not rotated (angle 0)
+        rope = (torch.cat([cos, torch.ones_like(cos[:1 + HA])]), torch.cat([sin, torch.zeros_like(sin[:1 + HA])]))
+        context = text.to(emb.dtype)
+        for block in video.blocks:
+            tokens = block(tokens, emb_all, adaln_all, context=context, rope=rope)
+        v_video = video.final_layer(tokens[:, : Tp * S, 0].reshape(B, Tp, S, D), emb, adaln).view(B, Tp, Hp, Wp, -1)
+        v_action = self.action_head(tokens[:, Tp * S + 1:], emb_a[:, 1:], adaln_a[:, 1:])[:, :, 0]  # (B, HA, d_a)
+        return video.unpatchify(v_video), v_action
+
+    def forward(self, loss, **batch):
+        """`model("action", ...)`: the joint training loss (video + actions); the video model alone is not trained here."""
+        if loss != "action":
+            raise ValueError(f"the joint model trains with its joint loss ('action'), got {loss!r}")
+        return self.joint_loss(**batch)
+
+    def joint_loss(self, context, future, text, proprio, actions, noise=None, generator=None):
+        """Video flow loss on the future frames + scaled action flow loss; tau_v and tau_a independent per sample."""
+        latents, cond = self.window(context, future)
+        B = latents.shape[0]
+        if noise is None:
+            noise = self.draw_noise("action", B, latents.shape[1:], actions.shape[1:], generator, latents.device)
+        tau_v, tau_a = sigma_to_tau(noise["sigma"]), noise["tau_a"]
+        x0, eps = latents.float(), noise["eps_video"]
+        net_in, tau_BT, condition_mask = video2world_inputs(interpolate(x0, eps, tau_v), tau_v, latents, cond)
+        a0, eps_a = actions.float(), noise["eps_action"]
+        v_video, v_action = self.velocities(net_in, tau_BT, text, condition_mask, proprio, interpolate(a0, eps_a, tau_a), tau_a)
+        mask = (~cond)[:, None, :, None, None].float()  # (B, 1, T, 1, 1): future frames only
+        video_err = ((v_video.float() - velocity_target(x0, eps)) ** 2 * mask).sum(dim=(1, 2, 3, 4))
+        video_err = video_err / (mask.sum(dim=(1, 2, 3, 4)) * x0.shape[1] * x0.shape[3] * x0.shape[4])
+        action_err = ((v_action.float() - velocity_target(a0, eps_a)) ** 2).mean(dim=(1, 2))
+        per_sample = video_err + self.joint.action_loss_scale * action_err
+        return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": tau_v}
+
+    @torch.no_grad()
+    def sample_actions(self, context, text, proprio, stop_after_step=None, tau_v=None, seed=0, numpy_noise=False,
+                       oracle_future=None, raw=False):
+        """Full joint denoising: the future video and the actions from tau = 1 to 0 together, `num_steps` Euler steps.
+        (No partial denoising: stop_after_step and tau_v do not apply.) Returns actions (B, HA, d_a)."""
+        if oracle_future is not None:
+            raise ValueError("the joint model denoises its own future: an oracle future does not apply")
+        if raw and (self.obs_normalizer is None or self.action_normalizer is None):
+            raise ValueError("raw=True needs the policy's obs and action normalizers; this model has none")
+        if raw:
+            proprio = self.obs_normalizer.normalize(proprio)
+        latents, cond = self.window(context, None)
+        B, HA = latents.shape[0], self.joint.chunk
+        x_v, x_a = VideoActionModel._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.joint.action_dim)), seed,
+                                           numpy_noise, latents.device)
+        dt = -1.0 / self.joint.num_steps
+        tau = torch.ones(B, device=latents.device)
+        for _ in range(self.joint.num_steps):
+            net_in, tau_BT, condition_mask = video2world_inputs(x_v, tau, latents, cond)
+            v_v, v_a = self.velocities(net_in, tau_BT, text, condition_mask, proprio, x_a, tau)
+            x_v, x_a = x_v + dt * v_v.float(), x_a + dt * v_a.float()  # x_{tau + dt} = x_tau + dt * v
+            tau = tau + dt
+        return self.action_normalizer.unnormalize(x_a) if raw else x_a
+
+    def head_state_dict(self):
+        """What the joint model adds to the video DiT: its action embedders, positions and output head."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("video.")}
+
+
 # ------------------------------------------------------------------------------------------------
 # 8. Encoders: camera frames -> video latents, instructions -> text embeddings
 # ------------------------------------------------------------------------------------------------
@@ -1961,24 +2202,25 @@ def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, 
 
 class PixelEncoder(nn.Module):
     """Offline stand-in for the VAE: frames become small multi-channel "latents" by space-to-depth, without temporal
-    compression (T frames -> T latents), plus two coordinate channels.
+    compression (T frames -> T latents), normalized like the VAE's ((x - mean) / std), plus two coordinate channels.
 
     (B, 3, T, H, W) in [-1, 1] -> (B, 3 p^2 + 2, T, H/p, W/p). The coordinate channels (x, y in [-1, 1]) put each
     token's location into its content: the video DiT's hidden states carry no absolute position (RoPE acts inside
     attention only) and the decoder reads them as an unordered set, while a real VAE latent of a real scene has its
-    location in its content anyway.
+    location in its content anyway. mean / std set the contrast the DiT sees, as the VAE's per-channel statistics do
+    (the toy: -0.5 / 0.5 undo its half-exposure camera, whose frames stay in [-1, 1]: latents in [-1, 3]).
     """
 
     temporal_factor = 1
 
-    def __init__(self, patch=1, coords=True):
+    def __init__(self, patch=1, coords=True, mean=0.0, std=1.0):
         super().__init__()
-        if patch < 1:
-            raise ValueError(f"patch must be >= 1, got {patch}")
-        self.patch, self.coords = int(patch), bool(coords)
+        if patch < 1 or std <= 0:
+            raise ValueError(f"patch must be >= 1 and std > 0, got {patch}, {std}")
+        self.patch, self.coords, self.mean, self.std = int(patch), bool(coords), float(mean), float(std)
         self.spatial_factor = self.patch
         self.channels = 3 * self.patch ** 2 + 2 * self.coords
-        self.spec = {"kind": "pixels", "patch": self.patch, "coords": self.coords}
+        self.spec = {"kind": "pixels", "patch": self.patch, "coords": self.coords, "mean": self.mean, "std": self.std}
 
     def latent_frames(self, num_frames):
         return num_frames
@@ -1986,7 +2228,7 @@ class PixelEncoder(nn.Module):
     def encode(self, frames):
         _check_frames(frames, self.patch)
         p = self.patch
-        x = rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p)  # (B, 3p^2, T, H/p, W/p)
+        x = (rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p) - self.mean) / self.std  # (B, 3p^2, T, h, w)
         if not self.coords:
             return x
         B, _, T, h, w = x.shape
@@ -1998,7 +2240,8 @@ class PixelEncoder(nn.Module):
     def decode(self, latents):
         """Inverse of encode (the coordinate channels dropped): (B, C, T, h, w) -> (B, 3, T, h p, w p)."""
         p = self.patch
-        return rearrange(latents[:, : 3 * p * p].float(), "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p)
+        x = latents[:, : 3 * p * p].float() * self.std + self.mean
+        return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p)
 
 
 class T5TextEncoder:
@@ -2083,7 +2326,7 @@ def build_video_encoder(spec, device="cpu", dtype=None):
     {"kind": "pixels", "patch", "coords"}."""
     kind = spec.get("kind")
     if kind == "pixels":
-        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True)).to(device)
+        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True), spec.get("mean", 0.0), spec.get("std", 1.0)).to(device)
     if kind == "wan":
         return load_vae(spec.get("source", COSMOS_HUB_REPO), spec.get("subfolder", "vae"), device, dtype)
     raise ValueError(f"unknown video encoder kind {kind!r} in {spec}; choose 'wan' or 'pixels'")
@@ -2190,9 +2433,9 @@ class ChunkedPolicy:
 class Policy(ChunkedPolicy):
     """A mimic-video policy: encoders + VideoActionModel + representation, driven with raw observations."""
 
-    def __init__(self, model: VideoActionModel, config: PolicyConfig, video_encoder, text_encoder):
+    def __init__(self, model: VideoActionModel, config: PolicyConfig, video_encoder, text_encoder, method="mimic-video"):
         # the config describes the encoders in use, so a saved policy rebuilds exactly these
-        self.model = model.eval()
+        self.model, self.method = model.eval(), method  # method: "mimic-video", "vla" (same network) or "joint"
         self.config = replace(config, video_encoder=video_encoder.spec, text_encoder=text_encoder.spec)
         self.video_encoder, self.text_encoder = video_encoder, text_encoder
         self.representation = Representation.from_config(config.representation)
@@ -2202,12 +2445,12 @@ class Policy(ChunkedPolicy):
 
     def _check(self):
         cfg, m = self.config, self.model
-        rep, dec = self.representation, m.decoder.cfg
+        rep = self.representation
         if m.obs_normalizer is None or m.action_normalizer is None:
             raise ValueError("a Policy needs a model with its obs and action normalizers (the statistics)")
-        if (rep.model_state_dim, rep.model_action_dim) != (dec.in_channels, dec.out_channels):
+        if (rep.model_state_dim, rep.model_action_dim) != (m.state_dim, m.action_dim):
             raise ValueError(f"representation {rep.kind} gives {rep.model_state_dim}-D proprio and {rep.model_action_dim}-D "
-                             f"actions; the decoder takes {dec.in_channels} and {dec.out_channels}")
+                             f"actions; the model takes {m.state_dim} and {m.action_dim}")
         if self.video_encoder.channels != m.video.cfg.in_channels:
             raise ValueError(f"the video encoder makes {self.video_encoder.channels}-channel latents; the video DiT takes "
                              f"{m.video.cfg.in_channels}")
@@ -2217,8 +2460,8 @@ class Policy(ChunkedPolicy):
         if self.text_encoder.width != m.video.cfg.crossattn_emb_channels:
             raise ValueError(f"the text encoder makes {self.text_encoder.width}-d embeddings; the video DiT reads "
                              f"{m.video.cfg.crossattn_emb_channels}")
-        if not 1 <= cfg.n_action_steps <= dec.num_actions:
-            raise ValueError(f"n_action_steps must be in [1, {dec.num_actions}] (the chunk), got {cfg.n_action_steps}")
+        if not 1 <= cfg.n_action_steps <= m.num_actions:
+            raise ValueError(f"n_action_steps must be in [1, {m.num_actions}] (the chunk), got {cfg.n_action_steps}")
         if cfg.frame_stride < 1 or cfg.context_frames < 1:
             raise ValueError(f"frame_stride and context_frames must be >= 1, got {cfg.frame_stride}, {cfg.context_frames}")
         if cfg.history_padding not in ("first", "latest"):
@@ -2325,6 +2568,8 @@ class Policy(ChunkedPolicy):
         level where partial denoising stops, decoded -> (B, 3, T, H, W) in [-1, 1] (context frames first)."""
         if self.history is None:
             raise RuntimeError("no observation yet: call select_action first")
+        if isinstance(self.model, JointVideoActionModel):
+            raise ValueError("imagine() shows mimic-video's partially denoised plan; the joint model has none")
         context, _, text, _ = self._inputs()
         m, (k, tau_v) = self.model, self._stop(stop_after_step)
         latents, cond = m.window(context, None)
@@ -2336,8 +2581,10 @@ class Policy(ChunkedPolicy):
         """Write the policy folder atomically: config.json, video_backbone.safetensors (LoRA fused, `net.` keys),
         action_decoder.safetensors (`net.` keys) and stats.json (the released statistics layout)."""
         m = self.model
-        config = {"format": POLICY_FORMAT, "video": asdict(m.video.cfg), "decoder": asdict(m.decoder.cfg),
-                  "model": asdict(m.cfg), "policy": asdict(self.config)}
+        joint = isinstance(m, JointVideoActionModel)
+        config = {"format": POLICY_FORMAT, "method": "joint" if joint else self.method, "video": asdict(m.video.cfg),
+                  "model": asdict(m.cfg), "policy": asdict(self.config),
+                  **({"joint": asdict(m.joint)} if joint else {"decoder": asdict(m.decoder.cfg)})}
         stats = {**m.obs_normalizer.to_stats(), **m.action_normalizer.to_stats()}
 
         def write(tmp):
@@ -2345,7 +2592,12 @@ class Policy(ChunkedPolicy):
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             (tmp / "stats.json").write_text(json.dumps(stats))
             save_video_dit_checkpoint(m.video, tmp / "video_backbone.safetensors")
-            save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
+            if joint:  # the joint model's action embedders, positions and head
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous() for k, v in m.head_state_dict().items()}, tmp / "joint_heads.safetensors")
+            else:
+                save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
 
         atomic_write_dir(folder, write)
 
@@ -2354,29 +2606,52 @@ POLICY_FORMAT = "mimic-video policy v1"
 
 
 def atomic_write_dir(folder, write_fn):
-    """Fill a temp folder beside `folder` with write_fn(tmp), then swap it into place: readers see the old folder or
-    the new one, never a mix (the old one is removed only after the new one is in place)."""
+    """Fill a temp folder beside `folder` with write_fn(tmp), flush it, then swap it into place: readers see the old
+    folder or the new one, never a mix. The old one is removed only after the new one is in place; a crash between
+    the two renames leaves it as .<name>.old, which `recover_dir` puts back."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    old = None
+    old = folder.parent / f".{folder.name}.old"
     try:
         write_fn(tmp)
+        umask = _umask()
+        for f in tmp.rglob("*"):  # flush, and the ordinary modes (some writers, safetensors among them, use 0600)
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            os.chmod(f, (0o666 if f.is_file() else 0o777) & ~umask)
         _fsync_dir(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask)
         if folder.exists():
-            old = folder.parent / f".{folder.name}.old.{os.getpid()}"
             os.replace(folder, old)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
-    except BaseException:
-        if old is not None and not folder.exists():
+    except BaseException as e:
+        if old.exists() and not folder.exists():
             os.replace(old, folder)  # put the previous version back
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        error = _write_error(e, folder)
+        if error is e:
+            raise
+        raise error from e
+    shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def recover_dir(folder):
+    """Undo an interrupted `atomic_write_dir`: if the folder is missing but its previous version is still beside it
+    (a crash between the two renames), put that back; drop leftovers of an unfinished write."""
+    folder = Path(folder)
+    old = folder.parent / f".{folder.name}.old"
+    if old.exists():
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, folder)
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype=None, video_encoder=None,
@@ -2398,22 +2673,33 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
                              f"format {config.get('format')!r}")
         pcfg = make_config(PolicyConfig, config["policy"], **overrides)
         video = load_video_dit(path / "video_backbone.safetensors", None, config["video"], device=device, dtype=dtype)
-        decoder = load_action_decoder(path / "action_decoder.safetensors", None, config["decoder"], device=device, dtype=dtype)
         stats = json.loads((path / "stats.json").read_text())
         obs_norm, act_norm = Representation.from_config(pcfg.representation).normalizers(stats, dtype or torch.float32)
-        model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
-                                 make_config(VideoActionConfig, config["model"]), obs_norm, act_norm)
+        va_cfg = make_config(VideoActionConfig, config["model"])
+        if "joint" in config:  # the VideoVLA-style joint model
+            model = JointVideoActionModel(video, make_config(JointConfig, config["joint"]), va_cfg, obs_norm, act_norm)
+            from safetensors.torch import load_file
+
+            heads = load_file(path / "joint_heads.safetensors")
+            load_state_dict_strict(model, {**{"video." + k: v for k, v in video.state_dict().items()}, **heads},
+                                   f"joint model {path}")
+            model = model.to(device=device, dtype=dtype).requires_grad_(False)
+        else:
+            decoder = load_action_decoder(path / "action_decoder.safetensors", None, config["decoder"], device=device, dtype=dtype)
+            model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False), va_cfg, obs_norm, act_norm)
+        method = config.get("method", "mimic-video")
     elif str(task_or_folder) in RELEASED_POLICIES:
         model = load_released_model(str(task_or_folder), source, revision, cache_dir, device, dtype, video_config,
                                     decoder_config, model_config)
         pcfg = make_config(PolicyConfig, RELEASED_POLICIES[str(task_or_folder)][0], POLICY_PRESETS, **overrides)
+        method = "mimic-video"
     else:
         raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder (no config.json there) nor a released task "
                                 f"({', '.join(sorted(RELEASED_POLICIES))})")
     video_encoder = video_encoder if video_encoder is not None else build_video_encoder(pcfg.video_encoder, device, dtype)
     text_encoder = text_encoder if text_encoder is not None else build_text_encoder(pcfg.text_encoder, device)
     return Policy(model.eval(), pcfg, video_encoder.to(device) if isinstance(video_encoder, nn.Module) else video_encoder,
-                  text_encoder)
+                  text_encoder, method)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2484,9 +2770,9 @@ def toy_instructions(state):
 
 
 def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
-    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 3, S, S) float32 RGB images, channels first, in
-    LeRobot's float units: 0 is the empty floor, 1 a full colour, up to 2 where the (white) agent covers a square.
-    Added, not clipped: where the agent covers a square the square stays visible."""
+    """(N, 2) agent, (N, 3, 2) squares, (N, 3) colour ids -> (N, 3, S, S) float32 RGB in [0, 1], channels first.
+    Squares and agent are added at half intensity, not clipped: where the (white) agent covers a square the square
+    stays visible, and nothing saturates the camera."""
     S = cfg.image_size
     grid = (np.arange(S, dtype=np.float32) + 0.5) / S
     palette = np.array(list(TOY_COLOURS.values()), np.float32)  # (3 colours, RGB)
@@ -2498,7 +2784,12 @@ def toy_render(agent, targets, colours, cfg: ToyWorldConfig):
     squares = np.zeros((len(agent), 3, S, S), np.float32)
     for k in range(targets.shape[1]):
         squares += palette[colours[:, k]][:, :, None, None] * blob(targets[:, k], cfg.target_size)[:, None]
-    return squares + blob(agent, cfg.agent_size)[:, None]
+    return 0.5 * (squares + blob(agent, cfg.agent_size)[:, None])
+
+
+def toy_camera(images):
+    """(N, 3, S, S) rendered images in [0, 1] -> what a camera delivers: (N, S, S, 3) uint8."""
+    return np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def toy_step(agent, action, cfg: ToyWorldConfig):
@@ -2529,7 +2820,7 @@ def toy_random_chunk(state, cfg: ToyWorldConfig, rng):
 def toy_observation(state, cfg: ToyWorldConfig, tasks):
     """The world's observation in LeRobot keys (a batch of N environments); "toy.state" is the true state, which only
     the scripted policies read."""
-    image = toy_render(state["agent"], state["targets"], state["colours"], cfg)
+    image = toy_camera(toy_render(state["agent"], state["targets"], state["colours"], cfg))  # (N, S, S, 3) uint8
     return {"observation.images.top": torch.from_numpy(image), "observation.state": torch.from_numpy(state["agent"]),
             "task": tasks, "toy.state": state}
 
@@ -2552,7 +2843,7 @@ def toy_rollout(policy, seeds, cfg: ToyWorldConfig, tasks=None):
     """Closed loop, one `policy.select_action(observation)` per env step after `policy.reset()`.
 
     tasks: instructions to give instead of the true ones. Returns {"success": (N,) bool, "agent": (N, 2) final
-    positions, "images": (N, steps + 1, 3, S, S) what the camera saw}."""
+    positions, "images": (N, steps + 1, S, S, 3) uint8, what the camera saw}."""
     state = toy_reset(seeds, cfg)
     tasks = toy_instructions(state) if tasks is None else tasks
     policy.reset()
@@ -2597,9 +2888,9 @@ def toy_demo_lengths(demos):
 
 
 def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
-    """The data seam: (episode, t) pairs -> context frames (B, 3, 1, S, S) and future frames (B, 3, F, S, S) in model
-    units (2 x - 1), instructions (B strings), state (B, 2) and action chunks (B, chunk, 2). Past the end of an
-    episode the agent stands still (zero actions, the last frame)."""
+    """The data seam: (episode, t) pairs -> context frames (B, 3, 1, S, S) and future frames (B, 3, F, S, S) from the
+    camera, in model units (2 x / 255 - 1), instructions (B strings), state (B, 2) and action chunks (B, chunk, 2).
+    Past the end of an episode the agent stands still (zero actions, the last frame)."""
     L = cfg.episode_steps
     agent, targets, colours = demos["agent"][episodes], demos["targets"][episodes], demos["colours"][episodes]
     B = len(episodes)
@@ -2608,7 +2899,7 @@ def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
         ts = np.minimum(ts, L)
         pos = agent[np.arange(B)[:, None], ts]  # (B, k, 2)
         k = ts.shape[1]
-        img = toy_render(pos.reshape(B * k, 2), np.repeat(targets, k, 0), np.repeat(colours, k, 0), cfg)
+        img = toy_camera(toy_render(pos.reshape(B * k, 2), np.repeat(targets, k, 0), np.repeat(colours, k, 0), cfg))
         return images_to_frames(img).reshape(B, k, 3, cfg.image_size, cfg.image_size).transpose(1, 2)
 
     context = frames_at(steps[:, None])
@@ -2627,7 +2918,7 @@ def toy_expert_future(state, cfg: ToyWorldConfig):
     for j in range(cfg.future_frames * cfg.future_stride):
         agent = toy_step(agent, chunk[:, j] if j < cfg.chunk else np.zeros_like(agent), cfg)
         if (j + 1) % cfg.future_stride == 0:
-            frames.append(images_to_frames(toy_render(agent, state["targets"], state["colours"], cfg)))
+            frames.append(images_to_frames(toy_camera(toy_render(agent, state["targets"], state["colours"], cfg))))
     return torch.stack(frames, dim=2)  # (N, 3, F, S, S)
 
 
@@ -2640,7 +2931,7 @@ ACTION_DECODER_PRESETS["toy"] = TOY_DECODER_PRESET
 VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=2, latent_frames=5, context_latents=1)
 POLICY_PRESETS["toy"] = PolicyConfig(  # the current frame, the pixel encoder and hashed words; 4 of 8 actions executed
     camera="top", image_size=(8, 8), context_frames=1, frame_stride=1, n_action_steps=4, stop_after_step=0,
-    numpy_noise=False, video_encoder={"kind": "pixels", "patch": 1, "coords": True},
+    numpy_noise=False, video_encoder={"kind": "pixels", "patch": 1, "coords": True, "mean": -0.5, "std": 0.5},
     text_encoder={"kind": "hashed_words", "width": 32, "max_tokens": 6},
     representation={"kind": "identity", "state_dim": 2, "action_dim": 2})
 
@@ -2656,7 +2947,393 @@ TOY_EVAL_SEEDS = 10**9  # held-out episodes are seeds 10**9, 10**9 + 1, ...: nev
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. Command-line configs, shared by train.py and sample.py
+# 11. LeRobot datasets: v3.0 and v2.1 folders read with pyarrow and PyAV, windows with the official timing
+# ------------------------------------------------------------------------------------------------
+# A LeRobot dataset is a folder: meta/info.json (fps, features, path templates), an episodes table, a tasks
+# table, parquet files with the low-dimensional streams and one mp4 per camera. v3.0 puts many episodes in each
+# parquet and each mp4 (an episode's frame at time t sits at its `from_timestamp` + t in the video); v2.1 has one
+# file per episode. We read the format directly with pyarrow and PyAV (optional packages): the `lerobot` package
+# pins torch and Python versions that conflict with ours.
+
+
+class DatasetError(ValueError):
+    """A corrupt or inconsistent dataset; the message names the file and the episode."""
+
+
+@dataclass
+class WindowTiming:
+    """Where one training sample's frames and actions lie around its anchor time t (seconds of the episode);
+    the defaults are the official LIBERO timing (`policy_io/libero.yaml`). Times past an episode's edges repeat
+    its first or last value (official: interpolation clipped to the episode)."""
+
+    context_frames: int = 5  # observed frames ending at t ...
+    context_hz: float = 5.0  # ... at this rate: t - 0.8, ..., t - 0.2, t
+    future_frames: int = 56  # frames the video model predicts ...
+    future_hz: float = 5.0  # ... at this rate ...
+    future_offset: float = 0.2  # ... from t + 0.2 s
+    chunk: int = 60  # actions of a chunk ...
+    chunk_hz: float = 20.0  # ... at this rate (the control rate) ...
+    chunk_offset: float = 0.0  # ... from t + chunk_offset (Bridge: 0.2)
+
+    def context_times(self, t):
+        return t - (self.context_frames - 1 - np.arange(self.context_frames)) / self.context_hz
+
+    def future_times(self, t):
+        return t + self.future_offset + np.arange(self.future_frames) / self.future_hz
+
+    def action_times(self, t):
+        return t + self.chunk_offset + np.arange(self.chunk) / self.chunk_hz
+
+
+def timing_preset(name, fps):
+    """Named window timings; "small" (the default for small datasets on a CPU) is the toy world's, in the dataset's
+    own time base: the current frame, 4 future frames every 2 steps from t + 2 steps, 8 actions at the control rate."""
+    presets = {"libero": WindowTiming(),
+               "bridge": WindowTiming(chunk=15, chunk_hz=5.0, chunk_offset=0.2),  # policy_io/bridge.yaml
+               "small": WindowTiming(context_frames=1, context_hz=fps, future_frames=4, future_hz=fps / 2,
+                                     future_offset=2 / fps, chunk=8, chunk_hz=fps)}
+    if name not in presets:
+        raise ValueError(f"unknown timing {name!r}; choose from {sorted(presets)}")
+    return presets[name]
+
+
+def interpolate_lowdim(times, values, query, rotvec_dims=()):
+    """values (T, d) sampled at increasing `times` -> (n, d) at `query`: linear, slerp on each axis-angle triple
+    starting at a dim in `rotvec_dims` (official `interpolate.py`), clipped to the first and last sample."""
+    times, values, query = np.asarray(times, np.float64), np.asarray(values, np.float64), np.asarray(query, np.float64)
+    q = np.clip(query, times[0], times[-1])
+    out = np.stack([np.interp(q, times, values[:, j]) for j in range(values.shape[1])], axis=1)
+    for d in rotvec_dims:  # slerp between the two neighbouring rotations, through the relative rotation
+        i = np.clip(np.searchsorted(times, q, side="right") - 1, 0, len(times) - 1)
+        j = np.minimum(i + 1, len(times) - 1)
+        w = np.where(j > i, (q - times[i]) / np.maximum(times[j] - times[i], 1e-12), 0.0)
+        R = axis_angle_to_matrix(torch.from_numpy(values[:, d:d + 3]))  # (T, 3, 3)
+        delta = matrix_to_axis_angle(R[i].transpose(-1, -2) @ R[j])  # R_i^T R_j as a rotation vector
+        Rq = R[i] @ axis_angle_to_matrix(delta * torch.from_numpy(w)[:, None])
+        out[:, d:d + 3] = matrix_to_axis_angle(Rq).numpy()
+    return out
+
+
+class LeRobotDataset:
+    """A LeRobot dataset (codebase v3.0 or v2.1) in a local folder, or a Hub repo id (downloaded by huggingface_hub).
+
+    camera: the image stream to read ("observation.images.top" or just "top"; needed when there are several).
+    state_key / action_key: the low-dimensional streams, vectors of any dimension.
+    """
+
+    def __init__(self, root, camera="", state_key="observation.state", action_key="action", revision=None):
+        root = Path(root)
+        if not root.is_dir():
+            root = self._download(str(root), revision)
+        self.root = root
+        info_path = root / "meta" / "info.json"
+        if not info_path.is_file():
+            raise DatasetError(f"{root} is not a LeRobot dataset: {info_path} does not exist")
+        self.info = info = json.loads(info_path.read_text())
+        self.version = info.get("codebase_version", "?")
+        if self.version not in ("v3.0", "v2.1", "v2.0"):
+            raise DatasetError(f"{info_path}: codebase_version {self.version!r} is not supported (v3.0, v2.1, v2.0)")
+        self.fps = float(info["fps"])
+        features = info["features"]
+        self.cameras = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
+        if camera and not camera.startswith("observation."):
+            camera = f"observation.images.{camera}"
+        if not camera:
+            if len(self.cameras) != 1:
+                raise DatasetError(f"{root} has cameras {self.cameras}: choose one (--camera=...)")
+            camera = self.cameras[0]
+        if camera not in self.cameras:
+            raise DatasetError(f"{root} has no camera {camera!r}; it has {self.cameras}")
+        self.camera, self.camera_is_video = camera, features[camera]["dtype"] == "video"
+        for key in (state_key, action_key):
+            if key not in features or len(features[key].get("shape", ())) != 1:
+                raise DatasetError(f"{info_path}: {key!r} is not a 1-D feature of this dataset (features: {sorted(features)})")
+        self.state_key, self.action_key = state_key, action_key
+        self.state_dim, self.action_dim = features[state_key]["shape"][0], features[action_key]["shape"][0]
+        self.episodes = self._read_episodes()
+        self.tasks = self._read_tasks()
+        self._table = (None, None)  # the last data parquet read: v3.0 keeps many episodes in one file
+
+    @staticmethod
+    def _download(repo_id, revision):
+        if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+            raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a Hub dataset id (owner/name)")
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
+        except Exception as e:
+            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({type(e).__name__}: {e}); download "
+                                    f"it where the Hub is reachable (`hf download {repo_id} --repo-type=dataset`) and "
+                                    f"pass its folder") from e
+
+    def _parquet(self, path):
+        pq = require("pyarrow.parquet", "pyarrow")
+        try:
+            return pq.read_table(path)
+        except Exception as e:
+            raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+    def _read_episodes(self):
+        """[{index, length, task, data file, rows, video file, from_timestamp}] in episode order."""
+        meta = self.root / "meta"
+        out = []
+        if self.version == "v3.0":
+            files = sorted((meta / "episodes").glob("chunk-*/file-*.parquet"))
+            if not files:
+                raise DatasetError(f"{meta / 'episodes'} has no chunk-*/file-*.parquet episode tables")
+            for f in files:
+                for row in self._parquet(f).to_pylist():
+                    ep = {"index": row["episode_index"], "length": row["length"], "tasks": row.get("tasks") or [],
+                          "meta_file": f,
+                          "data": self.info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"]),
+                          "rows": (row["dataset_from_index"], row["dataset_to_index"])}
+                    if self.camera_is_video:
+                        key = f"videos/{self.camera}/"
+                        ep["video"] = self.info["video_path"].format(video_key=self.camera, chunk_index=row[key + "chunk_index"],
+                                                                     file_index=row[key + "file_index"])
+                        ep["from_timestamp"] = row[key + "from_timestamp"]
+                    out.append(ep)
+        else:
+            path = meta / "episodes.jsonl"
+            if not path.is_file():
+                raise DatasetError(f"{path} does not exist")
+            chunks = self.info.get("chunks_size", 1000)
+            for line in path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                i = row["episode_index"]
+                ep = {"index": i, "length": row["length"], "tasks": row.get("tasks") or [], "meta_file": path,
+                      "data": self.info["data_path"].format(episode_chunk=i // chunks, episode_index=i), "rows": None}
+                if self.camera_is_video:
+                    ep["video"] = self.info["video_path"].format(episode_chunk=i // chunks, video_key=self.camera, episode_index=i)
+                    ep["from_timestamp"] = 0.0
+                out.append(ep)
+        out.sort(key=lambda e: e["index"])
+        if not out:
+            raise DatasetError(f"{self.root} has no episodes")
+        return out
+
+    def _read_tasks(self):
+        meta = self.root / "meta"
+        if (meta / "tasks.parquet").is_file():
+            table = self._parquet(meta / "tasks.parquet").to_pydict()
+            names = table.get("task") or table.get("__index_level_0__")
+            return dict(zip(table["task_index"], names))
+        if (meta / "tasks.jsonl").is_file():
+            rows = [json.loads(line) for line in (meta / "tasks.jsonl").read_text().splitlines() if line.strip()]
+            return {r["task_index"]: r["task"] for r in rows}
+        raise DatasetError(f"{meta} has neither tasks.parquet nor tasks.jsonl")
+
+    def __len__(self):
+        return len(self.episodes)
+
+    def lowdim(self, n):
+        """Episode n's {"timestamp" (T,), "state" (T, d_s), "action" (T, d_a), "task" str}, checked."""
+        ep = self.episodes[n]
+        path = self.root / ep["data"]
+        if self._table[0] != path:
+            if not path.is_file():
+                raise DatasetError(f"episode {ep['index']}: its data file {path} does not exist")
+            self._table = (path, self._parquet(path))
+        table = self._table[1]
+        pc = require("pyarrow.compute", "pyarrow")
+        rows = table.filter(pc.equal(table["episode_index"], ep["index"]))
+        if rows.num_rows != ep["length"]:
+            raise DatasetError(f"episode {ep['index']}: {path} holds {rows.num_rows} rows of it, its length is {ep['length']} "
+                               f"({ep['meta_file']})")
+        order = np.argsort(rows["frame_index"].to_numpy())
+        frame_index = rows["frame_index"].to_numpy()[order]
+        if not np.array_equal(frame_index, np.arange(ep["length"])):
+            raise DatasetError(f"episode {ep['index']}: frame_index in {path} is not 0..{ep['length'] - 1}")
+        out = {"timestamp": rows["timestamp"].to_numpy().astype(np.float64)[order]}
+        if np.any(np.diff(out["timestamp"]) <= 0):
+            raise DatasetError(f"episode {ep['index']}: timestamps in {path} do not increase")
+        for name, key, dim in (("state", self.state_key, self.state_dim), ("action", self.action_key, self.action_dim)):
+            flat = pc.list_flatten(rows[key]).to_numpy(zero_copy_only=False)
+            if flat.size != ep["length"] * dim:
+                raise DatasetError(f"episode {ep['index']}: {key} in {path} is not {dim} values per frame")
+            values = flat.reshape(ep["length"], dim).astype(np.float32)[order]
+            if not np.isfinite(values).all():
+                raise DatasetError(f"episode {ep['index']}: {key} in {path} has NaN or infinite values")
+            out[name] = values
+        task_index = rows["task_index"].to_numpy()[order][0] if "task_index" in rows.column_names else None
+        task = self.tasks.get(int(task_index)) if task_index is not None else (ep["tasks"][0] if ep["tasks"] else None)
+        if task is None:
+            raise DatasetError(f"episode {ep['index']}: task index {task_index} is not in the tasks table of {self.root / 'meta'}")
+        out["task"] = task
+        return out
+
+    def frames(self, n, indices):
+        """Episode n's camera frames at `indices` (frame numbers of the episode) -> (len(indices), H, W, 3) uint8.
+        Decodes only the span the indices cover: a seek to the first, then frames up to the last."""
+        ep = self.episodes[n]
+        indices = np.asarray(indices, np.int64)
+        if indices.min() < 0 or indices.max() >= ep["length"]:
+            raise ValueError(f"episode {ep['index']} has frames 0..{ep['length'] - 1}, asked for {indices.min()}..{indices.max()}")
+        first, last = int(indices.min()), int(indices.max())
+        got = self._decode_video(ep, first, last) if self.camera_is_video else self._decode_images(n, first, last)
+        return np.stack([got[int(i)] for i in indices])
+
+    def _decode_video(self, ep, first, last):
+        av = require("av", "av")
+        path = self.root / ep["video"]
+        if not path.is_file():
+            raise DatasetError(f"episode {ep['index']}: its video {path} does not exist")
+        start = ep["from_timestamp"]
+        got = {}
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                tb = stream.time_base
+                container.seek(max(0, int((start + first / self.fps) / tb)), stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    k = round((float(frame.pts * tb) - start) * self.fps)  # frame number within the episode
+                    if k > last:
+                        break
+                    if k >= first:
+                        got[k] = frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise DatasetError(f"episode {ep['index']}: cannot decode {path}: {e}") from e
+        missing = [k for k in range(first, last + 1) if k not in got]
+        if missing:
+            raise DatasetError(f"episode {ep['index']}: {path} has no frame {missing[0]} of the episode (at "
+                               f"{start + missing[0] / self.fps:.3f} s in the file; {len(missing)} missing)")
+        return got
+
+    def _decode_images(self, n, first, last):
+        """Cameras stored as PNG/JPEG bytes in the data parquet (LeRobot `image` features)."""
+        from io import BytesIO
+
+        Image = require("PIL.Image", "pillow")
+        self.lowdim(n)  # loads the episode's table
+        ep, table = self.episodes[n], self._table[1]
+        pc = require("pyarrow.compute", "pyarrow")
+        rows = table.filter(pc.equal(table["episode_index"], ep["index"]))
+        order = np.argsort(rows["frame_index"].to_numpy())
+        cells = rows[self.camera].to_pylist()
+        return {k: np.asarray(Image.open(BytesIO(cells[order[k]]["bytes"])).convert("RGB")) for k in range(first, last + 1)}
+
+    def window_indices(self, timestamps, t, timing):
+        """Nearest-frame numbers of the context and future frames of the window anchored at t (clipped to the episode)."""
+        def nearest(times):
+            return np.clip(np.rint((np.asarray(times) - timestamps[0]) * self.fps), 0, len(timestamps) - 1).astype(np.int64)
+        return nearest(timing.context_times(t)), nearest(timing.future_times(t))
+
+    def fingerprint(self):
+        """Identity of the dataset's content as the cache sees it: format, fps, episodes and their lengths, tasks."""
+        h = hashlib.sha256(json.dumps([self.version, self.fps, self.camera, self.state_key, self.action_key,
+                                       [(e["index"], e["length"]) for e in self.episodes], sorted(self.tasks.items())]).encode())
+        return h.hexdigest()[:16]
+
+
+def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", version="v3.0", codec="libx264",
+                          robot_type="unknown"):
+    """Write episodes as a LeRobot dataset (v3.0: all episodes in one parquet and one mp4; v2.1: a file each).
+
+    episodes: [{"frames": (T, H, W, 3) uint8, "state": (T, d_s), "action": (T, d_a), "task": str}]. codec "libx264"
+    (H.264, yuv444p, qp 0: lossless up to the RGB/YUV rounding) or "libsvtav1" (AV1, yuv420p, crf 30: LeRobot's
+    default). Written to a temp folder and renamed into place.
+    """
+    pa, pq, av = require("pyarrow", "pyarrow"), require("pyarrow.parquet", "pyarrow"), require("av", "av")
+    if version not in ("v3.0", "v2.1"):
+        raise ValueError(f"version must be v3.0 or v2.1, got {version!r}")
+    tasks = list(dict.fromkeys(ep["task"] for ep in episodes))
+    H, W = episodes[0]["frames"].shape[1:3]
+    d_s, d_a = np.asarray(episodes[0]["state"]).shape[1], np.asarray(episodes[0]["action"]).shape[1]
+    v3 = version == "v3.0"
+    data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet" if v3 else \
+        "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+    video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4" if v3 else \
+        "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    pix_fmt, options = ("yuv444p", {"qp": "0"}) if codec == "libx264" else ("yuv420p", {"crf": "30"})
+    info = {"codebase_version": version, "robot_type": robot_type, "total_episodes": len(episodes),
+            "total_frames": int(sum(len(ep["frames"]) for ep in episodes)), "total_tasks": len(tasks), "chunks_size": 1000,
+            "fps": fps, "splits": {"train": f"0:{len(episodes)}"}, "data_path": data_path, "video_path": video_path,
+            "features": {
+                camera: {"dtype": "video", "shape": [int(H), int(W), 3], "names": ["height", "width", "channels"],
+                         "info": {"video.fps": fps, "video.codec": codec, "video.pix_fmt": pix_fmt}},
+                "observation.state": {"dtype": "float32", "shape": [int(d_s)], "names": None},
+                "action": {"dtype": "float32", "shape": [int(d_a)], "names": None},
+                **{k: {"dtype": t, "shape": [1], "names": None} for k, t in (("timestamp", "float32"), ("frame_index", "int64"),
+                   ("episode_index", "int64"), ("index", "int64"), ("task_index", "int64"))}}}
+    if v3:
+        info.update(data_files_size_in_mb=100, video_files_size_in_mb=200)
+    else:
+        info.update(total_chunks=1, total_videos=len(episodes))
+
+    def open_video(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        container = av.open(str(path), "w")
+        stream = container.add_stream(codec, rate=round(fps))
+        stream.width, stream.height, stream.pix_fmt, stream.options = int(W), int(H), pix_fmt, dict(options, g="2")
+        return container, stream
+
+    def add_frames(container, stream, frames, first_pts):
+        for k, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img, dtype=np.uint8), format="rgb24")
+            frame.pts = first_pts + k
+            for packet in stream.encode(frame):
+                container.mux(packet)
+
+    def close_video(container, stream):
+        for packet in stream.encode():
+            container.mux(packet)
+        container.close()
+
+    def table(ep, index, first_row):
+        T = len(ep["frames"])
+        return pa.table({"observation.state": pa.array(list(np.asarray(ep["state"], np.float32)), pa.list_(pa.float32(), d_s)),
+                         "action": pa.array(list(np.asarray(ep["action"], np.float32)), pa.list_(pa.float32(), d_a)),
+                         "timestamp": pa.array(np.arange(T, dtype=np.float32) / np.float32(fps)),
+                         "frame_index": pa.array(np.arange(T)), "episode_index": pa.array(np.full(T, index)),
+                         "index": pa.array(first_row + np.arange(T)), "task_index": pa.array(np.full(T, tasks.index(ep["task"])))})
+
+    def write(tmp):
+        (tmp / "meta").mkdir()
+        (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+        rows, tables, meta_rows, first_row = 0, [], [], 0
+        if v3:
+            container, stream = open_video(tmp / video_path.format(video_key=camera, chunk_index=0, file_index=0))
+        for i, ep in enumerate(episodes):
+            T = len(ep["frames"])
+            tables.append(table(ep, i, first_row))
+            if v3:
+                add_frames(container, stream, ep["frames"], first_row)
+                meta_rows.append({"episode_index": i, "tasks": [ep["task"]], "length": T, "data/chunk_index": 0,
+                                  "data/file_index": 0, "dataset_from_index": first_row, "dataset_to_index": first_row + T,
+                                  f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": 0,
+                                  f"videos/{camera}/from_timestamp": first_row / fps,
+                                  f"videos/{camera}/to_timestamp": (first_row + T) / fps,
+                                  "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+            else:
+                path = tmp / data_path.format(episode_chunk=0, episode_index=i)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(tables[-1], path)
+                c, s = open_video(tmp / video_path.format(episode_chunk=0, video_key=camera, episode_index=i))
+                add_frames(c, s, ep["frames"], 0)
+                close_video(c, s)
+                meta_rows.append({"episode_index": i, "tasks": [ep["task"]], "length": T})
+            first_row += T
+        if v3:
+            close_video(container, stream)
+            path = tmp / data_path.format(chunk_index=0, file_index=0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(tables), path)
+            (tmp / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(meta_rows), tmp / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+            pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}), tmp / "meta" / "tasks.parquet")
+        else:
+            (tmp / "meta" / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta_rows))
+            (tmp / "meta" / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
+                                                              for i, t in enumerate(tasks)))
+
+    return atomic_write_dir(root, write)
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Command-line configs, shared by train.py and sample.py
 # ------------------------------------------------------------------------------------------------
 
 

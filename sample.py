@@ -8,6 +8,7 @@ Run a mimic-video policy in closed loop, and sweep how far the video is denoised
     python sample.py --wrong_instruction=true         # name another square: where does the policy go?
     python sample.py --gif=rollout.gif                # rollout beside the imagined plan (needs Pillow)
     python sample.py --env=libero --policy=libero_spatial_full --suite=libero_spatial   # released weights (GPU, LIBERO)
+    python sample.py --benchmark=true                 # latency of a query at the real shapes (GPU) or reduced (CPU)
 
 Every policy is an `mv.Policy` (mv.load_policy: a folder train.py wrote, or a released task of jonpai/mimic-video),
 driven LeRobot's way: reset(), then select_action(observation) once per control step. A policy query = k steps of
@@ -15,8 +16,10 @@ the Cosmos sampler (k = stop_after_step), one video forward truncated at the tap
 action decoder; n_action_steps actions of the chunk run before the next query.
 """
 
+import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +44,48 @@ class SampleConfig:
     trials: int = 50  # libero: trials per task (official: 50)
     device: str = "auto"
     seed: int = 0  # toy: the random baseline's seed
+    benchmark: bool = False  # time policy queries and training steps: the real shapes on a GPU, reduced on a CPU
+    bench_runs: int = 10  # benchmark: timed runs per measurement (after warm-up), the median is reported
+    compile: bool = False  # benchmark: torch.compile the video DiT and the decoder
 
     def settings(self):
         """[(name, value)] of the noise levels to sweep."""
         if self.tau_v:
             return [("tau_v", float(v)) for v in self.tau_v.split(",")]
         return [("stop_after_step", int(k)) for k in self.stop_after_step.split(",")]
+
+    def validate(self):
+        """Every value checked before a policy is loaded or an episode run (mv.parse_config: one line, exit 1)."""
+        try:
+            settings = self.settings()
+        except ValueError:
+            raise ValueError(f"--stop_after_step and --tau_v take comma-separated numbers, got {self.stop_after_step!r} and "
+                             f"{self.tau_v!r}") from None
+        for name, value in settings:
+            if name == "stop_after_step" and not 0 <= value <= 35:
+                raise ValueError(f"--stop_after_step values must be in [0, 35] (the 35-step schedule), got {value}")
+            if name == "tau_v" and not 0 < value < 1:
+                raise ValueError(f"--tau_v values must be in (0, 1), got {value}")
+        if self.env not in ("toy", "libero"):
+            raise ValueError(f"--env must be toy or libero, got {self.env!r}")
+        if self.env == "libero" and self.suite not in LIBERO_MAX_STEPS:
+            raise ValueError(f"--suite must be one of {', '.join(LIBERO_MAX_STEPS)}, got {self.suite!r}")
+        if self.episodes < 1 or self.trials < 1 or self.bench_runs < 1:
+            raise ValueError(f"--episodes, --trials and --bench_runs must be at least 1, got {self.episodes}, {self.trials}, "
+                             f"{self.bench_runs}")
+        if self.env == "libero" and (self.oracle or self.wrong_instruction or self.gif):
+            raise ValueError("--oracle, --wrong_instruction and --gif are toy-world options (--env=toy)")
+        if self.gif:
+            folder = Path(self.gif).resolve().parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise ValueError(f"--gif={self.gif}: the folder {folder} does not exist or is not writable")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device={self.device} but this machine has no CUDA device")
+        if not self.benchmark and not (Path(self.policy) / "config.json").is_file() and self.policy not in mv.RELEASED_POLICIES:
+            raise ValueError(f"no policy at {self.policy} (no config.json there) and not a released task; run `python "
+                             f"train.py` first, or pass --policy=FOLDER or one of {', '.join(sorted(mv.RELEASED_POLICIES))}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +162,7 @@ def save_gif(policy, world, path, episodes=4):
     seeds = [mv.TOY_EVAL_SEEDS + i for i in range(episodes)]
     recorder = Imagining(policy)
     result = mv.toy_rollout(recorder, seeds, world)
-    real = result["images"][:, 1:] * 2 - 1  # (N, steps, 3, S, S) in model units
+    real = mv.images_to_frames(torch.from_numpy(result["images"][:, 1:])).numpy()  # (N, steps, 3, S, S) in [-1, 1]
     S = real.shape[-1]
     fake = torch.from_numpy(np.stack(recorder.plans, axis=1))  # (N, steps, 3, h, w)
     fake = mv.resize_frames(fake, (S, S)).numpy()
@@ -236,13 +275,261 @@ def libero_eval(policy, suite, trials=50, tasks=None, log=print):
     return rates
 
 
+# ----------------------------------------------------------------------------------------------
+# latency at real scale (--benchmark=true): a policy query split into its phases, against an analytic floor
+
+def bench_setup(device, reduced):
+    """Models with random weights at the real LIBERO shapes (2B video DiT, 0.5B decoder, 16 latent frames of 60 x 80,
+    T5 text of 512 tokens; bf16) on a GPU, or the same code at reduced shapes on a CPU (fp32)."""
+    if not reduced:
+        video_cfg, dec_cfg = mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], mv.ACTION_DECODER_PRESETS["libero"]
+        va_cfg, latent, text = mv.VIDEO_ACTION_PRESETS["mimic-video"], (16, 16, 60, 80), (512, 1024)
+    else:  # the same architecture, narrower and shallower, 16 latent frames of 12 x 16
+        video_cfg = mv.replace(mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], model_channels=256, num_blocks=8, num_heads=4,
+                               adaln_lora_dim=64, crossattn_emb_channels=128)
+        dec_cfg = mv.replace(mv.ACTION_DECODER_PRESETS["libero"], model_channels=256, num_blocks=4, num_heads=4,
+                             crossattn_emb_channels=256, adaln_lora_dim=64, pair_timestep_feature_rank=256)
+        va_cfg, latent, text = mv.replace(mv.VIDEO_ACTION_PRESETS["mimic-video"], tap_block=6), (16, 16, 12, 16), (64, 128)
+    dtype = torch.float32 if reduced else torch.bfloat16
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = mv.VideoActionModel(mv.VideoDiT(video_cfg), mv.ActionDecoder(dec_cfg), va_cfg).to(dtype).eval()
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    C, T, H, W = latent
+    inputs = {"context": torch.randn(1, C, va_cfg.context_latents, H, W, generator=g).to(device),
+              "text": torch.randn(1, *text, generator=g).to(device, dtype),
+              "proprio": torch.randn(1, 1, dec_cfg.in_channels, generator=g).to(device)}
+    return model, inputs, latent, text
+
+
+def query_flops(model, latent, text, k):
+    """Analytic FLOPs of one query (matmuls only, 2 per multiply-add): k full video forwards, one forward truncated at
+    the tap block, the decoder's context keys/values once, and its 10 Euler steps."""
+    v, d = model.video.cfg, model.decoder.cfg
+    C, T, H, W = latent
+    L, D = T * (H // v.patch_spatial) * (W // v.patch_spatial), v.model_channels
+    N, Ct = text
+
+    def video_block(L):  # q, k, v, out and the 4x MLP (24 L D^2); attention over L; cross-attention to N text tokens
+        return 2 * (4 * L * D * D + 2 * L * L * D + 2 * L * D * D + 2 * N * Ct * D + 2 * L * N * D + 8 * L * D * D)
+    full = v.num_blocks * video_block(L) + 2 * L * D * C * v.patch_spatial ** 2
+    truncated = model.cfg.tap_block * video_block(L)
+    Td, Dd = d.max_horizon, d.model_channels
+    kv = d.num_blocks * 2 * 2 * L * D * Dd  # keys and values of the L video tokens, every block
+    step = d.num_blocks * 2 * (4 * Td * Dd * Dd + 2 * Td * Td * Dd + 2 * Td * Dd * Dd + 2 * Td * L * Dd + 8 * Td * Dd * Dd)
+    return {"video steps": k * full, "truncated forward": truncated, "decoder keys/values": kv,
+            "decoder steps": model.cfg.num_action_steps * step}
+
+
+def matmul_throughput(device, dtype, n=None):
+    """Measured FLOP/s of a large square matmul on this device and dtype (the floor's denominator)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0, reps = time.perf_counter(), 20 if device.type == "cuda" else 5
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, runs, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def peak_memory(device):
+    """Peak memory so far: allocated GPU memory, or the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
+
+
+def benchmark(cfg, device):
+    """Per stop_after_step in {0, 1, 5, 35}: median ms of a policy query after warm-up, split into phases, peak
+    memory, and the ratio to the floor (analytic FLOPs / measured matmul throughput), all in this one run."""
+    reduced = device.type != "cuda"
+    model, x, latent, text = bench_setup(device, reduced)
+    if cfg.compile:
+        model.video, model.decoder = torch.compile(model.video), torch.compile(model.decoder)
+    dtype = next(model.parameters()).dtype
+    flops_per_s = matmul_throughput(device, dtype)
+    print(f"benchmark on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'}), "
+          f"{dtype}{', torch.compile' if cfg.compile else ''}; "
+          + ("REDUCED shapes (a CPU: the real 2B model does not fit the time)" if reduced else "the real LIBERO shapes")
+          + f"; matmul throughput {flops_per_s / 1e12:.2f} TFLOP/s; median of {cfg.bench_runs} runs")
+    v = model.video.cfg
+    print(f"  video DiT {sum(p.numel() for p in model.video.parameters()) / 1e6:.1f}M ({v.num_blocks} blocks, width "
+          f"{v.model_channels}, tap block {model.cfg.tap_block}), decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M, "
+          f"latent {latent}, text {text}")
+    latents, cond = model.window(x["context"], None)
+    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    rows = []
+    with torch.no_grad():
+        hidden, sigma = mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0, hidden_block=model.cfg.tap_block)
+        ctx = hidden.flatten(1, 3)
+        noise = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
+        kv_ms = median_ms(lambda: model.decoder.context_kv(ctx), device, cfg.bench_runs)
+        sample_ms = median_ms(lambda: model.decoder.sample(x["proprio"], ctx, sigma, noise), device, cfg.bench_runs)
+        truncated_ms = median_ms(lambda: mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0,
+                                                          hidden_block=model.cfg.tap_block), device, cfg.bench_runs)
+        for k in (0, 1, 5, 35):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            runs = cfg.bench_runs if k <= 5 or not reduced else max(2, cfg.bench_runs // 3)
+            total = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k), device, runs)
+            video_ms = total - truncated_ms - sample_ms if k else 0.0
+            flops = query_flops(model, latent, text, k)
+            floor_ms = 1000 * sum(flops.values()) / flops_per_s
+            rows.append({"k": k, "ms": total, "video steps": video_ms, "truncated forward": truncated_ms,
+                         "decoder keys/values": kv_ms, "decoder steps": sample_ms - kv_ms, "peak GiB": peak_memory(device),
+                         "TFLOP": sum(flops.values()) / 1e12, "floor ms": floor_ms})
+    print(f"{'k':>3} {'ms/query':>9} {'video steps':>11} {'truncated':>9} {'dec K/V':>8} {'dec steps':>9} {'TFLOP':>7} "
+          f"{'floor ms':>8} {'x floor':>7} {'peak GiB':>8}")
+    for r in rows:
+        print(f"{r['k']:>3} {r['ms']:>9.1f} {r['video steps']:>11.1f} {r['truncated forward']:>9.1f} {r['decoder keys/values']:>8.1f} "
+              f"{r['decoder steps']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} {r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
+    print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)"
+          + ("" if not reduced else "; the context encode (Wan VAE, 5 frames) is timed below when diffusers is installed"))
+    bench_training(model, x, latent, device, cfg)
+    if reduced:
+        bench_against_diffusers(model.video, latents, x["text"], cond, device, cfg.bench_runs)
+        bench_decoder_cache(model, x, ctx, sigma, noise, device, cfg.bench_runs)
+    bench_vae(device, reduced, cfg.bench_runs)
+    return rows
+
+
+def bench_training(model, x, latent, device, cfg):
+    """One training step of each stage at the benchmark's shapes (batch 1), with peak memory: stage 1 (LoRA rank 256,
+    alpha 32, adaLN trained) with and without activation checkpointing, and stage 2 (the decoder on the frozen video)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    C, T, H, W = latent
+    Tc = model.cfg.context_latents
+    future = torch.randn(1, C, T - Tc, H, W).to(device)
+    batch = {"context": x["context"], "future": future, "text": x["text"]}
+    actions = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
+    results = []
+    video = model.video.float() if device.type == "cuda" else model.video  # fp32 master weights under bf16 autocast
+    mv.inject_lora(video, mv.LORA_PRESETS["mimic-video-stage1"])
+    video.to(device)
+    for checkpointing in (False, True):
+        video.activation_checkpointing = checkpointing
+        params = [p for p in video.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+
+        def step():
+            with autocast:
+                loss = model("video", **batch)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = median_ms(step, device, max(2, cfg.bench_runs // 3), warmup=1)
+        results.append((f"stage 1 (LoRA, activation checkpointing {'on' if checkpointing else 'off'})", ms, peak_memory(device)))
+        del opt
+    video.activation_checkpointing = False
+    mv.merge_lora(video)
+    video.requires_grad_(False)
+    model.decoder.float().requires_grad_(True)
+    opt = torch.optim.AdamW(model.decoder.parameters(), lr=1e-5)
+
+    def step2():
+        with autocast:
+            loss = model("action", **batch, proprio=x["proprio"].float(), actions=actions)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results.append(("stage 2 (decoder, frozen video)", median_ms(step2, device, max(2, cfg.bench_runs // 3), warmup=1), peak_memory(device)))
+    for name, ms, gib in results:
+        print(f"  training step, batch 1, {name}: {ms:.0f} ms, peak {gib:.2f} GiB")
+
+
+def bench_against_diffusers(video, latents, text, cond, device, runs):
+    """Our VideoDiT forward against diffusers' CosmosTransformer3DModel with the same random weights and inputs."""
+    try:
+        from diffusers import CosmosTransformer3DModel
+    except ImportError:
+        print("  (diffusers not installed: pip install diffusers, to time our DiT against CosmosTransformer3DModel)")
+        return
+    v = video.cfg
+    ref = CosmosTransformer3DModel(in_channels=v.in_channels + 1, out_channels=v.out_channels, num_attention_heads=v.num_heads,
+                                   attention_head_dim=v.model_channels // v.num_heads, num_layers=v.num_blocks,
+                                   mlp_ratio=v.mlp_ratio, text_embed_dim=v.crossattn_emb_channels, adaln_lora_dim=v.adaln_lora_dim,
+                                   max_size=(v.max_frames, v.max_img_h, v.max_img_w), patch_size=(v.patch_temporal, v.patch_spatial, v.patch_spatial),
+                                   rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio, v.rope_w_extrapolation_ratio),
+                                   concat_padding_mask=True, extra_pos_embed_type=None).to(device).eval()
+    sd = {mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k}
+    ref.load_state_dict(sd, strict=True)
+    for m in ref.modules():  # the official q/k-norm eps (diffusers' default is 1e-5)
+        if isinstance(m, torch.nn.RMSNorm) and m.eps == 1e-5:
+            m.eps = 1e-6
+    tau = torch.full((latents.shape[0],), 0.5, device=device)
+    net_in, tau_BT, mask = mv.video2world_inputs(latents, tau, latents, cond)
+    pad = torch.zeros(latents.shape[0], 1, latents.shape[3], latents.shape[4], device=device)
+    with torch.no_grad():
+        ours = lambda: video(net_in, tau_BT, text, mask)  # noqa: E731
+        theirs = lambda: ref(torch.cat([net_in, mask], 1), tau_BT[:, None, :, None, None], text, condition_mask=mask, padding_mask=pad, return_dict=False)[0]  # noqa: E731
+        diff = (ours() - theirs()).abs().max().item()
+        a, b = median_ms(ours, device, runs), median_ms(theirs, device, runs)
+    print(f"  our VideoDiT forward {a:.1f} ms vs diffusers CosmosTransformer3DModel {b:.1f} ms, same weights and inputs: "
+          f"ratio {a / b:.2f} ({'not slower' if a <= b else 'SLOWER'}); outputs agree to {diff:.1e}")
+
+
+def bench_decoder_cache(model, x, ctx, sigma, noise, device, runs):
+    """The decoder's 10 Euler steps with the video context's keys/values computed once, against recomputing them."""
+    d = model.decoder
+    with torch.no_grad():
+        cached = median_ms(lambda: d.sample(x["proprio"], ctx, sigma, noise), device, runs)
+        recomputed = median_ms(lambda: mv.euler_integrate(lambda a, t: d.denoise(a, t, x["proprio"], ctx, sigma), noise), device, runs)
+    print(f"  decoder, 10 steps: context keys/values once {cached:.1f} ms vs every step {recomputed:.1f} ms ({recomputed / cached:.1f}x)")
+
+
+def bench_vae(device, reduced, runs):
+    """The context encode of a query: the Wan2.1 VAE on 5 frames (the real config at 480 x 640 on a GPU; a reduced
+    VAE at 96 x 128 on a CPU)."""
+    try:
+        import diffusers
+    except ImportError:
+        print("  (diffusers not installed: the context encode is not timed)")
+        return
+    kw = dict(base_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1) if reduced else {}
+    torch.manual_seed(0)
+    vae = mv.WanVAE(diffusers.AutoencoderKLWan(**kw).eval()).to(device, torch.float32 if reduced else torch.bfloat16)
+    H, W = (96, 128) if reduced else (480, 640)
+    frames = torch.rand(1, 3, 5, H, W, device=device) * 2 - 1
+    ms = median_ms(lambda: vae.encode(frames), device, max(2, runs // 3), warmup=1)
+    print(f"  context encode: {'reduced ' if reduced else ''}Wan2.1 VAE, 5 frames at {H} x {W}: {ms:.0f} ms")
+
+
 def main(argv):
     cfg = mv.parse_config(argv, SampleConfig)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.benchmark:
+        return benchmark(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.env == "libero" else None
-    if not (Path(cfg.policy) / "config.json").is_file() and cfg.policy not in mv.RELEASED_POLICIES:
-        sys.exit(f"error: no policy at {cfg.policy} (no config.json there) and not a released task; run `python "
-                 f"train.py` first, or pass --policy=FOLDER or one of {', '.join(sorted(mv.RELEASED_POLICIES))}")
     policy = mv.load_policy(cfg.policy, device=device, dtype=dtype)
     if cfg.env == "libero":
         for name, value in cfg.settings():

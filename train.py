@@ -1,10 +1,12 @@
 """
-Train mimic-video: the whole recipe, on the toy world in minutes on a CPU.
+Train mimic-video: the whole recipe, on the toy world in minutes on a CPU, or on a LeRobot dataset.
 
     python train.py                              # demos, pretrain, stage 1, stage 2, closed-loop eval
-    python train.py --stage=2 --stage2_steps=500 # one stage alone (reads the previous stage's checkpoint)
-    python train.py --stage=2 --resume=true      # continue exactly where the last checkpoint stopped
+    python train.py --stage=2 --stage2_steps=500 # one stage alone (reads the previous stage's output)
+    python train.py --resume=true                # continue exactly where the last checkpoints stopped
     torchrun --nproc_per_node=2 train.py         # DistributedDataParallel (gloo on CPU, nccl on GPU)
+    python train.py --data=PATH                  # a LeRobot dataset (v3.0 / v2.1): encode, pretrain, 1, 2 -> policy
+    python train.py --stage=export --out_dir=data/toy   # the toy world's demonstrations as a LeRobot dataset
 
 Stages (mimic_video.py holds the model; this file is the training loop):
     pretrain  a video model learns how the toy world moves from videos of other episodes (stands in
@@ -13,18 +15,23 @@ Stages (mimic_video.py holds the model; this file is the training loop):
               adapters on q/k/v/output/x_embedder/t-MLP/MLP, adaLN trained fully, constant lr)
     2         the action decoder on the frozen, LoRA-fused backbone, reading block-2-of-4 hidden states of
               a partially denoised video (official stage 2: tau_v and tau_a independent, loss x10,
-              proprio masked 20%, lr warmup then linear decay)
+              proprio masked 20%, lr warmup then linear decay); writes the policy folder <out_dir>/policy
 Optimiser as in the paper (AdamW, weight decay 0.1, betas (0.9, 0.99), gradient clip 10) with learning
 rates scaled up for models of 0.1-0.4M parameters. bf16 autocast on CUDA, fp32 on CPU.
+
+Nothing is lost: a run holds its output folder (a second run into it stops), each checkpoint is one folder
+swapped in whole, and --resume=true continues exactly or refuses, naming what changed.
 """
 
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +46,39 @@ import mimic_video as mv
 @dataclass
 class TrainConfig:
     stage: str = "all"  # "all" = pretrain, 1, 2 and eval; or one of "pretrain", "1", "2", "eval"
-    out_dir: str = "out/toy"  # checkpoints: <out_dir>/{pretrain,stage1,stage2}/
+    method: str = "mimic-video"  # toy world: "mimic-video", "vla" (same network, end to end, no video pretraining) or
+    #                              "joint" (VideoVLA-style: video and actions denoised together by one DiT)
+    out_dir: str = "out/toy"  # <out_dir>/{pretrain,stage1,stage2}/ and the policy folder <out_dir>/policy
     seed: int = 0
-    device: str = "auto"  # "auto": cuda if available, else cpu
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
     compile: bool = False  # torch.compile the model
     # data: the toy world
     num_demos: int = 2000  # expert demonstrations (stages 1 and 2)
     num_pretrain: int = 4000  # pretraining videos (other episodes than the demonstrations)
     eval_episodes: int = 200  # held-out seeds for the closed-loop evaluation
+    # data: a LeRobot dataset instead of the toy world (encoded once into <out_dir>/cache by --stage=encode)
+    data: str = ""  # a LeRobot dataset folder (v3.0 or v2.1) or Hub id; empty: the built-in toy world
+    pretrain_videos: str = ""  # another LeRobot dataset to pretrain the video model on (default: --data's own videos)
+    camera: str = ""  # the camera to read (e.g. "image" for observation.images.image; needed when there are several)
+    state_key: str = "observation.state"
+    action_key: str = "action"
+    timing: str = "small"  # window timing: "small" (toy-like: 1 frame, 4 future frames, 8 actions), "libero" (official), "bridge"
+    image_size: str = "32x32"  # HxW every frame is resized to (the official LIBERO data: 480x640)
+    video_encoder: str = "pixels"  # "pixels" (space-to-depth stand-in, CPU) or "wan" (the Wan2.1 VAE, --vae_source)
+    pixel_patch: int = 4  # pixels: space-to-depth factor (32x32 frames -> 8x8 latents of 50 channels)
+    pixel_mean: float = 0.0  # pixels: latents = (frames - mean) / std, as the VAE normalizes its latents
+    pixel_std: float = 1.0
+    vae_source: str = mv.COSMOS_HUB_REPO  # wan: a diffusers repo or folder holding the VAE (subfolder "vae")
+    text_encoder: str = "hashed"  # "hashed" (hashed words, CPU) or "t5" (--t5_source)
+    text_tokens: int = 16  # hashed words: instruction length after padding / truncation (T5: 512)
+    t5_source: str = "google-t5/t5-11b"
+    representation: str = "identity"  # "identity" (any state/action dims) or "libero" (8-D state, 7-D action -> 10-D)
+    val_fraction: float = 0.1  # episodes held out for the validation loss (0: none)
+    anchor_stride: int = 1  # a training window at every this-many frames of each episode
+    cache_dtype: str = "float32"  # latents in the cache: float32, or float16 / bfloat16 for big datasets
+    video_init: str = ""  # a pretrained backbone to start stage 1 from (file, folder or Hub repo id); empty: pretrain
+    video_init_file: str = ""  # with a Hub repo id: the file in it (e.g. model-480p-16fps.pt)
+    n_action_steps: int = 0  # actions executed per query by the trained policy (0: half the chunk; official 5 of 60)
     # models: presets of mimic_video.py
     video_preset: str = "toy"
     decoder_preset: str = "toy"
@@ -65,17 +97,109 @@ class TrainConfig:
     stage2_warmup: int = 100  # linear warmup, then linear decay to 0.2 x peak (official LambdaLinearScheduler)
     weight_decay: float = 0.1
     grad_clip: float = 10.0
+    activation_checkpointing: bool = False  # stage 1: recompute the video blocks in the backward pass (real scale)
     # logging, evaluation, checkpoints
     log_every: int = 100
     ckpt_every: int = 500  # checkpoint (and, in stage 2, a quick closed-loop eval) every this many steps
-    resume: bool = False  # continue the stage from its checkpoint (weights, optimizer, step)
+    quick_eval_episodes: int = 50  # toy world: episodes of each quick eval (also written to <stage>/quick_evals.csv)
+    resume: bool = False  # continue each stage from its checkpoint (weights, optimizer, step), exactly
+    overwrite: bool = False  # start the stages over, replacing the checkpoints they have in out_dir
+    allow_config_change: str = ""  # on resume, fields that may differ from the checkpoint's (comma-separated, or "all")
     stop_after_step: int = 0  # the policy query of the eval: k = 0 is one video forward at sigma = 80
+    # --stage=experiment: mimic-video, the VLA-style baseline and the joint model on nested demonstration sets
+    experiment_demos: str = "25,50,100,250,500,2000"
+    experiment_seeds: int = 2
+    experiment_workers: int = 2  # training processes at once, one thread each
+    experiment_convergence: int = 250  # the demonstration count whose runs log success every experiment_eval_every steps
+    experiment_eval_every: int = 500
 
     def validate(self):
-        if self.stage not in ("all", "pretrain", "1", "2", "eval"):
-            raise ValueError(f"--stage must be all, pretrain, 1, 2 or eval, got {self.stage!r}")
+        """Every value checked before any data is made or model built (mv.parse_config turns errors into one line)."""
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.data and self.stage in ("eval", "export", "experiment"):
+            raise ValueError(f"--stage={self.stage} is for the toy world; with --data there is no simulator to evaluate in "
+                             f"(load the policy folder with mv.load_policy and run it on your robot or simulator)")
+        if self.data and self.video_preset == "toy" and self.video_encoder == "wan":
+            raise ValueError("--video_encoder=wan makes 16-channel latents for the real video DiT: use --video_preset=cosmos-predict2-2b")
+        choices = {"timing": ("small", "libero", "bridge"), "video_encoder": ("pixels", "wan"), "text_encoder": ("hashed", "t5"),
+                   "representation": ("identity", "libero"), "cache_dtype": ("float32", "float16", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.image_hw()
+        if self.pixel_std <= 0:
+            raise ValueError(f"--pixel_std must be positive, got {self.pixel_std}")
+        if not 0 <= self.val_fraction < 1 or min(self.anchor_stride, self.pixel_patch, self.text_tokens) < 1 or self.n_action_steps < 0:
+            raise ValueError("--val_fraction must be in [0, 1), --anchor_stride, --pixel_patch and --text_tokens at least 1, "
+                             "--n_action_steps at least 0")
+        if self.data and not (Path(self.data).is_dir() or self.data.count("/") == 1):
+            raise ValueError(f"--data={self.data}: no such folder (and not a Hub dataset id owner/name)")
+        if self.pretrain_videos and not Path(self.pretrain_videos).is_dir():
+            raise ValueError(f"--pretrain_videos={self.pretrain_videos}: no such folder")
         if self.pretrain_data not in ("play", "expert"):
             raise ValueError(f"--pretrain_data must be play or expert, got {self.pretrain_data!r}")
+        if self.method not in ("mimic-video", "vla", "joint"):
+            raise ValueError(f"--method must be mimic-video, vla or joint, got {self.method!r}")
+        if self.method == "joint" and self.data:
+            raise ValueError("--method=joint is a toy-world comparison (without --data); --method=vla works on a dataset")
+        if not self.out_dir.strip():
+            raise ValueError("--out_dir must not be empty")
+        check_device(self.device)
+        for name, presets in (("video_preset", mv.VIDEO_DIT_PRESETS), ("decoder_preset", mv.ACTION_DECODER_PRESETS),
+                              ("model_preset", mv.VIDEO_ACTION_PRESETS)):
+            if getattr(self, name) not in presets:
+                raise ValueError(f"--{name}={getattr(self, name)!r} is not a preset; choose from {sorted(presets)}")
+        for name in ("num_demos", "num_pretrain", "eval_episodes", "lora_rank", "batch_size", "pretrain_steps",
+                     "stage1_steps", "stage2_steps", "log_every", "ckpt_every", "quick_eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("pretrain_lr", "stage1_lr", "stage2_lr", "lora_alpha", "grad_clip"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        if self.seed < 0 or self.stage2_warmup < 0 or not 0 <= self.weight_decay < math.inf:
+            raise ValueError("--seed, --stage2_warmup and --weight_decay must be >= 0")
+        if not 0 <= self.stop_after_step <= 35:
+            raise ValueError(f"--stop_after_step must be in [0, 35], got {self.stop_after_step}")
+        try:
+            ok = all(int(n) >= 1 for n in self.experiment_demos.split(","))
+        except ValueError:
+            ok = False
+        if not ok or self.experiment_seeds < 1 or self.experiment_workers < 1 or self.experiment_eval_every < 1:
+            raise ValueError("--experiment_demos must be comma-separated counts >= 1; --experiment_seeds, --experiment_workers "
+                             "and --experiment_eval_every at least 1")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume=true and --overwrite=true contradict each other: choose one")
+        unknown = set(self.changeable()) - {f for f in TrainConfig.__dataclass_fields__} - {"all"}
+        if unknown:
+            raise ValueError(f"--allow_config_change names unknown fields {sorted(unknown)}")
+
+    def changeable(self):
+        return [f for f in self.allow_config_change.split(",") if f]
+
+    def image_hw(self):
+        try:
+            h, w = (int(v) for v in self.image_size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--image_size must be HxW (e.g. 32x32 or 480x640), got {self.image_size!r}") from None
+        if h < 1 or w < 1:
+            raise ValueError(f"--image_size must be positive, got {self.image_size!r}")
+        return h, w
+
+
+STAGES = ("all", "export", "encode", "pretrain", "1", "2", "eval", "benchmark", "experiment")
+
+
+def check_device(device):
+    """'auto', 'cpu', 'cuda' or 'cuda:N' that exists on this machine."""
+    if device in ("auto", "cpu"):
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device={device} but this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,14 +207,15 @@ class TrainConfig:
 
 def setup(cfg):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     else:
         rank, world = 0, 1
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    index = int(os.environ.get("LOCAL_RANK", 0)) if ddp or ":" not in cfg.device else int(cfg.device[5:])
+    device = torch.device(f"cuda:{index}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -111,7 +236,163 @@ def barrier(world):
 
 
 # ----------------------------------------------------------------------------------------------
-# data: cached demonstrations, normalization statistics
+# the run's folder: one run at a time, checkpoints as one unit, resume exact or refused
+
+class RunLock:
+    """<out_dir>/.lock names the run that holds the folder (host, pid and the process's start time). A second run
+    into the folder stops with that name; a lock whose process is gone (or whose pid was reused) is stale and is
+    taken over, with a line in the log."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _start_time(pid):
+        try:  # field 22 of /proc/<pid>/stat: start time in clock ticks since boot (Linux)
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return None
+
+    @classmethod
+    def _alive(cls, owner):
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's process: cannot tell, so it is not taken over
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # exists, owned by another user
+        started = cls._start_time(owner["pid"])
+        return started is None or owner.get("started") in (None, started)
+
+    def acquire(self, log_fn=print):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": self._start_time(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    owner = {}
+                if owner and self._alive(owner):
+                    sys.exit(f"error: {self.path.parent} is in use by another run (pid {owner.get('pid')} on "
+                             f"{owner.get('host')}, since {owner.get('since')}: {owner.get('command', '?')}); wait for it "
+                             f"to finish or choose another --out_dir (if that run is surely gone, delete {self.path})")
+                log_fn(f"taking over a stale lock of pid {owner.get('pid')} (no such process any more): {self.path}")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        sys.exit(f"error: could not take the lock {self.path}")
+
+    def release(self):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+CHECKPOINT = "checkpoint"  # <out_dir>/<stage>/checkpoint/: model.safetensors, optim.pt, train_state.json
+
+# The fields each stage's result depends on: changing one makes a continuation from its checkpoint inexact.
+DATA_FIELDS = ("data", "pretrain_videos", "camera", "state_key", "action_key", "timing", "image_size", "video_encoder",
+               "pixel_patch", "pixel_mean", "pixel_std", "text_encoder", "text_tokens", "representation", "val_fraction", "anchor_stride", "cache_dtype")
+EXACT_FIELDS = {
+    "pretrain": ("seed", "batch_size", "weight_decay", "grad_clip", "video_preset", "model_preset", "num_pretrain",
+                 "pretrain_data", "pretrain_steps", "pretrain_lr"),
+    "stage1": ("seed", "batch_size", "weight_decay", "grad_clip", "video_preset", "model_preset", "num_demos",
+               "lora_rank", "lora_alpha", "stage1_steps", "stage1_lr", "video_init", "video_init_file"),
+    "stage2": ("seed", "batch_size", "weight_decay", "grad_clip", "video_preset", "decoder_preset", "model_preset",
+               "num_demos", "stage2_steps", "stage2_lr", "stage2_warmup"),
+}
+EXACT_FIELDS = {name: fields + DATA_FIELDS + ("method",) for name, fields in EXACT_FIELDS.items()}
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fingerprint(path):
+    """A cheap identity of an input file (size and a hash of its head and tail): a changed input is detected."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(directory, model, opt, step, meta):
+    """The trainable weights, the optimizer and the train state of step `step`, as one folder swapped in whole
+    (mv.atomic_write_dir): it is either entirely step `step` or still the previous checkpoint."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}
+
+    def write(tmp):
+        save_file(tensors, tmp / "model.safetensors")
+        torch.save({"optimizer": opt.state_dict()}, tmp / "optim.pt")
+        (tmp / "train_state.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+
+    try:
+        mv.atomic_write_dir(directory / CHECKPOINT, write)
+    except OSError as e:
+        raise CheckpointWriteError(f"could not write the step {step} checkpoint to {directory / CHECKPOINT}: {e}") from e
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
+def read_train_state(directory):
+    """The train state of a stage's checkpoint, or None when it has none."""
+    mv.recover_dir(directory / CHECKPOINT)
+    path = directory / CHECKPOINT / "train_state.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_resume(name, saved, cfg, steps, inputs, log_fn):
+    """Refuse a continuation that would not be exact: a changed field this stage depends on, or a changed input
+    file; a field named in --allow_config_change is let through, and the log says so."""
+    changed = {f: (saved["train"].get(f), getattr(cfg, f)) for f in EXACT_FIELDS[name] if saved["train"].get(f) != getattr(cfg, f)}
+    changed.update({f"input {k}": (saved["inputs"].get(k), v) for k, v in inputs.items() if saved["inputs"].get(k) != v})
+    allowed = set(cfg.changeable())
+    refused = {f: v for f, v in changed.items() if "all" not in allowed and f not in allowed}
+    if refused:
+        what = ", ".join(f"{f} (checkpoint {a!r}, now {b!r})" for f, (a, b) in refused.items())
+        sys.exit(f"error: cannot resume {name} exactly from its step {saved['step']} checkpoint: changed {what}. Restore "
+                 f"the values, or allow the change with --allow_config_change={','.join(refused)} (the continuation will "
+                 f"not equal an uninterrupted run), or start over with --overwrite=true")
+    if changed:
+        log_fn(f"{name}: resuming with changed {', '.join(changed)} (allowed by --allow_config_change): the continuation "
+               f"is not the run the checkpoint began")
+    if saved["step"] > steps:
+        sys.exit(f"error: the {name} checkpoint is at step {saved['step']}, beyond the requested {steps} steps")
+
+
+def restore(directory, model, opt):
+    """Load a checkpoint's trainable weights (strictly) and optimizer state; return its step."""
+    ckpt = directory / CHECKPOINT
+    params = trainable(model)
+    sd = load_file(ckpt / "model.safetensors")
+    mv.check_state_dict(params, sd, f"checkpoint {ckpt}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            params[k].copy_(v)
+    opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True)["optimizer"])
+    return json.loads((ckpt / "train_state.json").read_text())["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# data: the toy world's demonstrations, normalization statistics
 
 def load_demos(kind, cfg, world_cfg, rank, world):
     """Expert demos or pretraining videos, made once and cached under out_dir (rank 0 writes, atomically)."""
@@ -130,27 +411,238 @@ def load_demos(kind, cfg, world_cfg, rank, world):
         return {k: f[k] for k in f.files}
 
 
-def toy_stats(demos, world_cfg, representation):
-    """Per-chunk-step statistics of the proprio and the action chunks over every training sample (each episode up to
-    its arrival), with the same end-of-episode padding as the training batches (`mv.episode_chunks`)."""
-    lengths = mv.toy_demo_lengths(demos)
-    chunks = np.concatenate([mv.episode_chunks(demos["actions"][e], np.arange(n), world_cfg.chunk, pad="zero")
-                             for e, n in enumerate(lengths)])  # (samples, chunk, 2)
-    states = np.concatenate([demos["agent"][e, :n] for e, n in enumerate(lengths)])[:, None]  # (samples, 1, 2)
-    return representation.stats(states, chunks)
+class ToyData:
+    """Training batches from toy-world episodes: (episode, step) pairs drawn from each episode up to its arrival,
+    rendered, then encoded as the policy encodes its observations."""
+
+    def __init__(self, demos, world_cfg, encoders, representation):
+        self.demos, self.world_cfg, self.encoders, self.representation = demos, world_cfg, encoders, representation
+        self.lengths = mv.toy_demo_lengths(demos)
+
+    def stats(self):
+        """Per-chunk-step statistics of the proprio and the action chunks over every training sample, with the same
+        end-of-episode padding as the batches (`mv.episode_chunks`)."""
+        chunk = self.world_cfg.chunk
+        chunks = np.concatenate([mv.episode_chunks(self.demos["actions"][e], np.arange(n), chunk, pad="zero")
+                                 for e, n in enumerate(self.lengths)])  # (samples, chunk, 2)
+        states = np.concatenate([self.demos["agent"][e, :n] for e, n in enumerate(self.lengths)])[:, None]  # (samples, 1, 2)
+        return self.representation.stats(states, chunks)
+
+    def batch(self, g, B, shard, model):
+        """The model inputs of a global batch of B samples drawn with generator g, this rank's `shard` of them."""
+        episodes = torch.randint(len(self.lengths), (B,), generator=g).numpy()
+        t = (torch.rand(B, generator=g).numpy() * self.lengths[episodes]).astype(np.int64)[shard]
+        raw = mv.toy_batch(self.demos, episodes[shard], t, self.world_cfg)
+        video_encoder, text_encoder = self.encoders
+        latents = video_encoder.encode(torch.cat([raw["context"], raw["future"]], dim=2))  # (B, C, T, h, w)
+        Tc = model.cfg.context_latents
+        out = {"context": latents[:, :, :Tc], "future": latents[:, :, Tc:], "text": text_encoder(raw["task"])}
+        if model.obs_normalizer is not None:  # stage 2: proprio and actions in the decoder's normalized representation
+            out["proprio"] = model.obs_normalizer.normalize(self.representation.state_to_model(raw["state"]))[:, None]
+            out["actions"] = model.action_normalizer.normalize(self.representation.action_to_model(raw["actions"]))
+        return out
+
+    def shapes(self, model):
+        """(latent shape, action chunk shape) of one sample."""
+        S = self.world_cfg.image_size
+        return (model.video.cfg.in_channels, model.cfg.latent_frames, S, S), (self.world_cfg.chunk, model.action_dim)
 
 
-def model_inputs(batch, model, encoders, representation):
-    """Raw samples -> what the model trains on: encoded context and future latents, text embeddings, and (when the
-    model has normalizers) normalized proprio and action chunks in the decoder's representation."""
+# ----------------------------------------------------------------------------------------------
+# data: a LeRobot dataset, encoded once (--stage=encode) into <out_dir>/cache, then read by every stage
+
+CACHE_FORMAT = "mimic-video cache v1"
+
+
+def make_encoders(cfg, device):
+    """The policy's encoders as the config names them: the real Wan2.1 VAE and T5, or the offline stand-ins."""
+    if cfg.video_encoder == "wan":
+        video = mv.load_vae(cfg.vae_source, "vae", device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    else:
+        video = mv.PixelEncoder(cfg.pixel_patch, coords=True, mean=cfg.pixel_mean, std=cfg.pixel_std)
+    text = mv.load_text_encoder(cfg.t5_source, device=device) if cfg.text_encoder == "t5" else mv.HashedWordEncoder(32, cfg.text_tokens)
+    return video, text
+
+
+def dataset_policy_config(cfg, plan, encoders, representation):
+    """The PolicyConfig a dataset-trained policy runs with: the training window turned into control steps."""
+    fps, timing = plan["fps"], mv.WindowTiming(**plan["timing"])
+    stride = fps / timing.context_hz
+    if timing.context_frames > 1 and abs(stride - round(stride)) > 1e-6:
+        sys.exit(f"error: the context frames at {timing.context_hz} Hz are not a whole number of control steps at the "
+                 f"dataset's {fps} fps")
+    if abs(timing.chunk_hz - fps) > 1e-6:
+        sys.exit(f"error: the action chunk at {timing.chunk_hz} Hz is not at the dataset's control rate ({fps} fps): the "
+                 f"policy executes one action per control step; choose --timing to match")
+    return mv.PolicyConfig(
+        camera=plan["camera"].removeprefix("observation.images."), image_size=tuple(plan["image_size"]),
+        context_frames=timing.context_frames, frame_stride=max(1, round(stride)), history_padding="first",
+        n_action_steps=cfg.n_action_steps or max(1, timing.chunk // 2), stop_after_step=cfg.stop_after_step,
+        numpy_noise=False, video_encoder=encoders[0].spec, text_encoder=encoders[1].spec,
+        representation=representation.to_config())
+
+
+def cache_plan(cfg, ds, timing, encoders, representation):
+    """What a cache holds; an existing cache must match it exactly (else it would mix two datasets or settings)."""
+    return {"format": CACHE_FORMAT, "dataset": str(ds.root), "fingerprint": ds.fingerprint(), "camera": ds.camera,
+            "fps": ds.fps, "timing": asdict(timing), "image_size": list(cfg.image_hw()), "video_encoder": encoders[0].spec,
+            "text_encoder": encoders[1].spec, "representation": representation.to_config(),
+            "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype}
+
+
+def encode_dataset(cfg, ds, cache, timing, encoders, representation, device, log_fn=print):
+    """Every training window's latents (context + future frames, encoded together: the VAE is causal), the model-space
+    state and action chunk of each anchor, and each distinct instruction's embedding, written once under `cache`.
+    One safetensors file per episode, each written atomically; an interrupted run resumes where it stopped."""
+    plan = cache_plan(cfg, ds, timing, encoders, representation)
+    cache.mkdir(parents=True, exist_ok=True)
+    plan_path = cache / "plan.json"
+    if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
+        sys.exit(f"error: {cache} was encoded from another dataset or with other settings ({plan_path}); use another "
+                 f"--out_dir, or delete the cache to encode again")
+    mv.atomic_write(plan_path, lambda p: Path(p).write_text(json.dumps(plan, indent=2)))
     video_encoder, text_encoder = encoders
-    latents = video_encoder.encode(torch.cat([batch["context"], batch["future"]], dim=2))  # (B, C, T, h, w)
-    Tc = model.cfg.context_latents
-    out = {"context": latents[:, :, :Tc], "future": latents[:, :, Tc:], "text": text_encoder(batch["task"])}
-    if model.obs_normalizer is not None:
-        out["proprio"] = model.obs_normalizer.normalize(representation.state_to_model(batch["state"]))[:, None]
-        out["actions"] = model.action_normalizer.normalize(representation.action_to_model(batch["actions"]))
-    return out
+    state_rot, action_rot = representation.rotvec_dims
+    dtype = getattr(torch, cfg.cache_dtype)
+    episodes, texts = [], {}
+    bar = tqdm(range(len(ds)), desc="encode", disable=not sys.stderr.isatty())
+    for n in bar:
+        ep = ds.episodes[n]
+        path = cache / f"episode_{ep['index']:06d}.safetensors"
+        low = ds.lowdim(n)
+        texts.setdefault(low["task"], len(texts))
+        anchors = low["timestamp"][:: cfg.anchor_stride]
+        if not path.exists():
+            frames = ds.frames(n, np.arange(ep["length"]))  # the episode's frames, decoded once
+            latents = []
+            for i in range(0, len(anchors), 16):  # 16 windows at a time through the encoder
+                ctx, fut = zip(*(ds.window_indices(low["timestamp"], t, timing) for t in anchors[i:i + 16]))
+                pix = frames[np.concatenate([np.stack(ctx), np.stack(fut)], axis=1)]  # (b, Tc + Tf, H, W, 3)
+                pix = mv.resize_frames(mv.images_to_frames(torch.from_numpy(pix)), cfg.image_hw())  # (b, T, 3, h, w)
+                latents.append(video_encoder.encode(pix.transpose(1, 2).to(device)).cpu().to(dtype))  # (b, C, T', h', w')
+            state = representation.state_to_model(torch.from_numpy(mv.interpolate_lowdim(
+                low["timestamp"], low["state"], anchors, state_rot)).float())  # (n, d_s)
+            times = np.concatenate([timing.action_times(t) for t in anchors])
+            actions = mv.interpolate_lowdim(low["timestamp"], low["action"], times, action_rot)  # (n * H, d_a)
+            actions = representation.action_to_model(torch.from_numpy(actions).float()).reshape(len(anchors), timing.chunk, -1)
+            tensors = {"latents": torch.cat(latents).contiguous(), "state": state.contiguous(), "actions": actions.contiguous()}
+            mv.atomic_write(path, lambda p, t=tensors: save_file(t, p, metadata={"task": low["task"]}))
+        episodes.append({"index": ep["index"], "file": path.name, "anchors": len(anchors), "text": texts[low["task"]]})
+    names = list(texts)
+    emb = torch.cat([text_encoder(names[i:i + 8]).cpu() for i in range(0, len(names), 8)])  # (n_texts, L, D)
+    mv.atomic_write(cache / "text.safetensors", lambda p: save_file({"embeddings": emb.contiguous()}, p))
+    rng = np.random.RandomState(cfg.seed)  # a validation split by episode, fixed by the seed
+    n_val = int(round(cfg.val_fraction * len(episodes))) if len(episodes) > 1 else 0
+    val = set(rng.permutation(len(episodes))[:n_val].tolist())
+    meta = {"plan": plan, "episodes": episodes, "texts": names, "train": [i for i in range(len(episodes)) if i not in val],
+            "val": sorted(val)}
+    data = CachedData(cache, meta=meta)
+    meta["stats"] = representation.stats(*data.all_states_and_actions("train"))
+    mv.atomic_write(cache / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
+    log_fn(f"encoded {len(episodes)} episodes ({sum(e['anchors'] for e in episodes)} windows, {len(names)} instructions) "
+           f"into {cache}: {len(meta['train'])} train, {len(meta['val'])} validation episodes")
+    return meta
+
+
+class CachedData:
+    """Training batches from an encoded cache: the training loop never runs the VAE or T5. Each episode's tensors are
+    read through safetensors memory maps, one window at a time."""
+
+    def __init__(self, cache, split="train", meta=None):
+        self.cache = Path(cache)
+        meta_path = self.cache / "meta.json"
+        if meta is None:
+            if not meta_path.is_file():
+                raise FileNotFoundError(f"{self.cache} holds no finished cache (meta.json): run --stage=encode first")
+            meta = json.loads(meta_path.read_text())
+        self.meta, self.split = meta, split
+        self.texts = load_file(self.cache / "text.safetensors")["embeddings"]
+        self.files = [self.cache / e["file"] for e in meta["episodes"]]
+        episodes = range(len(meta["episodes"])) if split == "all" else meta[split]  # "train", "val" or "all"
+        self.index = np.array([(i, row) for i in episodes for row in range(meta["episodes"][i]["anchors"])], np.int64)
+        self.handles = {}
+        if len(self.index) == 0:
+            raise ValueError(f"the {split} split of {self.cache} has no windows")
+
+    def _handle(self, i):
+        if i not in self.handles:
+            from safetensors import safe_open
+
+            self.handles[i] = safe_open(self.files[i], "pt")
+        return self.handles[i]
+
+    def all_states_and_actions(self, split):
+        """(N, 1, d_s) states and (N, H, d_a) action chunks of every window of a split: the statistics' input."""
+        parts = [load_file(self.files[i]) for i in self.meta[split]]
+        return (torch.cat([p["state"] for p in parts])[:, None].numpy(), torch.cat([p["actions"] for p in parts]).numpy())
+
+    def stats(self):
+        return self.meta["stats"]
+
+    def windows(self, rows):
+        """Latents, text embeddings, states and actions of the windows `rows` of the index."""
+        out = {"latents": [], "state": [], "actions": [], "text": []}
+        for i, row in self.index[rows]:
+            h = self._handle(int(i))
+            for key in ("latents", "state", "actions"):
+                out[key].append(h.get_slice(key)[int(row)])
+            out["text"].append(self.meta["episodes"][i]["text"])
+        return {"latents": torch.stack(out["latents"]).float(), "state": torch.stack(out["state"]),
+                "actions": torch.stack(out["actions"]), "text": self.texts[out["text"]]}
+
+    def batch(self, g, B, shard, model):
+        rows = torch.randint(len(self.index), (B,), generator=g).numpy()[shard]
+        w = self.windows(rows)
+        Tc = model.cfg.context_latents
+        out = {"context": w["latents"][:, :, :Tc], "future": w["latents"][:, :, Tc:], "text": w["text"]}
+        if model.obs_normalizer is not None:
+            out["proprio"] = model.obs_normalizer.normalize(w["state"])[:, None]
+            out["actions"] = model.action_normalizer.normalize(w["actions"])
+        return out
+
+    def shapes(self, model=None):
+        """(latent shape, action chunk shape) of one window."""
+        h = self._handle(int(self.index[0][0]))
+        return tuple(h.get_slice("latents").get_shape()[1:]), tuple(h.get_slice("actions").get_shape()[1:])
+
+
+def dataset_models(cfg, data, representation, video_encoder):
+    """Model configs that fit a dataset: the presets, with the latent channels, latent grid, window and chunk of the
+    data (the toy presets then train on a CPU; the real presets keep their released sizes)."""
+    (C, T, h, w), (H, _) = data.shapes()
+    video = mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS)
+    if C != video.in_channels:  # the stand-in encoder's channels (the real DiT reads the VAE's 16)
+        video = mv.replace(video, in_channels=C, out_channels=C)
+    video = mv.replace(video, max_img_h=max(h, video.max_img_h), max_img_w=max(w, video.max_img_w))
+    decoder = mv.replace(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS),
+                         max_horizon=H + 1, in_channels=representation.model_state_dim,
+                         out_channels=representation.model_action_dim)
+    context = video_encoder.latent_frames(data.meta["plan"]["timing"]["context_frames"])
+    model = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS, latent_frames=T,
+                           context_latents=context)
+    return video, decoder, model
+
+
+def export_toy(cfg, world_cfg, out, log_fn=print):
+    """The toy world's demonstrations (and its pretraining videos) as LeRobot v3.0 datasets: what a real robot's
+    recordings look like. Frames from the toy camera (uint8), state = agent position, action = the motion, each
+    episode up to the step it arrives (with the zero action it then sends), at 10 fps."""
+    for kind, n, seed, name in (("demos", cfg.num_demos, cfg.seed, "demos"), (cfg.pretrain_data, cfg.num_pretrain, cfg.seed + 1, "videos")):
+        speeds = (0.3 * world_cfg.max_speed, world_cfg.max_speed) if kind == "play" else None
+        demos = mv.make_toy_demos(n, seed, world_cfg, speeds)
+        lengths = mv.toy_demo_lengths(demos)
+        episodes = []
+        for e in tqdm(range(n), desc=f"export {name}", disable=not sys.stderr.isatty()):
+            L = int(lengths[e])  # states 0..L-1, the last on the goal
+            images = mv.toy_render(demos["agent"][e, :L], np.repeat(demos["targets"][e:e + 1], L, 0),
+                                   np.repeat(demos["colours"][e:e + 1], L, 0), world_cfg)
+            episodes.append({"frames": mv.toy_camera(images), "state": demos["agent"][e, :L], "action": demos["actions"][e, :L],
+                             "task": mv.toy_instruction(demos["goal_colour"][e], demos["template"][e])})
+        mv.write_lerobot_dataset(out / name, episodes, fps=TOY_FPS, camera="observation.images.top", robot_type="toy")
+        log_fn(f"wrote {n} episodes ({sum(len(e['frames']) for e in episodes)} frames) to {out / name}")
+
+
+TOY_FPS = 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,39 +651,12 @@ def model_inputs(batch, model, encoders, representation):
 def build_model(cfg, device, video=None, stats=None, representation=None):
     video = video if video is not None else mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS))
     if video.cfg.in_channels != 5:
-        sys.exit("error: the toy world's frames become 5-channel latents (RGB + x, y); real presets need a latent "
-                 "dataset, which plugs into the same seam (mimic_video.toy_batch)")
+        sys.exit("error: the toy world's frames become 5-channel latents (RGB + x, y); the real presets need a latent "
+                 "dataset")
     decoder = mv.ActionDecoder(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS))
     obs_norm, act_norm = representation.normalizers(stats) if stats is not None else (None, None)
     va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
     return mv.VideoActionModel(video, decoder, va_cfg, obs_norm, act_norm).to(device)
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints: safetensors + JSON, optimizer and step beside them, each file written atomically
-
-def save_checkpoint(directory, tensors, opt, step, meta):
-    directory.mkdir(parents=True, exist_ok=True)
-    mv.atomic_write(directory / "model.safetensors", lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, p))
-    mv.atomic_write(directory / "optim.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "step": step}, p))
-    mv.atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-
-
-def trainable(model):
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def resume_from(directory, model, opt):
-    """Load the trainable weights and the optimizer; return the step to continue from."""
-    params = trainable(model)
-    sd = load_file(directory / "model.safetensors")
-    mv.check_state_dict(params, sd, f"checkpoint {directory}")
-    with torch.no_grad():
-        for k, v in sd.items():
-            params[k].copy_(v)
-    state = torch.load(directory / "optim.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    return state["step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,42 +671,63 @@ def lr_schedule(stage, cfg, steps):
     return lambda step: (step + 1) / warm if step < warm else 0.2 + 0.8 * (steps - step) / max(1, steps - warm)
 
 
-def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, encoders, representation, on_checkpoint=None):
-    """AdamW over the trainable parameters; per-step randomness from (seed, stage, step) alone."""
+def validation_loss(model, data, loss, cfg, env, batches=4):
+    """The stage's loss on held-out episodes: fixed windows and noise (the same at every checkpoint), no gradients."""
+    rank, world, device, autocast = env
+    latent_shape, action_shape = data.shapes(model)
+    B = min(cfg.batch_size, len(data.index))
+    was_training, total = model.training, 0.0
+    model.eval()
+    with torch.no_grad():
+        for k in range(batches):
+            g = torch.Generator().manual_seed(999_983 + k)
+            batch = data.batch(g, B, slice(None), model)
+            if loss == "video":
+                batch = {key: batch[key] for key in ("context", "future", "text")}
+            noise = {key: v.to(device) for key, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
+            with autocast:
+                total += model(loss, **{key: v.to(device) for key, v in batch.items()}, noise=noise)["loss"].item()
+    model.train(was_training)
+    return total / batches
+
+
+def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_checkpoint=None, val_data=None):
+    """AdamW over the trainable parameters; per-step randomness from (seed, stage, step) alone, so a resumed run
+    equals an uninterrupted one. `inputs`: fingerprints of the files the stage starts from; `val_data`: held-out
+    episodes whose loss is logged at every checkpoint."""
     rank, world, device, autocast = env
     params = list(trainable(model).values())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
-    directory = Path(cfg.out_dir) / name
-    start = resume_from(directory, model, opt) if cfg.resume and (directory / "optim.pt").exists() else 0
-    if start:
-        log(rank, f"{name}: resuming at step {start}")
+    directory, inputs = Path(cfg.out_dir) / name, inputs or {}
+    saved = read_train_state(directory)
+    start = 0
+    if saved is not None and cfg.resume:
+        check_resume(name, saved, cfg, steps, inputs, lambda *a: log(rank, *a))
+        start = restore(directory, model, opt)
+        log(rank, f"{name}: complete at step {start}, nothing to train" if start == steps else f"{name}: resuming at step {start}")
+    elif cfg.resume:
+        log(rank, f"{name}: no checkpoint in {directory}, starting at step 0")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     sched = lr_schedule(stage, cfg, steps)
     B, b = cfg.batch_size, cfg.batch_size // world
     shard = slice(rank * b, (rank + 1) * b)
-    S, F = world_cfg.image_size, world_cfg.future_frames
-    latent_shape = (model.video.cfg.in_channels, model.cfg.latent_frames, S, S)
-    action_shape = (world_cfg.chunk, model.decoder.cfg.out_channels)
+    latent_shape, action_shape = data.shapes(model)
     bins, window, t0 = np.linspace(0, 1, 5), [], time.perf_counter()
-    lengths = mv.toy_demo_lengths(demos)  # steps are drawn from each episode up to its arrival
     loss = "action" if stage == 2 else "video"  # pretraining (stage 0) and stage 1 train the video model
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0 or not sys.stderr.isatty(), initial=start, total=steps)
     model.train()
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_003 + step)
-        episodes = torch.randint(len(demos["agent"]), (B,), generator=g).numpy()
-        t = (torch.rand(B, generator=g).numpy() * lengths[episodes]).astype(np.int64)[shard]
-        episodes = episodes[shard]
-        inputs = model_inputs(mv.toy_batch(demos, episodes, t, world_cfg), model, encoders, representation)
+        batch = data.batch(g, B, shard, model)
         if loss == "video":
-            inputs = {k: inputs[k] for k in ("context", "future", "text")}
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+            batch = {k: batch[k] for k in ("context", "future", "text")}
+        batch = {k: v.to(device) for k, v in batch.items()}
         noise = {k: v[shard].to(device) for k, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
         for group in opt.param_groups:
             group["lr"] = lr * sched(step)
         with autocast:
-            out = net(loss, **inputs, noise=noise)
+            out = net(loss, **batch, noise=noise)
         if not torch.isfinite(out["loss"]):
             raise FloatingPointError(f"{name} step {step}: loss is {out['loss'].item()} (NaN/inf); lower the learning rate")
         opt.zero_grad(set_to_none=True)
@@ -261,10 +747,13 @@ def train_stage(name, stage, model, demos, steps, lr, cfg, world_cfg, env, encod
                       f"[0,.25,.5,.75,1]: {binned} | lr {lr * sched(step):.2e} | {ms:.0f} ms/step")
             window, t0 = [], time.perf_counter()
         if (step + 1) % cfg.ckpt_every == 0 or last:  # eval + checkpoint, in one block
+            if val_data is not None:
+                log(rank, f"{name} step {step + 1}: validation loss {validation_loss(model, val_data, loss, cfg, env):.4f} "
+                          f"({len(val_data.meta['val'])} held-out episodes)")
             if rank == 0:
-                meta = {"train": asdict(cfg), "world": asdict(world_cfg), "video": asdict(model.video.cfg),
-                        "decoder": asdict(model.decoder.cfg), "model": asdict(model.cfg), "stage": name}
-                save_checkpoint(directory, trainable(model), opt, step + 1, meta)
+                meta = {"stage": name, "train": asdict(cfg), "inputs": inputs, "video": asdict(model.video.cfg),
+                        "decoder": asdict(model.decoder.cfg), "model": asdict(model.cfg)}
+                save_checkpoint(directory, model, opt, step + 1, meta)
                 if on_checkpoint is not None:
                     on_checkpoint(step + 1)
             barrier(world)
@@ -281,60 +770,336 @@ def evaluate(policy, episodes, world_cfg):
     return float(mv.toy_rollout(policy, seeds, world_cfg)["success"].mean())
 
 
+def quick_eval(policy, model, cfg, rank, offset=0):
+    """A closed-loop evaluation at each stage-2 checkpoint, logged and appended to <out_dir>/stage2/quick_evals.csv
+    (steps counted on the demonstrations: `offset` = the steps of stage 1 before it)."""
+    if cfg.stage2_steps < cfg.ckpt_every:
+        return None
+    path = Path(cfg.out_dir) / "stage2" / "quick_evals.csv"
+
+    def run(step):
+        rate = evaluate(policy, cfg.quick_eval_episodes, mv.ToyWorldConfig())  # puts the model in eval mode
+        model.train()
+        log(rank, f"stage2 step {step}: closed-loop success {rate:.0%} on {cfg.quick_eval_episodes} held-out episodes")
+        rows = path.read_text() if path.exists() else "method,demo_steps,episodes,success\n"
+        rows += f"{cfg.method},{offset + step},{cfg.quick_eval_episodes},{rate:.4f}\n"
+        mv.atomic_write(path, lambda p: Path(p).write_text(rows))
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's claims in miniature (--stage=experiment): sample efficiency, convergence, latency
+
+EXPERIMENT_METHODS = ("mimic-video", "vla", "joint")
+
+
+def experiment_job(kind, args, out, log_path, episodes):
+    """One run in a worker process with one thread, its output in a log file. kind "pretrain": the shared video
+    pretraining of a seed; otherwise a method's training on the demonstrations, then its closed-loop success."""
+    import contextlib
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        if kind == "pretrain":
+            main([*args, f"--out_dir={out}", "--stage=pretrain"])
+            return {"seconds": time.perf_counter() - t0}
+        if kind == "mimic-video":
+            main([*args, f"--out_dir={out}", "--stage=1"])
+        main([*args, f"--out_dir={out}", "--stage=2", f"--method={kind}"])
+        seconds = time.perf_counter() - t0
+        rate = evaluate(mv.load_policy(out / "policy"), episodes, mv.ToyWorldConfig())
+    return {"seconds": seconds, "success": rate}
+
+
+def run_experiment(cfg, env):
+    """Train mimic-video, the VLA-style baseline and the joint model on nested sets of demonstrations, for several
+    seeds; evaluate each on the same held-out episodes; write CSVs and plots; time one query of each on this CPU."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    out = Path(cfg.out_dir)
+    demos = [int(n) for n in cfg.experiment_demos.split(",")]
+    seeds = list(range(cfg.experiment_seeds))
+    common = [f"--{k}={v}" for k, v in asdict(cfg).items() if k in EXPERIMENT_SHARED]
+    t_start = time.perf_counter()
+    rows, jobs = [], {}
+    conv = (cfg.experiment_convergence, seeds[0])  # the runs that also log quick evaluations
+    with ProcessPoolExecutor(cfg.experiment_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        def submit(kind, n, seed):
+            run = out / f"seed{seed}" / f"{n}demos" / kind
+            run.mkdir(parents=True, exist_ok=True)
+            if kind != "vla":  # mimic-video and the joint model start from the seed's pretrained video model
+                shutil.copytree(out / f"seed{seed}" / "pretrain" / "pretrain", run / "pretrain", dirs_exist_ok=True)
+            args = [*common, f"--seed={seed}", f"--num_demos={n}"]
+            if (n, seed) == conv and kind != "joint":
+                args += [f"--ckpt_every={cfg.experiment_eval_every}", "--quick_eval_episodes=100"]
+            jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed)
+
+        pre = {pool.submit(experiment_job, "pretrain", [*common, f"--seed={s}"], out / f"seed{s}" / "pretrain",
+                           out / f"seed{s}" / "pretrain.log", 0): s for s in seeds if (out / f"seed{s}").mkdir(parents=True, exist_ok=True) is None}
+        for s in seeds:
+            for n in demos:
+                submit("vla", n, s)  # needs no pretraining: starts at once
+        for done in pre:
+            s = pre[done]
+            log(0, f"experiment: pretraining of seed {s} done in {done.result()['seconds']:.0f} s")
+            for n in demos:
+                for kind in ("mimic-video", "joint"):
+                    submit(kind, n, s)
+        for done in list(jobs):
+            kind, n, seed = jobs[done]
+            r = done.result()
+            rows.append({"method": kind, "demos": n, "seed": seed, "success": r["success"], "train_seconds": round(r["seconds"])})
+            log(0, f"experiment: {kind:12s} {n:5d} demos, seed {seed}: {r['success']:6.1%} ({r['seconds']:.0f} s)")
+    wall = time.perf_counter() - t_start
+    eval_seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.eval_episodes)]
+    random, expert = mv.toy_baselines(eval_seeds, mv.ToyWorldConfig(), 0)
+    write_csv(out / "efficiency.csv", rows)
+    convergence = []
+    for kind in ("mimic-video", "vla"):
+        path = out / f"seed{conv[1]}" / f"{conv[0]}demos" / kind / "stage2" / "quick_evals.csv"
+        convergence += [dict(zip(("method", "demo_steps", "episodes", "success"), line.split(",")))
+                        for line in path.read_text().splitlines()[1:]] if path.exists() else []
+    write_csv(out / "convergence.csv", convergence)
+    latency = experiment_latency(out, max(demos), seeds[0])
+    write_csv(out / "latency.csv", latency)
+    plot_experiment(out, rows, convergence, random, expert, conv[0])
+    log(0, f"\nsuccess on {cfg.eval_episodes} held-out episodes (mean over {len(seeds)} seeds; random {random:.1%}, "
+           f"expert {expert:.1%}), {wall / 60:.0f} min for the whole experiment on this machine:")
+    log(0, f"{'demos':>8} " + " ".join(f"{m:>12}" for m in EXPERIMENT_METHODS))
+    for n in demos:
+        cells = [np.mean([r["success"] for r in rows if r["method"] == m and r["demos"] == n]) for m in EXPERIMENT_METHODS]
+        log(0, f"{n:>8} " + " ".join(f"{c:>12.1%}" for c in cells))
+    for r in latency:
+        log(0, f"latency {r['method']:>12}: {r['ms_per_query']:.1f} ms per query of one environment ({r['what']})")
+    log(0, f"wrote {out}/efficiency.csv, convergence.csv, latency.csv, efficiency.png, convergence.png")
+
+
+EXPERIMENT_SHARED = ("num_pretrain", "pretrain_steps", "pretrain_lr", "pretrain_data", "stage1_steps", "stage1_lr",
+                     "stage2_steps", "stage2_lr", "stage2_warmup", "batch_size", "lora_rank", "lora_alpha", "log_every",
+                     "weight_decay", "grad_clip")
+
+
+def write_csv(path, rows):
+    if rows:
+        lines = [",".join(rows[0])] + [",".join(str(r[k]) for k in rows[0]) for r in rows]
+        mv.atomic_write(path, lambda p: Path(p).write_text("\n".join(lines) + "\n"))
+
+
+def experiment_latency(out, n, seed, queries=20):
+    """Milliseconds per policy query (one environment, median of `queries` after 3 warm-up queries), all three methods
+    on this CPU in this run: mimic-video at k = 0 (one truncated forward, 10 decoder steps), the VLA-style baseline
+    (the same computation), the joint model's full denoising."""
+    world = mv.ToyWorldConfig()
+    state = mv.toy_reset([mv.TOY_EVAL_SEEDS], world)
+    obs = mv.toy_observation(state, world, mv.toy_instructions(state))
+    rows = []
+    for kind in EXPERIMENT_METHODS:
+        policy = mv.load_policy(out / f"seed{seed}" / f"{n}demos" / kind / "policy")
+        policy.reset()
+        policy.observe(obs)
+        times = []
+        for i in range(queries + 3):
+            t0 = time.perf_counter()
+            policy.query()
+            times.append(time.perf_counter() - t0)
+        what = {"mimic-video": "k = 0: one forward to block 2, 10 decoder steps", "vla": "the same network and computation",
+                "joint": f"{policy.model.joint.num_steps} joint denoising steps of the full DiT"}[kind]
+        rows.append({"method": kind, "ms_per_query": round(1000 * float(np.median(times[3:])), 2), "what": what})
+    return rows
+
+
+def plot_experiment(out, rows, convergence, random, expert, conv_demos):
+    """efficiency.png (success vs demonstrations, one line per method, random and expert levels) and convergence.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log(0, "matplotlib is not installed (pip install matplotlib): the CSVs were written, the plots were not")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind in EXPERIMENT_METHODS:
+        pts = sorted((r["demos"], r["success"]) for r in rows if r["method"] == kind)
+        ns = sorted({n for n, _ in pts})
+        ax.plot(ns, [np.mean([s for m, s in pts if m == n]) for n in ns], "o-", label=kind)
+        ax.scatter([n for n, _ in pts], [s for _, s in pts], s=8, alpha=0.4)
+    for level, name, style in ((expert, "scripted expert", ":"), (random, "random actions", "--")):
+        ax.axhline(level, color="gray", linestyle=style, linewidth=1, label=name)
+    ax.set(xscale="log", xlabel="demonstrations", ylabel=f"success ({len(set(r['seed'] for r in rows))}-seed mean)",
+           ylim=(0, 1.02), title="toy world: success vs demonstrations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "efficiency.png", dpi=120)
+    if convergence:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind in ("mimic-video", "vla"):
+            pts = [(int(r["demo_steps"]), float(r["success"])) for r in convergence if r["method"] == kind]
+            ax.plot(*zip(*pts), "o-", label=kind)
+        ax.axhline(random, color="gray", linestyle="--", linewidth=1, label="random actions")
+        ax.set(xlabel="optimiser steps on the demonstrations", ylabel="success (100 episodes)", ylim=(0, 1.02),
+               title=f"toy world, {conv_demos} demonstrations: convergence")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "convergence.png", dpi=120)
+
+
 # ----------------------------------------------------------------------------------------------
 # the recipe
 
+STAGE_DIRS = {"pretrain": "pretrain", "1": "stage1", "2": "stage2"}
+
+
+def stages_of(cfg):
+    """The stages a run does, in order."""
+    if cfg.stage != "all":
+        return (cfg.stage,)
+    if not cfg.data:  # the VLA baseline has no video pretraining; the joint model no separate LoRA stage
+        return {"mimic-video": ("pretrain", "1", "2", "eval"), "vla": ("2", "eval"), "joint": ("pretrain", "2", "eval")}[cfg.method]
+    if cfg.method == "vla":  # the behaviour-cloning check: the same network, end to end, no video model
+        return ("encode", "2")
+    return ("encode", "1", "2") if cfg.video_init else ("encode", "pretrain", "1", "2")
+
+
+def check_out_dir(cfg, stages):
+    """Before any work: --resume needs a checkpoint to resume (a mistyped --out_dir is not a fresh start), a fresh
+    run does not silently replace checkpoints already there, and a stage's input exists."""
+    out, training = Path(cfg.out_dir), [STAGE_DIRS[s] for s in stages if s in STAGE_DIRS]
+    found = {d: read_train_state(out / d) for d in training}
+    found = {d: s["step"] for d, s in found.items() if s is not None}
+    if cfg.resume and training and not found:
+        sys.exit(f"error: --resume=true but {out} holds no checkpoint of {', '.join(training)} (is --out_dir right?)")
+    if found and not cfg.resume and not cfg.overwrite:
+        held = ", ".join(f"{d} (step {n})" for d, n in found.items())
+        sys.exit(f"error: {out} already holds checkpoints: {held}. Continue them with --resume=true, or start over with "
+                 f"--overwrite=true (they will be replaced), or choose another --out_dir")
+    needs = {"1": ("pretrain", out / "pretrain" / "video.safetensors"), "2": ("1", out / "stage1" / "video_fused.safetensors"),
+             "eval": ("2", out / "policy" / "config.json")}
+    if cfg.method != "mimic-video":  # vla: a fresh network; joint: starts from the pretrained video model
+        needs["2"] = ("pretrain", out / "pretrain" / "video.safetensors") if cfg.method == "joint" else ("2", out)
+    if cfg.data:
+        needs.update({s: ("encode", out / "cache" / "meta.json") for s in ("pretrain", "benchmark")})
+        if cfg.method == "vla":
+            needs["2"] = ("encode", out / "cache" / "meta.json")
+        if cfg.video_init:
+            needs.pop("1")
+    for stage in stages:
+        if stage in needs and needs[stage][0] not in stages and not needs[stage][1].exists():
+            sys.exit(f"error: --stage={stage} reads {needs[stage][1]}, which does not exist: run --stage={needs[stage][0]} "
+                     f"first (or check --out_dir)")
+
+
 def main(argv):
     cfg = mv.parse_config(argv, TrainConfig)
+    stages = stages_of(cfg)
     env = rank, world, device, autocast = setup(cfg)
-    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    lock = RunLock(out)
+    if rank == 0:
+        check_out_dir(cfg, stages)
+        lock.acquire(lambda *a: log(rank, *a))
+    barrier(world)
+    try:
+        torch.manual_seed(cfg.seed)
+        log(rank, "config:", json.dumps(asdict(cfg)))
+        log(rank, f"device {device}, {world} process(es), {torch.get_num_threads()} thread(s) each")
+        t_start = time.perf_counter()
+        if stages == ("export",):
+            if rank == 0:
+                export_toy(cfg, mv.ToyWorldConfig(), out, lambda *a: log(rank, *a))
+        elif stages == ("experiment",):
+            run_experiment(cfg, env)
+        elif cfg.data:
+            run_dataset(cfg, stages, env)
+        else:
+            run_toy(cfg, stages, env)
+        log(rank, f"done in {time.perf_counter() - t_start:.0f} s")
+    except CheckpointWriteError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        lock.release()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def benchmark_data(name, model, data, cfg, env, steps=20):
+    """Is training data-bound? Samples per second of the data path next to the time of a training step, one run."""
+    rank, world, device, autocast = env
+    g = torch.Generator().manual_seed(0)
+    B = cfg.batch_size
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        data.batch(g, B, slice(None), model)
+    data_s = (time.perf_counter() - t0) / steps
+    opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-4)
+    latent_shape, action_shape = data.shapes(model)
+    batch = {k: v.to(device) for k, v in data.batch(g, B, slice(None), model).items()}
+    noise = {k: v.to(device) for k, v in model.draw_noise("action", B, latent_shape, action_shape, g).items()}
+    for i in range(steps + 2):  # 2 warm-up steps
+        if i == 2:
+            t0 = time.perf_counter()
+        with autocast:
+            out = model("action", **batch, noise=noise)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t0) / steps
+    log(rank, f"{name} data path: {B / data_s:,.0f} samples/s ({1000 * data_s:.1f} ms per batch of {B}); training step "
+              f"(stage 2): {1000 * step_s:.1f} ms; the data path takes {data_s / step_s:.1%} of a step's time "
+              f"({'data-bound' if data_s > step_s else 'not data-bound'}, measured in one run)")
+
+
+def run_toy(cfg, stages, env):
+    rank, world, device, autocast = env
     world_cfg = mv.ToyWorldConfig()
     out = Path(cfg.out_dir)
-    log(rank, "config:", json.dumps(asdict(cfg)))
-    log(rank, f"device {device}, {world} process(es), {torch.get_num_threads()} thread(s) each")
-    stages = ("pretrain", "1", "2", "eval") if cfg.stage == "all" else (cfg.stage,)
-    t_start = time.perf_counter()
     # the policy around the model: the toy world's camera, encoders (pixels, hashed words) and representation
     policy_cfg = mv.make_config(mv.PolicyConfig, "toy", mv.POLICY_PRESETS, stop_after_step=cfg.stop_after_step)
     encoders = (mv.build_video_encoder(policy_cfg.video_encoder, device), mv.build_text_encoder(policy_cfg.text_encoder))
     representation = mv.Representation.from_config(policy_cfg.representation)
 
     if "pretrain" in stages:
-        videos = load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world)
+        videos = ToyData(load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world), world_cfg, encoders, representation)
         model = build_model(cfg, device)
         model.decoder.requires_grad_(False)
-        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, world_cfg, env, encoders, representation)
+        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env)
         if rank == 0:
             mv.save_video_dit_checkpoint(model.video, out / "pretrain" / "video.safetensors")
         barrier(world)
 
     if "1" in stages:
-        demos = load_demos("demos", cfg, world_cfg, rank, world)
-        video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device)
+        demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
+        source = out / "pretrain" / "video.safetensors"
+        video = mv.load_video_dit(source, None, device=device)
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
         model = build_model(cfg, device, video)
         model.decoder.requires_grad_(False)
-        train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, world_cfg, env, encoders, representation)
+        train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, env, {"video": fingerprint(source)})
         if rank == 0:  # the released-backbone layout (LoRA fused, `net.` keys) and a PEFT adapter
             mv.save_video_dit_checkpoint(model.video, out / "stage1" / "video_fused.safetensors")
             mv.save_lora_adapter(model.video, out / "stage1" / "adapter")
         barrier(world)
 
-    if "2" in stages:
-        demos = load_demos("demos", cfg, world_cfg, rank, world)
-        stats = toy_stats(demos, world_cfg, representation)
-        video = mv.load_video_dit(out / "stage1" / "video_fused.safetensors", None, device=device)
-        model = build_model(cfg, device, video.requires_grad_(False), stats, representation)
+    if ("2" in stages or "benchmark" in stages) and cfg.method != "mimic-video":
+        train_baseline(cfg, stages, env, encoders, representation, policy_cfg)
+    elif "2" in stages or "benchmark" in stages:
+        demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
+        source = out / "stage1" / "video_fused.safetensors"
+        video = mv.load_video_dit(source, None, device=device) if source.exists() else None
+        model = build_model(cfg, device, video.requires_grad_(False) if video else None, demos.stats(), representation)
+        if "benchmark" in stages:
+            return benchmark_data("toy world", freeze_video(model), demos, cfg, env)
         policy = mv.Policy(model, policy_cfg, *encoders)
 
-        def quick_eval(step):
-            rate = evaluate(policy, 50, world_cfg)  # puts the model in eval mode
-            model.train()
-            log(rank, f"stage2 step {step}: closed-loop success {rate:.0%} on 50 held-out episodes")
-
-        train_stage("stage2", 2, model, demos, cfg.stage2_steps, cfg.stage2_lr, cfg, world_cfg, env, encoders, representation,
-                    on_checkpoint=None if cfg.stage2_steps < cfg.ckpt_every else quick_eval)
+        train_stage("stage2", 2, model, demos, cfg.stage2_steps, cfg.stage2_lr, cfg, env, {"video": fingerprint(source)},
+                    on_checkpoint=quick_eval(policy, model, cfg, rank, offset=cfg.stage1_steps))
         if rank == 0:  # the policy folder: what mv.load_policy and sample.py read
+            model.requires_grad_(False)
             policy.save(out / "policy")
             log(rank, f"wrote the policy to {out / 'policy'}")
         barrier(world)
@@ -345,13 +1110,142 @@ def main(argv):
         random, expert = mv.toy_baselines(seeds, world_cfg, cfg.seed)
         rate = evaluate(policy, cfg.eval_episodes, world_cfg)
         tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
+        how = {"mimic-video": f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}", "vla": "the same network, end to end",
+               "joint": f"{policy.model.joint.num_steps} joint denoising steps" if cfg.method == "joint" else ""}[cfg.method]
         print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
         print(f"  random policy     {random:6.1%}")
         print(f"  scripted expert   {expert:6.1%}")
-        print(f"  mimic-video       {rate:6.1%}   (stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f})")
-    log(rank, f"done in {time.perf_counter() - t_start:.0f} s")
-    if world > 1:
-        dist.destroy_process_group()
+        print(f"  {cfg.method:<17} {rate:6.1%}   ({how})")
+
+
+def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
+    """The comparisons of the toy world, trained for as many optimiser steps on the demonstrations as mimic-video's
+    stages 1 and 2 together. "vla": the same network as mimic-video (video DiT + decoder, the same inputs at a k = 0
+    query), trained end to end on the action loss from random initialisation, with no video prediction at all.
+    "joint": VideoVLA-style, the pretrained video DiT with action tokens, trained on video + action loss."""
+    rank, world, device, autocast = env
+    world_cfg, out = mv.ToyWorldConfig(), Path(cfg.out_dir)
+    demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
+    norms = representation.normalizers(demos.stats())
+    va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
+    steps = cfg.stage1_steps + cfg.stage2_steps
+    if cfg.method == "vla":
+        video = mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS))
+        decoder = mv.ActionDecoder(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS))
+        model = mv.VideoActionModel(video, decoder, mv.replace(va_cfg, video_time="max", train_backbone=True), *norms).to(device)
+        inputs = {}
+    else:
+        source = out / "pretrain" / "video.safetensors"
+        chunk, action_dim = world_cfg.chunk, representation.model_action_dim
+        jcfg = mv.JointConfig(state_dim=representation.model_state_dim, action_dim=action_dim, chunk=chunk)
+        model = mv.JointVideoActionModel(mv.load_video_dit(source, None, device=device), jcfg, va_cfg, *norms).to(device)
+        inputs = {"video": fingerprint(source)}
+    if "benchmark" in stages:
+        return benchmark_data(f"toy world ({cfg.method})", model, demos, cfg, env)
+    policy = mv.Policy(model, policy_cfg, *encoders, method=cfg.method)
+
+    train_stage("stage2", 2, model, demos, steps, cfg.stage2_lr, cfg, env, inputs, on_checkpoint=quick_eval(policy, model, cfg, rank))
+    if rank == 0:
+        model.requires_grad_(False)
+        policy.save(out / "policy")
+        log(rank, f"wrote the {cfg.method} policy to {out / 'policy'}")
+    barrier(world)
+
+
+def freeze_video(model):
+    """Stage 2's trainable set: the decoder only."""
+    model.video.requires_grad_(False)
+    model.decoder.requires_grad_(True)
+    return model
+
+
+def run_dataset(cfg, stages, env):
+    rank, world, device, autocast = env
+    out, cache = Path(cfg.out_dir), Path(cfg.out_dir) / "cache"
+    log_fn = lambda *a: log(rank, *a)  # noqa: E731
+    encoders = make_encoders(cfg, device)
+
+    if "encode" in stages:
+        if rank == 0:
+            for source, folder in ((cfg.data, cache), (cfg.pretrain_videos, out / "cache_videos")):
+                if not source:
+                    continue
+                ds = mv.LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
+                timing = mv.timing_preset(cfg.timing, ds.fps)
+                representation = (mv.Representation("libero") if cfg.representation == "libero" else
+                                  mv.Representation("identity", ds.state_dim, ds.action_dim))
+                log_fn(f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
+                       f"state {ds.state_dim}-D, action {ds.action_dim}-D")
+                encode_dataset(cfg, ds, folder, timing, encoders, representation, device, log_fn)
+        barrier(world)
+    if not set(stages) & {"pretrain", "1", "2", "benchmark"}:
+        return
+    data = CachedData(cache)
+    val = CachedData(cache, "val") if data.meta["val"] else None
+    plan = data.meta["plan"]
+    representation = mv.Representation.from_config(plan["representation"])
+    video_cfg, decoder_cfg, model_cfg = dataset_models(cfg, data, representation, encoders[0])
+    inputs = {"cache": plan["fingerprint"]}
+
+    def model_with(video, stats=None):
+        norms = representation.normalizers(stats) if stats is not None else (None, None)
+        return mv.VideoActionModel(video, mv.ActionDecoder(decoder_cfg), model_cfg, *norms).to(device)
+
+    if "pretrain" in stages:  # no pretrained backbone: a small video model learns the dataset's own videos
+        videos = CachedData(out / "cache_videos") if cfg.pretrain_videos else data
+        model = model_with(mv.VideoDiT(video_cfg))
+        model.decoder.requires_grad_(False)
+        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env, inputs, val_data=val)
+        if rank == 0:
+            mv.save_video_dit_checkpoint(model.video, out / "pretrain" / "video.safetensors")
+        barrier(world)
+
+    if "1" in stages:
+        if cfg.video_init:  # a pretrained backbone, e.g. Cosmos-Predict2-2B (the paper's setup)
+            video = mv.load_video_dit(cfg.video_init, cfg.video_init_file or None, video_cfg, device=device)
+            source = {"video": f"{cfg.video_init}:{cfg.video_init_file}"}
+        else:
+            video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device)
+            source = {"video": fingerprint(out / "pretrain" / "video.safetensors")}
+        mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
+        video.activation_checkpointing = cfg.activation_checkpointing
+        model = model_with(video)
+        model.decoder.requires_grad_(False)
+        train_stage("stage1", 1, model, data, cfg.stage1_steps, cfg.stage1_lr, cfg, env, {**inputs, **source}, val_data=val)
+        if rank == 0:
+            mv.save_video_dit_checkpoint(model.video, out / "stage1" / "video_fused.safetensors")
+            mv.save_lora_adapter(model.video, out / "stage1" / "adapter")
+        barrier(world)
+
+    if ("2" in stages or "benchmark" in stages) and cfg.method == "vla":
+        video = mv.VideoDiT(video_cfg)  # from scratch, trained end to end on the action loss: no video prediction
+        norms = representation.normalizers(data.stats())
+        model = mv.VideoActionModel(video, mv.ActionDecoder(decoder_cfg), mv.replace(model_cfg, video_time="max",
+                                    train_backbone=True), *norms).to(device)
+        if "benchmark" in stages:
+            return benchmark_data(f"cache {cache} (vla)", model, data, cfg, env)
+        train_stage("stage2", 2, model, data, cfg.stage1_steps + cfg.stage2_steps, cfg.stage2_lr, cfg, env, inputs, val_data=val)
+        if rank == 0:
+            model.requires_grad_(False)
+            policy = mv.Policy(model, dataset_policy_config(cfg, plan, encoders, representation), *encoders, method="vla")
+            policy.save(out / "policy")
+            log_fn(f"wrote the vla policy to {out / 'policy'}")
+        barrier(world)
+    elif "2" in stages or "benchmark" in stages:
+        source = out / "stage1" / "video_fused.safetensors"
+        video = mv.load_video_dit(source, None, device=device).requires_grad_(False) if source.exists() else mv.VideoDiT(video_cfg)
+        model = model_with(video, data.stats())
+        if "benchmark" in stages:
+            return benchmark_data(f"cache {cache}", freeze_video(model), data, cfg, env)
+        train_stage("stage2", 2, model, data, cfg.stage2_steps, cfg.stage2_lr, cfg, env,
+                    {**inputs, "video": fingerprint(source)}, val_data=val)
+        if rank == 0:
+            model.requires_grad_(False)
+            policy = mv.Policy(model, dataset_policy_config(cfg, plan, encoders, representation), *encoders)
+            policy.save(out / "policy")
+            log_fn(f"wrote the policy to {out / 'policy'} (mv.load_policy loads it; camera {policy.config.camera}, "
+                   f"{policy.config.n_action_steps} of {decoder_cfg.num_actions} actions per query)")
+        barrier(world)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Checkpoint loading: official .pt / safetensors / diffusers layouts, local and through the Hub cache, strict errors."""
 
+import json
 import shutil
 
 import pytest
@@ -50,8 +51,12 @@ def test_diffusers_layout_sharded(official_sd, io, tmp_path):
     folder = tmp_path / "repo" / "transformer"
     folder.mkdir(parents=True)
     keys = sorted(diff)
-    save_file({k: diff[k] for k in keys[: len(keys) // 2]}, folder / "diffusion_pytorch_model-00001-of-00002.safetensors")
-    save_file({k: diff[k] for k in keys[len(keys) // 2:]}, folder / "diffusion_pytorch_model-00002-of-00002.safetensors")
+    names = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    halves = (keys[: len(keys) // 2], keys[len(keys) // 2:])
+    for name, part in zip(names, halves):
+        save_file({k: diff[k] for k in part}, folder / name)
+    index = {"weight_map": {k: name for name, part in zip(names, halves) for k in part}}  # what diffusers writes beside them
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     model = mv.load_video_dit(tmp_path / "repo", filename=None, config="tiny")
     torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
 

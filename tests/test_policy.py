@@ -274,7 +274,7 @@ def test_toy_policy_queries_once_per_execute_steps(tmp_path):
                        mv.build_video_encoder(cfg.video_encoder), mv.build_text_encoder(cfg.text_encoder))
     sample.timed(policy)
     result = mv.toy_rollout(policy, [1, 2, 3], mv.ToyWorldConfig())
-    assert result["success"].shape == (3,) and result["images"].shape == (3, 25, 3, 8, 8)
+    assert result["success"].shape == (3,) and result["images"].shape == (3, 25, 8, 8, 3)  # uint8 camera frames
     assert policy.queries == 6  # 24 steps, 4 executed per chunk
 
 

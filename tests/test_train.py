@@ -62,14 +62,14 @@ def test_help_lists_every_field(capsys):
 
 
 def test_smoke_run_writes_every_artifact(smoke, capsys):
-    for f in ("pretrain/video.safetensors", "stage1/model.safetensors", "stage1/optim.pt", "stage1/config.json",
-              "stage1/video_fused.safetensors", "stage1/adapter/adapter_model.safetensors",
-              "stage2/model.safetensors", "stage2/optim.pt", "stage2/config.json", "policy/config.json",
-              "policy/video_backbone.safetensors", "policy/action_decoder.safetensors", "policy/stats.json"):
+    for f in ("pretrain/video.safetensors", "stage1/checkpoint/model.safetensors", "stage1/checkpoint/optim.pt",
+              "stage1/checkpoint/train_state.json", "stage1/video_fused.safetensors", "stage1/adapter/adapter_model.safetensors",
+              "stage2/checkpoint/model.safetensors", "stage2/checkpoint/optim.pt", "stage2/checkpoint/train_state.json",
+              "policy/config.json", "policy/video_backbone.safetensors", "policy/action_decoder.safetensors", "policy/stats.json"):
         assert (smoke / f).exists(), f
-    assert not list(smoke.rglob("*.tmp"))  # atomic writes leave no temp files
+    assert not list(smoke.rglob("*.tmp")) and not (smoke / ".lock").exists()  # no temp files; the lock released
     # stage 1 trained only adapters and adaLN; its fused export is the official backbone layout
-    assert all(".lora_" in k or "adaln_modulation" in k for k in load_file(smoke / "stage1" / "model.safetensors"))
+    assert all(".lora_" in k or "adaln_modulation" in k for k in load_file(smoke / "stage1" / "checkpoint" / "model.safetensors"))
     fused = load_file(smoke / "stage1" / "video_fused.safetensors")
     assert all(k.startswith("net.") and "lora" not in k for k in fused)
     mv.load_video_dit(smoke / "stage1" / "video_fused.safetensors", None)  # the file carries its config
@@ -121,25 +121,35 @@ def test_wrong_instruction_scores_the_named_square():
 
 
 @pytest.mark.parametrize("stage,flag", [("1", "--stage1_steps"), ("2", "--stage2_steps")])
-def test_resume_continues_exactly(smoke, tmp_path, stage, flag):
-    """2 steps, a restart with --resume, 2 more steps == 4 steps in one go (weights and optimizer state)."""
+def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
+    """4 steps in one go == 4 steps interrupted (Ctrl-C) after the step-2 checkpoint, then --resume=true."""
     name = f"stage{stage}"
-    args = [f"--stage={stage}", "--stage2_warmup=10", "--ckpt_every=2"]
+    args = [f"--stage={stage}", "--stage2_warmup=10", "--ckpt_every=2", f"{flag}=4"]
     for run in ("straight", "resumed"):
         shutil.copytree(smoke / "pretrain", tmp_path / run / "pretrain")
         shutil.copytree(smoke / "stage1", tmp_path / run / "stage1")
         for f in smoke.glob("*.npz"):
             shutil.copy(f, tmp_path / run)
         shutil.rmtree(tmp_path / run / name, ignore_errors=True)
-    run_train(tmp_path / "straight", *args, f"{flag}=4")
-    run_train(tmp_path / "resumed", *args, f"{flag}=2")
-    run_train(tmp_path / "resumed", *args, f"{flag}=4", "--resume=true")
-    a, b = (load_file(tmp_path / r / name / "model.safetensors") for r in ("straight", "resumed"))
+    run_train(tmp_path / "straight", *args)
+    real = train.save_checkpoint
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt  # right after the first checkpoint is on disk
+
+    monkeypatch.setattr(train, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / "resumed", *args)
+    monkeypatch.undo()
+    assert train.read_train_state(tmp_path / "resumed" / name)["step"] == 2
+    run_train(tmp_path / "resumed", *args, "--resume=true")
+    a, b = (load_file(tmp_path / r / name / "checkpoint" / "model.safetensors") for r in ("straight", "resumed"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa, sb = (torch.load(tmp_path / r / name / "optim.pt", weights_only=True) for r in ("straight", "resumed"))
-    assert sa["step"] == sb["step"] == 4
+    sa, sb = (torch.load(tmp_path / r / name / "checkpoint" / "optim.pt", weights_only=True) for r in ("straight", "resumed"))
+    assert [train.read_train_state(tmp_path / r / name)["step"] for r in ("straight", "resumed")] == [4, 4]
     for k, st in sa["optimizer"]["state"].items():
         assert torch.equal(st["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
 
@@ -158,7 +168,7 @@ def test_ddp_two_processes_equal_one(smoke, tmp_path):
                           f"--out_dir={tmp_path / 'ddp'}", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
-    a, b = (load_file(tmp_path / r / "stage2" / "model.safetensors") for r in ("single", "ddp"))
+    a, b = (load_file(tmp_path / r / "stage2" / "checkpoint" / "model.safetensors") for r in ("single", "ddp"))
     assert a.keys() == b.keys()
     # equal up to the summation order of the gradient all-reduce, which Adam can amplify where a gradient
     # is near zero: every element within a tenth of one update (lr 1e-3), and nearly all exactly equal
