@@ -22,10 +22,15 @@ Reading order (each part only uses what came before it):
     2. building blocks: sinusoids, attention with q/k RMSNorm and 3D RoPE, AdaLN-LoRA DiT block
     3. the Cosmos-Predict2 video DiT, Video2World conditioning and partial denoising
     4. LoRA (PEFT-compatible), merge / export
-    5. checkpoint loading (official .pt, safetensors, diffusers layout; local or Hugging Face Hub)
-    6. the action decoder, normalization statistics and 6-D rotations
-    7. the video-action model: stage-1/2 losses, partial-denoising sampling, released checkpoints
-    8. a toy world to run the whole recipe on a CPU
+    5. checkpoint loading and saving (official .pt, safetensors, diffusers layout; local or Hugging Face Hub)
+    6. the action decoder, normalization statistics, rotations and state/action representations
+    7. the video-action model: stage-1/2 losses, partial-denoising sampling, released checkpoints, and
+       the VideoVLA-style joint model it is compared with
+    8. encoders: the Wan2.1 VAE and T5 (optional packages), and offline stand-ins
+    9. the policy: LeRobot's reset() / select_action(), frame history, one folder format, load_policy
+   10. a toy world to run the whole recipe on a CPU
+   11. LeRobot datasets (v3.0, v2.1) and the official window timing
+   12. command-line configs for train.py and sample.py
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -1542,6 +1548,40 @@ def matrix_to_axis_angle(R):
     return q[..., 1:] * scale
 
 
+def array_to_stats(x):
+    """Statistics of (N, H, d) chunks in the released JSON layout (official `array_to_stats`), per chunk step."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 3 or len(x) == 0:
+        raise ValueError(f"array_to_stats takes (N, H, d) chunks with N >= 1, got shape {x.shape}")
+    pct = np.percentile(x, np.linspace(0, 100, 1001), axis=0)  # (1001, H, d)
+    mean = x.mean(0)
+    lo, hi = mean + 1.5 * (pct[20] - mean), mean + 1.5 * (pct[980] - mean)
+    clamped = np.clip(x, lo, hi)
+    return {k: v.tolist() for k, v in dict(min=x.min(0), max=x.max(0), mean=mean, std=x.std(0), percentiles=pct,
+                                            clamp_min=lo, clamp_max=hi, mean_clamped=clamped.mean(0),
+                                            std_clamped=clamped.std(0)).items()}
+
+
+def episode_chunks(values, starts, horizon, pad="repeat", length=None):
+    """Chunks values[t : t + horizon] of one episode for each start t -> (n, horizon, d).
+
+    Past the episode's end (`length` steps, default all) the chunk is padded: "repeat" the last value (official
+    chunk reader: interpolation clipped to the episode) or "zero" (relative motions: standing still). Training
+    batches and normalization statistics both use this, so they agree on the tail.
+    """
+    values = np.asarray(values)
+    length = len(values) if length is None else int(length)
+    if length < 1:
+        raise ValueError(f"episode_chunks needs an episode of at least 1 step, got {length}")
+    if pad not in ("repeat", "zero"):
+        raise ValueError(f"pad must be 'repeat' or 'zero', got {pad!r}")
+    t = np.asarray(starts)[:, None] + np.arange(horizon)[None]  # (n, horizon)
+    out = values[np.minimum(t, length - 1)]
+    if pad == "zero":
+        out = np.where((t < length)[..., None], out, 0)
+    return out.astype(values.dtype)
+
+
 # Representations: how a dataset's or simulator's state and action vectors become the decoder's vectors and back.
 # "libero" is the LeRobot LIBERO layout (state: eef xyz, axis-angle, 2 finger joints; action: delta xyz, delta
 # axis-angle, gripper -1/+1) mapped onto the official 10-D vectors [xyz, 6-D rotation rows, gripper] (official
@@ -1605,21 +1645,21 @@ class Representation:
             raise ValueError(f"{what} must have {dim} values in its last dimension ({self.kind} representation), "
                              f"got shape {tuple(x.shape)}")
 
+    @staticmethod
+    def _to_10d(x):
+        """[xyz, axis-angle, g, ...] -> [xyz, 6-D rows, g]: the official 10-D layout (g: a finger joint or the gripper)."""
+        r6 = rotation_to_6d(axis_angle_to_matrix(x[..., 3:6].double())).to(x.dtype)
+        return torch.cat([x[..., :3], r6, x[..., 6:7]], dim=-1)
+
     def state_to_model(self, s):
         """(..., state_dim) -> (..., model_state_dim)."""
         self._check(s, self.state_dim, "observation.state")
-        if self.kind == "identity":
-            return s
-        r6 = rotation_to_6d(axis_angle_to_matrix(s[..., 3:6].double())).to(s.dtype)
-        return torch.cat([s[..., :3], r6, s[..., 6:7]], dim=-1)
+        return s if self.kind == "identity" else self._to_10d(s)
 
     def action_to_model(self, a):
         """(..., action_dim) -> (..., model_action_dim)."""
         self._check(a, self.action_dim, "action")
-        if self.kind == "identity":
-            return a
-        r6 = rotation_to_6d(axis_angle_to_matrix(a[..., 3:6].double())).to(a.dtype)
-        return torch.cat([a[..., :3], r6, a[..., 6:7]], dim=-1)
+        return a if self.kind == "identity" else self._to_10d(a)
 
     def action_from_model(self, y):
         """(..., model_action_dim) -> (..., action_dim): what the environment executes."""
@@ -1643,40 +1683,6 @@ class Representation:
                 out[key] = {**array_to_stats(np.asarray(x[..., i:i + d])), "normalization": mode}
                 i += d
         return out
-
-
-def array_to_stats(x):
-    """Statistics of (N, H, d) chunks in the released JSON layout (official `array_to_stats`), per chunk step."""
-    x = np.asarray(x, np.float64)
-    if x.ndim != 3 or len(x) == 0:
-        raise ValueError(f"array_to_stats takes (N, H, d) chunks with N >= 1, got shape {x.shape}")
-    pct = np.percentile(x, np.linspace(0, 100, 1001), axis=0)  # (1001, H, d)
-    mean = x.mean(0)
-    lo, hi = mean + 1.5 * (pct[20] - mean), mean + 1.5 * (pct[980] - mean)
-    clamped = np.clip(x, lo, hi)
-    return {k: v.tolist() for k, v in dict(min=x.min(0), max=x.max(0), mean=mean, std=x.std(0), percentiles=pct,
-                                            clamp_min=lo, clamp_max=hi, mean_clamped=clamped.mean(0),
-                                            std_clamped=clamped.std(0)).items()}
-
-
-def episode_chunks(values, starts, horizon, pad="repeat", length=None):
-    """Chunks values[t : t + horizon] of one episode for each start t -> (n, horizon, d).
-
-    Past the episode's end (`length` steps, default all) the chunk is padded: "repeat" the last value (official
-    chunk reader: interpolation clipped to the episode) or "zero" (relative motions: standing still). Training
-    batches and normalization statistics both use this, so they agree on the tail.
-    """
-    values = np.asarray(values)
-    length = len(values) if length is None else int(length)
-    if length < 1:
-        raise ValueError(f"episode_chunks needs an episode of at least 1 step, got {length}")
-    if pad not in ("repeat", "zero"):
-        raise ValueError(f"pad must be 'repeat' or 'zero', got {pad!r}")
-    t = np.asarray(starts)[:, None] + np.arange(horizon)[None]  # (n, horizon)
-    out = values[np.minimum(t, length - 1)]
-    if pad == "zero":
-        out = np.where((t < length)[..., None], out, 0)
-    return out.astype(values.dtype)
 
 
 def load_action_decoder(source, filename=None, config=None, revision=None, cache_dir=None, device="cpu", dtype=None):
@@ -2600,6 +2606,22 @@ class Policy(ChunkedPolicy):
                 save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
 
         atomic_write_dir(folder, write)
+
+
+def query_latency(policies, observation, rounds=20, warmup=3):
+    """Median milliseconds per model query of each policy ({name: Policy}) on the same observation, measured in
+    interleaved rounds (one query of each per round) so that machine drift falls on all of them alike."""
+    for policy in policies.values():
+        policy.reset()
+        policy.observe(observation)
+    times = {name: [] for name in policies}
+    for r in range(warmup + rounds):
+        for name, policy in policies.items():
+            t0 = time.perf_counter()
+            policy.query()  # ends with the actions on the CPU: the device's work is done when it returns
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
 
 
 POLICY_FORMAT = "mimic-video policy v1"

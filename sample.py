@@ -9,6 +9,7 @@ Run a mimic-video policy in closed loop, and sweep how far the video is denoised
     python sample.py --gif=rollout.gif                # rollout beside the imagined plan (needs Pillow)
     python sample.py --env=libero --policy=libero_spatial_full --suite=libero_spatial   # released weights (GPU, LIBERO)
     python sample.py --benchmark=true                 # latency of a query at the real shapes (GPU) or reduced (CPU)
+    python sample.py --latency=A,B,C                  # ms per query of several policy folders, side by side
 
 Every policy is an `mv.Policy` (mv.load_policy: a folder train.py wrote, or a released task of jonpai/mimic-video),
 driven LeRobot's way: reset(), then select_action(observation) once per control step. A policy query = k steps of
@@ -47,6 +48,7 @@ class SampleConfig:
     benchmark: bool = False  # time policy queries and training steps: the real shapes on a GPU, reduced on a CPU
     bench_runs: int = 10  # benchmark: timed runs per measurement (after warm-up), the median is reported
     compile: bool = False  # benchmark: torch.compile the video DiT and the decoder
+    latency: str = ""  # comma-separated policy folders: ms per query of each, side by side on one toy observation
 
     def settings(self):
         """[(name, value)] of the noise levels to sweep."""
@@ -83,7 +85,10 @@ class SampleConfig:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device={self.device} but this machine has no CUDA device")
-        if not self.benchmark and not (Path(self.policy) / "config.json").is_file() and self.policy not in mv.RELEASED_POLICIES:
+        for folder in filter(None, self.latency.split(",")):
+            if not (Path(folder) / "config.json").is_file():
+                raise ValueError(f"--latency: no policy at {folder} (no config.json there)")
+        if not self.benchmark and not self.latency and not (Path(self.policy) / "config.json").is_file() and self.policy not in mv.RELEASED_POLICIES:
             raise ValueError(f"no policy at {self.policy} (no config.json there) and not a released task; run `python "
                              f"train.py` first, or pass --policy=FOLDER or one of {', '.join(sorted(mv.RELEASED_POLICIES))}")
 
@@ -524,11 +529,25 @@ def bench_vae(device, reduced, runs):
     print(f"  context encode: {'reduced ' if reduced else ''}Wan2.1 VAE, 5 frames at {H} x {W}: {ms:.0f} ms")
 
 
+def latency_side_by_side(cfg, device, rounds=30):
+    """Milliseconds per query (one environment) of several policies, interleaved on one toy-world observation."""
+    world = mv.ToyWorldConfig()
+    state = mv.toy_reset([mv.TOY_EVAL_SEEDS], world)
+    obs = mv.toy_observation(state, world, mv.toy_instructions(state))
+    policies = {folder: mv.load_policy(folder, device=device) for folder in cfg.latency.split(",")}
+    for folder, ms in mv.query_latency(policies, obs, rounds).items():
+        p = policies[folder]
+        what = (f"{p.model.joint.num_steps} joint steps" if p.method == "joint" else f"k = {p.config.stop_after_step}")
+        print(f"{ms:8.1f} ms per query  {p.method:<12} ({what})  {folder}")
+
+
 def main(argv):
     cfg = mv.parse_config(argv, SampleConfig)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.benchmark:
         return benchmark(cfg, device)
+    if cfg.latency:
+        return latency_side_by_side(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.env == "libero" else None
     policy = mv.load_policy(cfg.policy, device=device, dtype=dtype)
     if cfg.env == "libero":

@@ -110,7 +110,8 @@ class TrainConfig:
     experiment_demos: str = "25,50,100,250,500,2000"
     experiment_seeds: int = 2
     experiment_workers: int = 2  # training processes at once, one thread each
-    experiment_convergence: int = 250  # the demonstration count whose runs log success every experiment_eval_every steps
+    experiment_convergence: int = 250  # convergence: mimic-video and vla at this many demonstrations (seed 0) ...
+    experiment_convergence_steps: int = 6000  # ... for this many stage-2 steps, evaluated every experiment_eval_every
     experiment_eval_every: int = 500
 
     def validate(self):
@@ -165,9 +166,9 @@ class TrainConfig:
             ok = all(int(n) >= 1 for n in self.experiment_demos.split(","))
         except ValueError:
             ok = False
-        if not ok or self.experiment_seeds < 1 or self.experiment_workers < 1 or self.experiment_eval_every < 1:
-            raise ValueError("--experiment_demos must be comma-separated counts >= 1; --experiment_seeds, --experiment_workers "
-                             "and --experiment_eval_every at least 1")
+        if not ok or min(self.experiment_seeds, self.experiment_workers, self.experiment_eval_every, self.experiment_convergence,
+                         self.experiment_convergence_steps) < 1:
+            raise ValueError("--experiment_demos must be comma-separated counts >= 1; the other --experiment_* values at least 1")
         if self.resume and self.overwrite:
             raise ValueError("--resume=true and --overwrite=true contradict each other: choose one")
         unknown = set(self.changeable()) - {f for f in TrainConfig.__dataclass_fields__} - {"all"}
@@ -751,8 +752,9 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
                 log(rank, f"{name} step {step + 1}: validation loss {validation_loss(model, val_data, loss, cfg, env):.4f} "
                           f"({len(val_data.meta['val'])} held-out episodes)")
             if rank == 0:
+                head = {"joint": asdict(model.joint)} if hasattr(model, "joint") else {"decoder": asdict(model.decoder.cfg)}
                 meta = {"stage": name, "train": asdict(cfg), "inputs": inputs, "video": asdict(model.video.cfg),
-                        "decoder": asdict(model.decoder.cfg), "model": asdict(model.cfg)}
+                        "model": asdict(model.cfg), **head}
                 save_checkpoint(directory, model, opt, step + 1, meta)
                 if on_checkpoint is not None:
                     on_checkpoint(step + 1)
@@ -825,47 +827,55 @@ def run_experiment(cfg, env):
     common = [f"--{k}={v}" for k, v in asdict(cfg).items() if k in EXPERIMENT_SHARED]
     t_start = time.perf_counter()
     rows, jobs = [], {}
-    conv = (cfg.experiment_convergence, seeds[0])  # the runs that also log quick evaluations
     with ProcessPoolExecutor(cfg.experiment_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        def submit(kind, n, seed):
-            run = out / f"seed{seed}" / f"{n}demos" / kind
+        def submit(kind, n, seed, name=None, extra=()):
+            run = out / f"seed{seed}" / (name or f"{n}demos") / kind
             run.mkdir(parents=True, exist_ok=True)
             if kind != "vla":  # mimic-video and the joint model start from the seed's pretrained video model
                 shutil.copytree(out / f"seed{seed}" / "pretrain" / "pretrain", run / "pretrain", dirs_exist_ok=True)
-            args = [*common, f"--seed={seed}", f"--num_demos={n}"]
-            if (n, seed) == conv and kind != "joint":
-                args += [f"--ckpt_every={cfg.experiment_eval_every}", "--quick_eval_episodes=100"]
-            jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed)
+            args = [*common, f"--seed={seed}", f"--num_demos={n}", "--ckpt_every=1000000", *extra]  # one checkpoint, at the end
+            jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed, name)
 
-        pre = {pool.submit(experiment_job, "pretrain", [*common, f"--seed={s}"], out / f"seed{s}" / "pretrain",
-                           out / f"seed{s}" / "pretrain.log", 0): s for s in seeds if (out / f"seed{s}").mkdir(parents=True, exist_ok=True) is None}
+        pre = {}
+        for s in seeds:
+            (out / f"seed{s}").mkdir(parents=True, exist_ok=True)
+            pre[pool.submit(experiment_job, "pretrain", [*common, f"--seed={s}", "--ckpt_every=1000000"],
+                            out / f"seed{s}" / "pretrain", out / f"seed{s}" / "pretrain.log", 0)] = s
         for s in seeds:
             for n in demos:
                 submit("vla", n, s)  # needs no pretraining: starts at once
+        # convergence: the full stage-2 budget, a 100-episode evaluation every experiment_eval_every steps
+        conv = [f"--stage2_steps={cfg.experiment_convergence_steps}", f"--ckpt_every={cfg.experiment_eval_every}",
+                "--quick_eval_episodes=100"]
+        submit("vla", cfg.experiment_convergence, seeds[0], "convergence", conv)
         for done in pre:
             s = pre[done]
             log(0, f"experiment: pretraining of seed {s} done in {done.result()['seconds']:.0f} s")
+            if s == seeds[0]:
+                submit("mimic-video", cfg.experiment_convergence, s, "convergence", conv)
             for n in demos:
                 for kind in ("mimic-video", "joint"):
                     submit(kind, n, s)
         for done in list(jobs):
-            kind, n, seed = jobs[done]
+            kind, n, seed, name = jobs[done]
             r = done.result()
-            rows.append({"method": kind, "demos": n, "seed": seed, "success": r["success"], "train_seconds": round(r["seconds"])})
-            log(0, f"experiment: {kind:12s} {n:5d} demos, seed {seed}: {r['success']:6.1%} ({r['seconds']:.0f} s)")
+            if name is None:
+                rows.append({"method": kind, "demos": n, "seed": seed, "success": r["success"], "train_seconds": round(r["seconds"])})
+            log(0, f"experiment: {kind:12s} {n:5d} demos, seed {seed}{' (convergence)' if name else ''}: "
+                   f"{r['success']:6.1%} ({r['seconds']:.0f} s)")
     wall = time.perf_counter() - t_start
     eval_seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.eval_episodes)]
     random, expert = mv.toy_baselines(eval_seeds, mv.ToyWorldConfig(), 0)
     write_csv(out / "efficiency.csv", rows)
     convergence = []
     for kind in ("mimic-video", "vla"):
-        path = out / f"seed{conv[1]}" / f"{conv[0]}demos" / kind / "stage2" / "quick_evals.csv"
+        path = out / f"seed{seeds[0]}" / "convergence" / kind / "stage2" / "quick_evals.csv"
         convergence += [dict(zip(("method", "demo_steps", "episodes", "success"), line.split(",")))
                         for line in path.read_text().splitlines()[1:]] if path.exists() else []
     write_csv(out / "convergence.csv", convergence)
     latency = experiment_latency(out, max(demos), seeds[0])
     write_csv(out / "latency.csv", latency)
-    plot_experiment(out, rows, convergence, random, expert, conv[0])
+    plot_experiment(out, rows, convergence, random, expert, cfg.experiment_convergence)
     log(0, f"\nsuccess on {cfg.eval_episodes} held-out episodes (mean over {len(seeds)} seeds; random {random:.1%}, "
            f"expert {expert:.1%}), {wall / 60:.0f} min for the whole experiment on this machine:")
     log(0, f"{'demos':>8} " + " ".join(f"{m:>12}" for m in EXPERIMENT_METHODS))
@@ -888,26 +898,20 @@ def write_csv(path, rows):
         mv.atomic_write(path, lambda p: Path(p).write_text("\n".join(lines) + "\n"))
 
 
-def experiment_latency(out, n, seed, queries=20):
-    """Milliseconds per policy query (one environment, median of `queries` after 3 warm-up queries), all three methods
-    on this CPU in this run: mimic-video at k = 0 (one truncated forward, 10 decoder steps), the VLA-style baseline
-    (the same computation), the joint model's full denoising."""
+def experiment_latency(out, n, seed, rounds=30):
+    """Milliseconds per policy query of one environment, all three methods on this CPU in this run, interleaved
+    (`mv.query_latency`): mimic-video at k = 0 (one truncated forward, 10 decoder steps), the VLA-style baseline (the
+    same computation), the joint model's full denoising."""
     world = mv.ToyWorldConfig()
     state = mv.toy_reset([mv.TOY_EVAL_SEEDS], world)
     obs = mv.toy_observation(state, world, mv.toy_instructions(state))
+    policies = {kind: mv.load_policy(out / f"seed{seed}" / f"{n}demos" / kind / "policy") for kind in EXPERIMENT_METHODS}
+    ms = mv.query_latency(policies, obs, rounds)
     rows = []
-    for kind in EXPERIMENT_METHODS:
-        policy = mv.load_policy(out / f"seed{seed}" / f"{n}demos" / kind / "policy")
-        policy.reset()
-        policy.observe(obs)
-        times = []
-        for i in range(queries + 3):
-            t0 = time.perf_counter()
-            policy.query()
-            times.append(time.perf_counter() - t0)
-        what = {"mimic-video": "k = 0: one forward to block 2, 10 decoder steps", "vla": "the same network and computation",
-                "joint": f"{policy.model.joint.num_steps} joint denoising steps of the full DiT"}[kind]
-        rows.append({"method": kind, "ms_per_query": round(1000 * float(np.median(times[3:])), 2), "what": what})
+    for kind, policy in policies.items():
+        what = (f"{policy.model.joint.num_steps} joint denoising steps of the full DiT" if kind == "joint" else
+                f"k = 0: one forward to block {policy.model.cfg.tap_block}, {policy.model.cfg.num_action_steps} decoder steps")
+        rows.append({"method": kind, "ms_per_query": round(ms[kind], 2), "what": what})
     return rows
 
 
@@ -931,6 +935,9 @@ def plot_experiment(out, rows, convergence, random, expert, conv_demos):
         ax.axhline(level, color="gray", linestyle=style, linewidth=1, label=name)
     ax.set(xscale="log", xlabel="demonstrations", ylabel=f"success ({len(set(r['seed'] for r in rows))}-seed mean)",
            ylim=(0, 1.02), title="toy world: success vs demonstrations")
+    ns = sorted({r["demos"] for r in rows})
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "efficiency.png", dpi=120)
@@ -1110,8 +1117,8 @@ def run_toy(cfg, stages, env):
         random, expert = mv.toy_baselines(seeds, world_cfg, cfg.seed)
         rate = evaluate(policy, cfg.eval_episodes, world_cfg)
         tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
-        how = {"mimic-video": f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}", "vla": "the same network, end to end",
-               "joint": f"{policy.model.joint.num_steps} joint denoising steps" if cfg.method == "joint" else ""}[cfg.method]
+        how = (f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}" if cfg.method == "mimic-video" else
+               "the same network, end to end" if cfg.method == "vla" else f"{policy.model.joint.num_steps} joint denoising steps")
         print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
         print(f"  random policy     {random:6.1%}")
         print(f"  scripted expert   {expert:6.1%}")

@@ -1,0 +1,103 @@
+"""The claims experiment's pieces: the VLA-style baseline, the VideoVLA-style joint model, and a shortened run of
+the whole experiment (one tiny point per method)."""
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mimic_video as mv
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+B = 3
+
+
+def toy_batch():
+    g = torch.Generator().manual_seed(0)
+    return dict(context=torch.randn(B, 5, 1, 8, 8, generator=g), future=torch.randn(B, 5, 4, 8, 8, generator=g),
+                text=torch.randn(B, 6, 32, generator=g), proprio=torch.randn(B, 1, 2, generator=g),
+                actions=torch.randn(B, 8, 2, generator=g))
+
+
+def vla_model():
+    cfg = mv.replace(mv.VIDEO_ACTION_PRESETS["toy"], video_time="max", train_backbone=True)
+    return mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), cfg)
+
+
+def test_the_vla_baseline_is_the_same_network_trained_end_to_end_without_the_future():
+    vla = vla_model()
+    mimic = mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
+                                mv.VIDEO_ACTION_PRESETS["toy"])
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(vla) == count(mimic)  # the same parameters (within 10% is the bar; it is exact)
+    batch = toy_batch()
+    out = vla("action", **batch, generator=torch.Generator().manual_seed(1))
+    out["loss"].backward()
+    tapped = [f"blocks.{i}." for i in range(vla.cfg.tap_block)]
+    assert all(p.grad is not None for n, p in vla.video.named_parameters() if any(n.startswith(t) for t in tapped))
+    assert torch.allclose(out["tau_v"], mv.sigma_to_tau(torch.tensor(80.0)))  # always the k = 0 noise level
+    # the future never reaches it: another future gives the same loss
+    other = dict(batch, future=torch.randn_like(batch["future"]))
+    again = vla("action", **other, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out["loss"], again["loss"])
+    frozen = mv.VideoActionModel(mimic.video, mimic.decoder, mv.VIDEO_ACTION_PRESETS["toy"])
+    frozen("action", **batch, generator=torch.Generator().manual_seed(1))["loss"].backward()
+    assert all(p.grad is None for p in frozen.video.parameters())  # mimic-video's backbone stays frozen in stage 2
+
+
+def test_the_joint_model_denoises_video_and_actions_together():
+    jcfg = mv.JointConfig(num_steps=4)
+    model = mv.JointVideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), jcfg, mv.VIDEO_ACTION_PRESETS["toy"])
+    batch = toy_batch()
+    calls = []
+    real = model.velocities
+    model.velocities = lambda *a: calls.append(1) or real(*a)
+    out = model("action", **batch, generator=torch.Generator().manual_seed(0))
+    assert out["per_sample"].shape == (B,) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.action_head.linear.weight.grad is not None and model.video.final_layer.linear.weight.grad is not None
+    with torch.no_grad():
+        a = model.sample_actions(batch["context"], batch["text"], batch["proprio"], seed=3)
+    assert a.shape == (B, 8, 2) and len(calls) == 1 + 4  # one training forward, then 4 joint steps at inference
+    # its own time: the action tokens' time changes the video velocity only through attention, and the video's time
+    # is per frame; two different action times give different action velocities for the same video state
+    latents, cond = model.window(batch["context"], batch["future"])
+    net_in, tau_BT, mask = mv.video2world_inputs(latents, torch.full((B,), 0.5), latents, cond)
+    with torch.no_grad():
+        _, v1 = real(net_in, tau_BT, batch["text"], mask, batch["proprio"], batch["actions"], torch.full((B,), 0.2))
+        _, v2 = real(net_in, tau_BT, batch["text"], mask, batch["proprio"], batch["actions"], torch.full((B,), 0.9))
+    assert not torch.allclose(v1, v2)
+
+
+def test_a_shortened_experiment_writes_every_result(tmp_path, capsys):
+    """One tiny point per method: the pipeline of the full experiment (CSV, plots, latency), in seconds."""
+    out = tmp_path / "exp"
+    train.main(["--stage=experiment", f"--out_dir={out}", "--experiment_demos=6", "--experiment_seeds=1",
+                "--experiment_convergence=6", "--experiment_convergence_steps=4", "--experiment_eval_every=2",
+                "--pretrain_steps=2", "--num_pretrain=8",
+                "--stage1_steps=2", "--stage2_steps=4", "--batch_size=8", "--eval_episodes=4", "--experiment_workers=1"])
+    rows = list(csv.DictReader(open(out / "efficiency.csv")))
+    assert sorted(r["method"] for r in rows) == ["joint", "mimic-video", "vla"]
+    assert all(0 <= float(r["success"]) <= 1 and r["demos"] == "6" for r in rows)
+    conv = list(csv.DictReader(open(out / "convergence.csv")))
+    assert {r["method"] for r in conv} == {"mimic-video", "vla"}
+    latency = {r["method"]: float(r["ms_per_query"]) for r in csv.DictReader(open(out / "latency.csv"))}
+    assert set(latency) == {"mimic-video", "vla", "joint"} and latency["joint"] > latency["mimic-video"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in capsys.readouterr().out
+    else:
+        assert (out / "efficiency.png").stat().st_size > 0 and (out / "convergence.png").stat().st_size > 0
+    joint = mv.load_policy(out / "seed0" / "6demos" / "joint" / "policy")
+    assert joint.method == "joint" and isinstance(joint.model, mv.JointVideoActionModel)
+    assert mv.load_policy(out / "seed0" / "6demos" / "vla" / "policy").method == "vla"
+    world = mv.ToyWorldConfig()
+    assert mv.toy_rollout(joint, [1, 2], world)["success"].shape == (2,)
+    assert np.isfinite(latency["vla"])
