@@ -19,6 +19,7 @@ action decoder; n_action_steps actions of the chunk run before the next query.
 
 import os
 import sys
+from types import SimpleNamespace
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ class SampleConfig:
     seed: int = 0  # toy: the random baseline's seed
     benchmark: bool = False  # time policy queries and training steps: the real shapes on a GPU, reduced on a CPU
     bench_runs: int = 10  # benchmark: timed runs per measurement (after warm-up), the median is reported
+    bench_shapes: str = "auto"  # benchmark: real (bf16), reduced (fp32), tiny (fp32, seconds: a smoke run); auto =
+    #                             real on a GPU, reduced on a CPU
     compile: bool = False  # benchmark: torch.compile the video DiT and the decoder
     latency: str = ""  # comma-separated policy folders: ms per query of each, side by side on one toy observation
 
@@ -75,6 +78,8 @@ class SampleConfig:
         if self.episodes < 1 or self.trials < 1 or self.bench_runs < 1:
             raise ValueError(f"--episodes, --trials and --bench_runs must be at least 1, got {self.episodes}, {self.trials}, "
                              f"{self.bench_runs}")
+        if self.bench_shapes not in ("auto", "real", "reduced", "tiny"):
+            raise ValueError(f"--bench_shapes must be auto, real, reduced or tiny, got {self.bench_shapes!r}")
         if self.env == "libero" and (self.oracle or self.wrong_instruction or self.gif):
             raise ValueError("--oracle, --wrong_instruction and --gif are toy-world options (--env=toy)")
         if self.gif:
@@ -283,18 +288,21 @@ def libero_eval(policy, suite, trials=50, tasks=None, log=print):
 # ----------------------------------------------------------------------------------------------
 # latency at real scale (--benchmark=true): a policy query split into its phases, against an analytic floor
 
-def bench_setup(device, reduced):
+def bench_setup(device, shapes):
     """Models with random weights at the real LIBERO shapes (2B video DiT, 0.5B decoder, 16 latent frames of 60 x 80,
-    T5 text of 512 tokens; bf16) on a GPU, or the same code at reduced shapes on a CPU (fp32)."""
-    if not reduced:
+    T5 text of 512 tokens; bf16), or the same code at reduced shapes (fp32, for a CPU) or tiny ones (a smoke run)."""
+    if shapes == "real":
         video_cfg, dec_cfg = mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], mv.ACTION_DECODER_PRESETS["libero"]
         va_cfg, latent, text = mv.VIDEO_ACTION_PRESETS["mimic-video"], (16, 16, 60, 80), (512, 1024)
-    else:  # the same architecture, narrower and shallower, 16 latent frames of 12 x 16
-        video_cfg = mv.replace(mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], model_channels=256, num_blocks=8, num_heads=4,
-                               adaln_lora_dim=64, crossattn_emb_channels=128)
-        dec_cfg = mv.replace(mv.ACTION_DECODER_PRESETS["libero"], model_channels=256, num_blocks=4, num_heads=4,
-                             crossattn_emb_channels=256, adaln_lora_dim=64, pair_timestep_feature_rank=256)
-        va_cfg, latent, text = mv.replace(mv.VIDEO_ACTION_PRESETS["mimic-video"], tap_block=6), (16, 16, 12, 16), (64, 128)
+    else:  # the same architecture, narrower and shallower, 16 latent frames of 12 x 16 (tiny: of 4 x 4)
+        width, blocks, dec_width, tap, (H, W), text = ((256, 8, 256, 6, (12, 16), (64, 128)) if shapes == "reduced"
+                                                       else (64, 2, 64, 1, (4, 4), (8, 32)))
+        video_cfg = mv.replace(mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], model_channels=width, num_blocks=blocks, num_heads=4,
+                               adaln_lora_dim=64, crossattn_emb_channels=text[1])
+        dec_cfg = mv.replace(mv.ACTION_DECODER_PRESETS["libero"], model_channels=dec_width, num_blocks=4 if shapes == "reduced" else 2,
+                             num_heads=4, crossattn_emb_channels=width, adaln_lora_dim=64, pair_timestep_feature_rank=dec_width)
+        va_cfg, latent = mv.replace(mv.VIDEO_ACTION_PRESETS["mimic-video"], tap_block=tap), (16, 16, H, W)
+    reduced = shapes != "real"
     dtype = torch.float32 if reduced else torch.bfloat16
     with torch.device(device):
         torch.manual_seed(0)
@@ -371,15 +379,16 @@ def peak_memory(device):
 def benchmark(cfg, device):
     """Per stop_after_step in {0, 1, 5, 35}: median ms of a policy query after warm-up, split into phases, peak
     memory, and the ratio to the floor (analytic FLOPs / measured matmul throughput), all in this one run."""
-    reduced = device.type != "cuda"
-    model, x, latent, text = bench_setup(device, reduced)
+    shapes = cfg.bench_shapes if cfg.bench_shapes != "auto" else ("real" if device.type == "cuda" else "reduced")
+    reduced = shapes != "real"
+    model, x, latent, text = bench_setup(device, shapes)
     if cfg.compile:
         model.video, model.decoder = torch.compile(model.video), torch.compile(model.decoder)
     dtype = next(model.parameters()).dtype
     flops_per_s = matmul_throughput(device, dtype)
     print(f"benchmark on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'}), "
           f"{dtype}{', torch.compile' if cfg.compile else ''}; "
-          + ("REDUCED shapes (a CPU: the real 2B model does not fit the time)" if reduced else "the real LIBERO shapes")
+          + (f"{shapes.upper()} shapes (not the real 2B model: --bench_shapes=real for those)" if reduced else "the real LIBERO shapes")
           + f"; matmul throughput {flops_per_s / 1e12:.2f} TFLOP/s; median of {cfg.bench_runs} runs")
     v = model.video.cfg
     print(f"  video DiT {sum(p.numel() for p in model.video.parameters()) / 1e6:.1f}M ({v.num_blocks} blocks, width "
@@ -414,11 +423,11 @@ def benchmark(cfg, device):
               f"{r['decoder steps']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} {r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
     print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)"
           + ("" if not reduced else "; the context encode (Wan VAE, 5 frames) is timed below when diffusers is installed"))
-    bench_training(model, x, latent, device, cfg)
-    if reduced:
+    if reduced:  # before the training steps, which inject LoRA into the video model
         bench_against_diffusers(model.video, latents, x["text"], cond, device, cfg.bench_runs)
         bench_decoder_cache(model, x, ctx, sigma, noise, device, cfg.bench_runs)
-    bench_vae(device, reduced, cfg.bench_runs)
+    bench_training(model, x, latent, device, cfg)
+    bench_vae(device, shapes, cfg.bench_runs)
     return rows
 
 
@@ -479,6 +488,12 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     except ImportError:
         print("  (diffusers not installed: pip install diffusers, to time our DiT against CosmosTransformer3DModel)")
         return
+    import diffusers.models.transformers.transformer_cosmos as cosmos_module
+    if not hasattr(cosmos_module, "transforms"):  # torchvision is missing; it only resizes the padding mask, which is
+        # already at latent resolution: nearest-neighbour interpolation to the same size is the identity
+        resize = lambda m, size, interpolation=None: torch.nn.functional.interpolate(m, size=size, mode="nearest")  # noqa: E731
+        cosmos_module.transforms = SimpleNamespace(functional=SimpleNamespace(resize=resize),
+                                                   InterpolationMode=SimpleNamespace(NEAREST="nearest"))
     v = video.cfg
     ref = CosmosTransformer3DModel(in_channels=v.in_channels + 1, out_channels=v.out_channels, num_attention_heads=v.num_heads,
                                    attention_head_dim=v.model_channels // v.num_heads, num_layers=v.num_blocks,
@@ -496,7 +511,7 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     pad = torch.zeros(latents.shape[0], 1, latents.shape[3], latents.shape[4], device=device)
     with torch.no_grad():
         ours = lambda: video(net_in, tau_BT, text, mask)  # noqa: E731
-        theirs = lambda: ref(torch.cat([net_in, mask], 1), tau_BT[:, None, :, None, None], text, condition_mask=mask, padding_mask=pad, return_dict=False)[0]  # noqa: E731
+        theirs = lambda: ref(net_in, tau_BT[:, None, :, None, None], text, condition_mask=mask, padding_mask=pad, return_dict=False)[0]  # noqa: E731
         diff = (ours() - theirs()).abs().max().item()
         a, b = median_ms(ours, device, runs), median_ms(theirs, device, runs)
     print(f"  our VideoDiT forward {a:.1f} ms vs diffusers CosmosTransformer3DModel {b:.1f} ms, same weights and inputs: "
@@ -512,9 +527,10 @@ def bench_decoder_cache(model, x, ctx, sigma, noise, device, runs):
     print(f"  decoder, 10 steps: context keys/values once {cached:.1f} ms vs every step {recomputed:.1f} ms ({recomputed / cached:.1f}x)")
 
 
-def bench_vae(device, reduced, runs):
-    """The context encode of a query: the Wan2.1 VAE on 5 frames (the real config at 480 x 640 on a GPU; a reduced
-    VAE at 96 x 128 on a CPU)."""
+def bench_vae(device, shapes, runs):
+    """The context encode of a query: the Wan2.1 VAE on 5 frames (the real config at 480 x 640; a reduced VAE at
+    96 x 128, or at 16 x 16 for the tiny smoke run)."""
+    reduced = shapes != "real"
     try:
         import diffusers
     except ImportError:
@@ -523,7 +539,7 @@ def bench_vae(device, reduced, runs):
     kw = dict(base_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1) if reduced else {}
     torch.manual_seed(0)
     vae = mv.WanVAE(diffusers.AutoencoderKLWan(**kw).eval()).to(device, torch.float32 if reduced else torch.bfloat16)
-    H, W = (96, 128) if reduced else (480, 640)
+    H, W = {"real": (480, 640), "reduced": (96, 128), "tiny": (16, 16)}[shapes]
     frames = torch.rand(1, 3, 5, H, W, device=device) * 2 - 1
     ms = median_ms(lambda: vae.encode(frames), device, max(2, runs // 3), warmup=1)
     print(f"  context encode: {'reduced ' if reduced else ''}Wan2.1 VAE, 5 frames at {H} x {W}: {ms:.0f} ms")

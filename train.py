@@ -110,6 +110,7 @@ class TrainConfig:
     experiment_demos: str = "25,50,100,250,500,2000"
     experiment_seeds: int = 2
     experiment_workers: int = 2  # training processes at once, one thread each
+    experiment_steps: int = 2000  # stage-2 steps of each efficiency run (vla and joint: stage1_steps + this, all on the demos)
     experiment_convergence: int = 250  # convergence: mimic-video and vla at this many demonstrations (seed 0) ...
     experiment_convergence_steps: int = 6000  # ... for this many stage-2 steps, evaluated every experiment_eval_every
     experiment_eval_every: int = 500
@@ -167,7 +168,7 @@ class TrainConfig:
         except ValueError:
             ok = False
         if not ok or min(self.experiment_seeds, self.experiment_workers, self.experiment_eval_every, self.experiment_convergence,
-                         self.experiment_convergence_steps) < 1:
+                         self.experiment_steps, self.experiment_convergence_steps) < 1:
             raise ValueError("--experiment_demos must be comma-separated counts >= 1; the other --experiment_* values at least 1")
         if self.resume and self.overwrite:
             raise ValueError("--resume=true and --overwrite=true contradict each other: choose one")
@@ -833,7 +834,8 @@ def run_experiment(cfg, env):
             run.mkdir(parents=True, exist_ok=True)
             if kind != "vla":  # mimic-video and the joint model start from the seed's pretrained video model
                 shutil.copytree(out / f"seed{seed}" / "pretrain" / "pretrain", run / "pretrain", dirs_exist_ok=True)
-            args = [*common, f"--seed={seed}", f"--num_demos={n}", "--ckpt_every=1000000", *extra]  # one checkpoint, at the end
+            args = [*common, f"--seed={seed}", f"--num_demos={n}", f"--stage2_steps={cfg.experiment_steps}",
+                    "--ckpt_every=1000000", *extra]  # one checkpoint, at the end; `extra` may override the steps
             jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed, name)
 
         pre = {}

@@ -81,7 +81,7 @@ def test_a_shortened_experiment_writes_every_result(tmp_path, capsys):
     train.main(["--stage=experiment", f"--out_dir={out}", "--experiment_demos=6", "--experiment_seeds=1",
                 "--experiment_convergence=6", "--experiment_convergence_steps=4", "--experiment_eval_every=2",
                 "--pretrain_steps=2", "--num_pretrain=8",
-                "--stage1_steps=2", "--stage2_steps=4", "--batch_size=8", "--eval_episodes=4", "--experiment_workers=1"])
+                "--stage1_steps=2", "--experiment_steps=4", "--batch_size=8", "--eval_episodes=4", "--experiment_workers=1"])
     rows = list(csv.DictReader(open(out / "efficiency.csv")))
     assert sorted(r["method"] for r in rows) == ["joint", "mimic-video", "vla"]
     assert all(0 <= float(r["success"]) <= 1 and r["demos"] == "6" for r in rows)
