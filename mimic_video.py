@@ -2968,6 +2968,13 @@ def toy_baselines(seeds, cfg: ToyWorldConfig, seed=0):
 TOY_EVAL_SEEDS = 10**9  # held-out episodes are seeds 10**9, 10**9 + 1, ...: never used for demonstrations
 
 
+def toy_probe_observation(cfg: ToyWorldConfig = None):
+    """The first held-out episode's first observation (LeRobot keys, one environment): what latency is timed on."""
+    cfg = cfg or ToyWorldConfig()
+    state = toy_reset([TOY_EVAL_SEEDS], cfg)
+    return toy_observation(state, cfg, toy_instructions(state))
+
+
 # ------------------------------------------------------------------------------------------------
 # 11. LeRobot datasets: v3.0 and v2.1 folders read with pyarrow and PyAV, windows with the official timing
 # ------------------------------------------------------------------------------------------------

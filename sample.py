@@ -547,11 +547,8 @@ def bench_vae(device, shapes, runs):
 
 def latency_side_by_side(cfg, device, rounds=30):
     """Milliseconds per query (one environment) of several policies, interleaved on one toy-world observation."""
-    world = mv.ToyWorldConfig()
-    state = mv.toy_reset([mv.TOY_EVAL_SEEDS], world)
-    obs = mv.toy_observation(state, world, mv.toy_instructions(state))
     policies = {folder: mv.load_policy(folder, device=device) for folder in cfg.latency.split(",")}
-    for folder, ms in mv.query_latency(policies, obs, rounds).items():
+    for folder, ms in mv.query_latency(policies, mv.toy_probe_observation(), rounds).items():
         p = policies[folder]
         what = (f"{p.model.joint.num_steps} joint steps" if p.method == "joint" else f"k = {p.config.stop_after_step}")
         print(f"{ms:8.1f} ms per query  {p.method:<12} ({what})  {folder}")

@@ -835,7 +835,7 @@ def run_experiment(cfg, env):
             if kind != "vla":  # mimic-video and the joint model start from the seed's pretrained video model
                 shutil.copytree(out / f"seed{seed}" / "pretrain" / "pretrain", run / "pretrain", dirs_exist_ok=True)
             args = [*common, f"--seed={seed}", f"--num_demos={n}", f"--stage2_steps={cfg.experiment_steps}",
-                    "--ckpt_every=1000000", *extra]  # one checkpoint, at the end; `extra` may override the steps
+                    "--ckpt_every=1000000", *extra]  # one checkpoint, at the end; `extra` (convergence) overrides both
             jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed, name)
 
         pre = {}
@@ -890,7 +890,7 @@ def run_experiment(cfg, env):
 
 
 EXPERIMENT_SHARED = ("num_pretrain", "pretrain_steps", "pretrain_lr", "pretrain_data", "stage1_steps", "stage1_lr",
-                     "stage2_steps", "stage2_lr", "stage2_warmup", "batch_size", "lora_rank", "lora_alpha", "log_every",
+                     "stage2_lr", "stage2_warmup", "batch_size", "lora_rank", "lora_alpha", "log_every",
                      "weight_decay", "grad_clip")
 
 
@@ -904,11 +904,8 @@ def experiment_latency(out, n, seed, rounds=30):
     """Milliseconds per policy query of one environment, all three methods on this CPU in this run, interleaved
     (`mv.query_latency`): mimic-video at k = 0 (one truncated forward, 10 decoder steps), the VLA-style baseline (the
     same computation), the joint model's full denoising."""
-    world = mv.ToyWorldConfig()
-    state = mv.toy_reset([mv.TOY_EVAL_SEEDS], world)
-    obs = mv.toy_observation(state, world, mv.toy_instructions(state))
     policies = {kind: mv.load_policy(out / f"seed{seed}" / f"{n}demos" / kind / "policy") for kind in EXPERIMENT_METHODS}
-    ms = mv.query_latency(policies, obs, rounds)
+    ms = mv.query_latency(policies, mv.toy_probe_observation(), rounds)
     rows = []
     for kind, policy in policies.items():
         what = (f"{policy.model.joint.num_steps} joint denoising steps of the full DiT" if kind == "joint" else
