@@ -58,7 +58,7 @@ def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as exit_info:
         mv.parse_config(["--help"], train.TrainConfig)
     assert exit_info.value.code == 0
-    assert "--stage2_steps=6000" in capsys.readouterr().out
+    assert "--stage2_steps=12000" in capsys.readouterr().out
 
 
 def test_smoke_run_writes_every_artifact(smoke, capsys):
