@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import io
 import importlib
 import json
 import math
@@ -853,7 +854,7 @@ def load_lora_adapter(model, directory):
 # ------------------------------------------------------------------------------------------------
 
 COSMOS_HUB_REPO = "nvidia/Cosmos-Predict2-2B-Video2World"  # gated: accept the license, then `hf auth login`
-COSMOS_DEFAULT_FILE = "model-480p-16fps.pt"  # also model-{480,720}p-{10,16}fps.pt; mimic-video used 480p/10fps
+COSMOS_DEFAULT_FILE = "model-480p-10fps.pt"  # what mimic-video started from (also model-{480,720}p-{10,16}fps.pt)
 
 # Entries of official checkpoints that are not parameters: RoPE tables (recomputed), training counters
 # (`WeightTrainingStat`) and Transformer Engine metadata. The diffusers converter drops exactly these.
@@ -948,9 +949,14 @@ def read_state_dict(path):
 
             sd = load_file(path)
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # Transformer Engine writes its `*._extra_state` as a uint8 tensor or, in some versions, as a pickled
+            # io.BytesIO: let exactly that class through the weights-only unpickler (they are dropped below)
+            with torch.serialization.safe_globals([io.BytesIO]):
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # safetensors and torch raise their own types for truncated or corrupt files
         raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    if isinstance(sd, dict):
+        sd = {k: v for k, v in sd.items() if not (k.endswith("._extra_state") and isinstance(v, io.BytesIO))}
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise CheckpointReadError(f"{path} holds a {type(sd).__name__}, expected a flat dict of tensors")
     return sd
@@ -1004,8 +1010,14 @@ def check_parameter_dtypes(sd, where):
 
 def official_keys(sd, prefix="net."):
     """Normalize a checkpoint to our (= official) module names: strip `net.`, drop non-parameters,
-    and undo the diffusers renames if the file is in diffusers layout."""
-    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    and undo the diffusers renames if the file is in diffusers layout.
+
+    A training checkpoint may hold EMA weights (`net_ema.`) beside the regular ones (`net.`). We load `net.`, as the
+    official pipeline does by default (`load_ema_to_reg=False`), and drop `net_ema.`; a file with only `net_ema.`
+    weights loads those."""
+    if not any(k.startswith(prefix) for k in sd) and any(k.startswith("net_ema.") for k in sd):
+        prefix = "net_ema."
+    sd = {k.removeprefix(prefix): v for k, v in sd.items() if not k.startswith("net_ema.") or prefix == "net_ema."}
     sd = {k: v for k, v in sd.items() if not any(fnmatch.fnmatchcase(k, pat) for pat in NON_PARAMETER_KEYS)}
     if any(k.startswith(("transformer_blocks.", "patch_embed.", "time_embed.")) for k in sd):
         inverse = {to_diffusers_key(k): k for k in _video_dit_param_names(sd)}
@@ -1061,7 +1073,8 @@ def load_official(model_cls, config, presets, default_preset, source, filename=N
     file carries (files this project wrote) or else `default_preset` (the released model).
     """
     path = Path(source)
-    file = path if (path.is_dir() and filename is None) else resolve_file(source, filename, revision, cache_dir)
+    diffusers_folder = path.is_dir() and (filename is None or not (path / filename).exists())
+    file = path if diffusers_folder else resolve_file(source, filename, revision, cache_dir)
     sd = official_keys(read_state_dict(file))
     check_parameter_dtypes(sd, str(file))
     saved = None if file.is_dir() else read_config(file)

@@ -77,7 +77,7 @@ class TrainConfig:
     anchor_stride: int = 1  # a training window at every this-many frames of each episode
     cache_dtype: str = "float32"  # latents in the cache: float32, or float16 / bfloat16 for big datasets
     video_init: str = ""  # a pretrained backbone to start stage 1 from (file, folder or Hub repo id); empty: pretrain
-    video_init_file: str = ""  # with a Hub repo id: the file in it (e.g. model-480p-16fps.pt)
+    video_init_file: str = ""  # with a Hub repo id: the file in it (e.g. model-480p-10fps.pt, what mimic-video started from)
     n_action_steps: int = 0  # actions executed per query by the trained policy (0: half the chunk; official 5 of 60)
     # models: presets of mimic_video.py
     video_preset: str = "toy"
@@ -1136,9 +1136,9 @@ def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
     va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
     steps = cfg.stage1_steps + cfg.stage2_steps
     if cfg.method == "vla":
-        video = mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS))
-        decoder = mv.ActionDecoder(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS))
-        model = mv.VideoActionModel(video, decoder, mv.replace(va_cfg, video_time="max", train_backbone=True), *norms).to(device)
+        model = vla_model(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS),
+                          mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS),
+                          va_cfg, norms, device)
         inputs = {}
     else:
         source = out / "pretrain" / "video.safetensors"
@@ -1156,6 +1156,21 @@ def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
         policy.save(out / "policy")
         log(rank, f"wrote the {cfg.method} policy to {out / 'policy'}")
     barrier(world)
+
+
+def vla_model(video_cfg, decoder_cfg, model_cfg, norms, device):
+    """The VLA-style baseline: mimic-video's network (video DiT + decoder, a k = 0 query's inputs), trained end to end
+    on the action loss from random initialisation. The decoder reads block `tap_block`, so the blocks after it never
+    run: they are dropped (DistributedDataParallel requires every trained parameter to get a gradient), and the output
+    layer, kept so the policy folder has the VideoDiT layout, is frozen. The full network is drawn first and then cut,
+    so the random initialisation is the one the recorded results were measured with."""
+    video = mv.VideoDiT(video_cfg)
+    decoder = mv.ActionDecoder(decoder_cfg)
+    tap = model_cfg.tap_block
+    video.blocks, video.cfg = video.blocks[:tap], mv.replace(video.cfg, num_blocks=tap)
+    video.final_layer.requires_grad_(False)
+    cfg = mv.replace(model_cfg, video_time="max", train_backbone=True)
+    return mv.VideoActionModel(video, decoder, cfg, *norms).to(device)
 
 
 def freeze_video(model):
@@ -1224,10 +1239,7 @@ def run_dataset(cfg, stages, env):
         barrier(world)
 
     if ("2" in stages or "benchmark" in stages) and cfg.method == "vla":
-        video = mv.VideoDiT(video_cfg)  # from scratch, trained end to end on the action loss: no video prediction
-        norms = representation.normalizers(data.stats())
-        model = mv.VideoActionModel(video, mv.ActionDecoder(decoder_cfg), mv.replace(model_cfg, video_time="max",
-                                    train_backbone=True), *norms).to(device)
+        model = vla_model(video_cfg, decoder_cfg, model_cfg, representation.normalizers(data.stats()), device)
         if "benchmark" in stages:
             return benchmark_data(f"cache {cache} (vla)", model, data, cfg, env)
         train_stage("stage2", 2, model, data, cfg.stage1_steps + cfg.stage2_steps, cfg.stage2_lr, cfg, env, inputs, val_data=val)

@@ -26,12 +26,33 @@ def velocity(model, io):
         return model(io["x"], io["timesteps"], io["crossattn_emb"], io["condition_mask"])
 
 
-def test_drops_rope_buffers_counters_and_te_extra_state(official_sd, io, tmp_path):
+@pytest.mark.parametrize("extra_state", ["uint8 tensor", "BytesIO"])
+def test_drops_rope_buffers_counters_and_te_extra_state(official_sd, io, tmp_path, extra_state):
+    """Transformer Engine writes `*._extra_state` as a 1-D uint8 tensor or (some versions) a pickled io.BytesIO, which
+    a plain weights-only torch.load refuses: both load, with weights_only kept, as the same weights as without them."""
+    import io as pyio
+
     sd = dict(official_sd)
-    sd["net.blocks.0.cross_attn.attn_op._extra_state"] = torch.zeros(7, dtype=torch.uint8)
+    for i in range(3):
+        value = torch.zeros(7, dtype=torch.uint8) if extra_state == "uint8 tensor" else pyio.BytesIO(b"\x00" * 7)
+        sd[f"net.blocks.{i}.cross_attn.attn_op._extra_state"] = value
     assert "net.pos_embedder.seq" in sd and "net.accum_iteration" in sd
     torch.save(sd, tmp_path / "model.pt")
+    if extra_state == "BytesIO":
+        with pytest.raises(Exception, match="Weights only load failed"):
+            torch.load(tmp_path / "model.pt", weights_only=True)  # the file really holds what a plain load refuses
     model = mv.load_video_dit(tmp_path / "model.pt", filename=None, config="tiny")
+    torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
+
+
+def test_regular_weights_are_loaded_beside_ema_weights(official_sd, io, tmp_path):
+    """A file with `net_ema.` beside `net.` loads `net.` (the official default); a file with only EMA weights, those."""
+    ema = {"net_ema." + k.removeprefix("net."): torch.zeros_like(v) if v.is_floating_point() else v for k, v in official_sd.items()}
+    torch.save({**official_sd, **ema}, tmp_path / "both.pt")
+    model = mv.load_video_dit(tmp_path / "both.pt", filename=None, config="tiny")
+    torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
+    torch.save({"net_ema." + k.removeprefix("net."): v for k, v in official_sd.items()}, tmp_path / "ema.pt")
+    model = mv.load_video_dit(tmp_path / "ema.pt", filename=None, config="tiny")
     torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
 
 
@@ -58,6 +79,8 @@ def test_diffusers_layout_sharded(official_sd, io, tmp_path):
     index = {"weight_map": {k: name for name, part in zip(names, halves) for k in part}}  # what diffusers writes beside them
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     model = mv.load_video_dit(tmp_path / "repo", filename=None, config="tiny")
+    torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
+    model = mv.load_video_dit(tmp_path / "repo", config="tiny")  # the default filename is not there: the folder is read
     torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
 
 
@@ -94,7 +117,7 @@ def test_missing_local_file():
 
 
 def test_hub_offline_without_cache_says_how_to_get_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"hf download nvidia/Cosmos-Predict2-2B-Video2World model-480p-16fps.pt"):
+    with pytest.raises(FileNotFoundError, match=r"hf download nvidia/Cosmos-Predict2-2B-Video2World model-480p-10fps.pt"):
         mv.load_video_dit(cache_dir=tmp_path, config="tiny")
 
 

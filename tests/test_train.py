@@ -154,13 +154,17 @@ def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
         assert torch.equal(st["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
 
 
-def test_ddp_two_processes_equal_one(smoke, tmp_path):
-    """torchrun with 2 CPU processes (gloo) gives the same stage-2 weights as 1 process on the same global batch."""
+@pytest.mark.parametrize("method", ["mimic-video", "vla", "joint"])
+def test_ddp_two_processes_equal_one(smoke, tmp_path, method):
+    """torchrun with 2 CPU processes (gloo) gives the same stage-2 weights as 1 process on the same global batch, for
+    every method (DDP stops when a trained parameter gets no gradient, as the VLA-style baseline's unused blocks did)."""
     for run in ("single", "ddp"):
+        (tmp_path / run).mkdir()
         shutil.copytree(smoke / "stage1", tmp_path / run / "stage1")
+        shutil.copytree(smoke / "pretrain", tmp_path / run / "pretrain")
         for f in smoke.glob("*.npz"):
             shutil.copy(f, tmp_path / run)
-    args = [*SMALL, "--stage=2", "--stage2_steps=3", "--stage2_warmup=1"]
+    args = [*SMALL, "--stage=2", f"--method={method}", "--stage1_steps=1", "--stage2_steps=2", "--stage2_warmup=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *args], cwd=ROOT, env=env, check=True,
                    capture_output=True)
