@@ -380,8 +380,9 @@ def check_resume(name, saved, cfg, steps, inputs, log_fn):
         sys.exit(f"error: the {name} checkpoint is at step {saved['step']}, beyond the requested {steps} steps")
 
 
-def restore(directory, model, opt):
-    """Load a checkpoint's trainable weights (strictly) and optimizer state; return its step."""
+def restore(directory, model, opt, device):
+    """Load a checkpoint's trainable weights (strictly) and optimizer state onto this rank's `device` (the checkpoint
+    may come from another GPU, or a GPU run resumed on a CPU); return its step."""
     ckpt = directory / CHECKPOINT
     params = trainable(model)
     sd = load_file(ckpt / "model.safetensors")
@@ -389,7 +390,7 @@ def restore(directory, model, opt):
     with torch.no_grad():
         for k, v in sd.items():
             params[k].copy_(v)
-    opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True)["optimizer"])
+    opt.load_state_dict(torch.load(ckpt / "optim.pt", map_location=device, weights_only=True)["optimizer"])
     return json.loads((ckpt / "train_state.json").read_text())["step"]
 
 
@@ -705,7 +706,7 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
     start = 0
     if saved is not None and cfg.resume:
         check_resume(name, saved, cfg, steps, inputs, lambda *a: log(rank, *a))
-        start = restore(directory, model, opt)
+        start = restore(directory, model, opt, device)
         log(rank, f"{name}: complete at step {start}, nothing to train" if start == steps else f"{name}: resuming at step {start}")
     elif cfg.resume:
         log(rank, f"{name}: no checkpoint in {directory}, starting at step 0")

@@ -122,7 +122,8 @@ def test_wrong_instruction_scores_the_named_square():
 
 @pytest.mark.parametrize("stage,flag", [("1", "--stage1_steps"), ("2", "--stage2_steps")])
 def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
-    """4 steps in one go == 4 steps interrupted (Ctrl-C) after the step-2 checkpoint, then --resume=true."""
+    """4 steps in one go == 4 steps interrupted (Ctrl-C) after the step-2 checkpoint, then --resume=true. The checkpoint
+    is written as a GPU run writes it (its optimizer tensors tagged cuda:0) and resumed here, on a CPU."""
     name = f"stage{stage}"
     args = [f"--stage={stage}", "--stage2_warmup=10", "--ckpt_every=2", f"{flag}=4"]
     for run in ("straight", "resumed"):
@@ -135,7 +136,9 @@ def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
     real = train.save_checkpoint
 
     def interrupted(*a, **k):
-        real(*a, **k)
+        with monkeypatch.context() as m:  # torch.save records each storage's device: pretend it was cuda:0
+            m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+            real(*a, **k)
         raise KeyboardInterrupt  # right after the first checkpoint is on disk
 
     monkeypatch.setattr(train, "save_checkpoint", interrupted)
@@ -143,6 +146,8 @@ def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
         run_train(tmp_path / "resumed", *args)
     monkeypatch.undo()
     assert train.read_train_state(tmp_path / "resumed" / name)["step"] == 2
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location does with it on a CPU
+        torch.load(tmp_path / "resumed" / name / "checkpoint" / "optim.pt", weights_only=True)
     run_train(tmp_path / "resumed", *args, "--resume=true")
     a, b = (load_file(tmp_path / r / name / "checkpoint" / "model.safetensors") for r in ("straight", "resumed"))
     assert a.keys() == b.keys()
