@@ -962,6 +962,11 @@ def read_state_dict(path):
     return sd
 
 
+def is_diffusers_folder(path):
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    return any((folder / name).is_file() for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json"))
+
+
 def _read_diffusers_folder(path):
     """A diffusers folder, (transformer/)diffusion_pytorch_model.safetensors or the shards its index names: exactly
     the files the index lists, each holding exactly its keys. Stray files (an old shard, a precision variant such
@@ -1073,7 +1078,7 @@ def load_official(model_cls, config, presets, default_preset, source, filename=N
     file carries (files this project wrote) or else `default_preset` (the released model).
     """
     path = Path(source)
-    diffusers_folder = path.is_dir() and (filename is None or not (path / filename).exists())
+    diffusers_folder = path.is_dir() and (filename is None or (not (path / filename).exists() and is_diffusers_folder(path)))
     file = path if diffusers_folder else resolve_file(source, filename, revision, cache_dir)
     sd = official_keys(read_state_dict(file))
     check_parameter_dtypes(sd, str(file))
