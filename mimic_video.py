@@ -2602,28 +2602,33 @@ class Policy(ChunkedPolicy):
         return self.video_encoder.decode(x0)
 
     def save(self, folder):
-        """Write the policy folder atomically: config.json, video_backbone.safetensors (LoRA fused, `net.` keys),
-        action_decoder.safetensors (`net.` keys) and stats.json (the released statistics layout)."""
-        m = self.model
-        joint = isinstance(m, JointVideoActionModel)
-        config = {"format": POLICY_FORMAT, "method": "joint" if joint else self.method, "video": asdict(m.video.cfg),
-                  "model": asdict(m.cfg), "policy": asdict(self.config),
-                  **({"joint": asdict(m.joint)} if joint else {"decoder": asdict(m.decoder.cfg)})}
-        stats = {**m.obs_normalizer.to_stats(), **m.action_normalizer.to_stats()}
+        save_policy_folder(folder, self.model, self.config, self.method)
 
-        def write(tmp):
-            tmp = Path(tmp)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            (tmp / "stats.json").write_text(json.dumps(stats))
-            save_video_dit_checkpoint(m.video, tmp / "video_backbone.safetensors")
-            if joint:  # the joint model's action embedders, positions and head
-                from safetensors.torch import save_file
 
-                save_file({k: v.detach().contiguous() for k, v in m.head_state_dict().items()}, tmp / "joint_heads.safetensors")
-            else:
-                save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
+def save_policy_folder(folder, model, config: PolicyConfig, method="mimic-video"):
+    """Write a policy folder atomically: config.json, video_backbone.safetensors (LoRA fused, `net.` keys),
+    action_decoder.safetensors (`net.` keys; the joint model: joint_heads.safetensors) and stats.json (the released
+    statistics layout). `config` names the encoders by their specs: train.py writes a policy without loading them."""
+    m = model
+    joint = isinstance(m, JointVideoActionModel)
+    folder_config = {"format": POLICY_FORMAT, "method": "joint" if joint else method, "video": asdict(m.video.cfg),
+                     "model": asdict(m.cfg), "policy": asdict(config),
+                     **({"joint": asdict(m.joint)} if joint else {"decoder": asdict(m.decoder.cfg)})}
+    stats = {**m.obs_normalizer.to_stats(), **m.action_normalizer.to_stats()}
 
-        atomic_write_dir(folder, write)
+    def write(tmp):
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(json.dumps(folder_config, indent=2))
+        (tmp / "stats.json").write_text(json.dumps(stats))
+        save_video_dit_checkpoint(m.video, tmp / "video_backbone.safetensors")
+        if joint:  # the joint model's action embedders, positions and head
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in m.head_state_dict().items()}, tmp / "joint_heads.safetensors")
+        else:
+            save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
+
+    atomic_write_dir(folder, write)
 
 
 def query_latency(policies, observation, rounds=20, warmup=3):
@@ -2737,7 +2742,7 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
         raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder (no config.json there) nor a released task "
                                 f"({', '.join(sorted(RELEASED_POLICIES))})")
     video_encoder = video_encoder if video_encoder is not None else build_video_encoder(pcfg.video_encoder, device, dtype)
-    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(pcfg.text_encoder, device)
+    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(pcfg.text_encoder, device, dtype)
     return Policy(model.eval(), pcfg, video_encoder.to(device) if isinstance(video_encoder, nn.Module) else video_encoder,
                   text_encoder, method)
 
@@ -3160,6 +3165,10 @@ class LeRobotDataset:
         out.sort(key=lambda e: e["index"])
         if not out:
             raise DatasetError(f"{self.root} has no episodes")
+        empty = [e for e in out if e["length"] < 1]
+        if empty:
+            raise DatasetError(f"episode {empty[0]['index']} has length {empty[0]['length']} in {empty[0]['meta_file']} "
+                               f"({len(empty)} such episode(s)): every episode needs at least one frame")
         return out
 
     def _read_tasks(self):

@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -457,90 +458,200 @@ class ToyData:
 CACHE_FORMAT = "mimic-video cache v1"
 
 
-def make_encoders(cfg, device):
-    """The policy's encoders as the config names them: the real Wan2.1 VAE and T5, or the offline stand-ins."""
+def encoder_dtype(device):
+    """The frozen encoders' precision: bf16 on CUDA (T5-11B: 9 GB instead of 18 GB, as the official code runs it),
+    float32 on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def make_video_encoder(cfg, device, dtype=None):
+    """The video encoder as the config names it: the real Wan2.1 VAE, or the offline pixel stand-in."""
     if cfg.video_encoder == "wan":
-        video = mv.load_vae(cfg.vae_source, "vae", device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
-    else:
-        video = mv.PixelEncoder(cfg.pixel_patch, coords=True, mean=cfg.pixel_mean, std=cfg.pixel_std)
-    text = mv.load_text_encoder(cfg.t5_source, device=device) if cfg.text_encoder == "t5" else mv.HashedWordEncoder(32, cfg.text_tokens)
-    return video, text
+        return mv.load_vae(cfg.vae_source, "vae", device=device, dtype=dtype)
+    return mv.PixelEncoder(cfg.pixel_patch, coords=True, mean=cfg.pixel_mean, std=cfg.pixel_std)
 
 
-def dataset_policy_config(cfg, plan, encoders, representation):
-    """The PolicyConfig a dataset-trained policy runs with: the training window turned into control steps."""
-    fps, timing = plan["fps"], mv.WindowTiming(**plan["timing"])
+def make_text_encoder(cfg, device, dtype=None):
+    """The text encoder as the config names it: T5 (--t5_source), or the offline hashed words."""
+    if cfg.text_encoder == "t5":
+        return mv.load_text_encoder(cfg.t5_source, device=device, dtype=dtype)
+    return mv.HashedWordEncoder(32, cfg.text_tokens)
+
+
+def text_encoder_spec(cfg):
+    """The spec make_text_encoder's encoder will carry, known without loading it (T5-11B takes minutes)."""
+    if cfg.text_encoder == "t5":
+        return {"kind": "t5", "source": str(cfg.t5_source), "subfolder": None, "max_length": 512}
+    return mv.HashedWordEncoder(32, cfg.text_tokens).spec
+
+
+def text_width(cfg):
+    """The text embedding width, from T5's config.json (d_model) without loading its weights."""
+    if cfg.text_encoder != "t5":
+        return 32
+    transformers = mv.require("transformers", "transformers")
+    try:
+        return transformers.AutoConfig.from_pretrained(cfg.t5_source).d_model
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"--t5_source={cfg.t5_source}: cannot read its config ({type(e).__name__}); pass a local "
+                                f"folder, or download it first (`hf download {cfg.t5_source}`)") from e
+
+
+def check_timing(timing, fps):
+    """A window timing a policy can run at the dataset's control rate: one action per control step, and the context
+    frames a whole number of control steps apart."""
     stride = fps / timing.context_hz
     if timing.context_frames > 1 and abs(stride - round(stride)) > 1e-6:
-        sys.exit(f"error: the context frames at {timing.context_hz} Hz are not a whole number of control steps at the "
-                 f"dataset's {fps} fps")
+        raise ValueError(f"the context frames at {timing.context_hz:g} Hz are not a whole number of control steps at the "
+                         f"dataset's {fps:g} fps: choose --timing to match (small fits any fps)")
     if abs(timing.chunk_hz - fps) > 1e-6:
-        sys.exit(f"error: the action chunk at {timing.chunk_hz} Hz is not at the dataset's control rate ({fps} fps): the "
-                 f"policy executes one action per control step; choose --timing to match")
-    return mv.PolicyConfig(
-        camera=plan["camera"].removeprefix("observation.images."), image_size=tuple(plan["image_size"]),
-        context_frames=timing.context_frames, frame_stride=max(1, round(stride)), history_padding="first",
-        n_action_steps=cfg.n_action_steps or max(1, timing.chunk // 2), stop_after_step=cfg.stop_after_step,
-        numpy_noise=False, video_encoder=encoders[0].spec, text_encoder=encoders[1].spec,
-        representation=representation.to_config())
+        raise ValueError(f"the action chunk at {timing.chunk_hz:g} Hz is not at the dataset's control rate ({fps:g} fps): "
+                         f"the policy executes one action per control step; choose --timing to match (small fits any fps, "
+                         f"libero is 20 fps, bridge 5 fps)")
+    return max(1, round(stride))
 
 
-def cache_plan(cfg, ds, timing, encoders, representation):
+def check_dataset(cfg, stages):
+    """Before any model, encoder or video is loaded: the dataset's meta/ files, the timing, the encoders' geometry and
+    widths and --video_init must fit together. Each mismatch is one line naming the value and what would fit."""
+    if not cfg.data or not set(stages) & {"encode", "pretrain", "1", "2", "benchmark"}:
+        return
+    video = mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS)
+    H, W = cfg.image_hw()
+    wan = cfg.video_encoder == "wan"
+    factor, channels = (8, 16) if wan else (cfg.pixel_patch, 3 * cfg.pixel_patch ** 2 + 2)
+    if H % factor or W % factor or (H // factor) % video.patch_spatial or (W // factor) % video.patch_spatial:
+        raise ValueError(f"--image_size={cfg.image_size}: the {cfg.video_encoder} encoder divides frames by {factor} and the "
+                         f"video DiT's patches by {video.patch_spatial}: height and width must be multiples of "
+                         f"{factor * video.patch_spatial}")
+    if "encode" in stages:
+        width = text_width(cfg)
+        if width != video.crossattn_emb_channels:
+            raise ValueError(f"--text_encoder={cfg.text_encoder} gives {width}-wide embeddings; --video_preset="
+                             f"{cfg.video_preset} reads {video.crossattn_emb_channels} (hashed: toy, t5-11b: cosmos-predict2-2b)")
+        if cfg.pretrain_videos:
+            mv.LeRobotDataset(cfg.pretrain_videos, cfg.camera, cfg.state_key, cfg.action_key)
+        ds = mv.LeRobotDataset(cfg.data, cfg.camera, cfg.state_key, cfg.action_key)  # the camera, keys and episodes
+        timing = mv.timing_preset(cfg.timing, ds.fps)
+        check_timing(timing, ds.fps)
+        if wan:
+            for n in (timing.context_frames, timing.context_frames + timing.future_frames):
+                if (n - 1) % 4:
+                    raise ValueError(f"--timing={cfg.timing}: the Wan VAE encodes 1 + 4k frames, the window has {n}")
+        if cfg.n_action_steps > timing.chunk:
+            raise ValueError(f"--n_action_steps={cfg.n_action_steps} is more than the {timing.chunk} actions of a chunk "
+                             f"(--timing={cfg.timing})")
+        if cfg.representation == "libero" and (ds.state_dim, ds.action_dim) != (8, 7):
+            raise ValueError(f"--representation=libero takes 8-D states and 7-D actions; {cfg.data} has {ds.state_dim}-D "
+                             f"{cfg.state_key} and {ds.action_dim}-D {cfg.action_key} (use --representation=identity)")
+    if cfg.video_init and "1" in stages:
+        path = Path(cfg.video_init)
+        if path.is_dir():
+            if not (cfg.video_init_file and (path / cfg.video_init_file).is_file()) and not mv.is_diffusers_folder(path):
+                raise ValueError(f"--video_init={path} holds neither --video_init_file={cfg.video_init_file!r} nor diffusers "
+                                 f"weights ({mv.DIFFUSERS_WEIGHTS})")
+        elif not path.is_file():
+            if not cfg.video_init_file:
+                raise ValueError(f"--video_init={cfg.video_init} is no local file or folder; a Hub repo id needs "
+                                 f"--video_init_file (e.g. {mv.COSMOS_DEFAULT_FILE})")
+            mv.resolve_file(cfg.video_init, cfg.video_init_file)  # downloaded now (or found in the cache), not hours later
+        if cfg.video_preset != "toy" and channels != video.in_channels:  # the toy preset takes the encoder's channels
+            raise ValueError(f"--video_init: the {cfg.video_encoder} encoder makes {channels}-channel latents; --video_preset="
+                             f"{cfg.video_preset} reads {video.in_channels} (a pretrained Cosmos backbone: --video_encoder=wan)")
+
+
+def cache_plan(cfg, ds, timing, video_spec, text_spec, representation):
     """What a cache holds; an existing cache must match it exactly (else it would mix two datasets or settings)."""
     return {"format": CACHE_FORMAT, "dataset": str(ds.root), "fingerprint": ds.fingerprint(), "camera": ds.camera,
-            "fps": ds.fps, "timing": asdict(timing), "image_size": list(cfg.image_hw()), "video_encoder": encoders[0].spec,
-            "text_encoder": encoders[1].spec, "representation": representation.to_config(),
+            "fps": ds.fps, "timing": asdict(timing), "image_size": list(cfg.image_hw()), "video_encoder": video_spec,
+            "text_encoder": text_spec, "representation": representation.to_config(),
             "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype}
 
 
-def encode_dataset(cfg, ds, cache, timing, encoders, representation, device, log_fn=print):
+def dataset_policy_config(cfg, plan, representation):
+    """The PolicyConfig a dataset-trained policy runs with: the training window turned into control steps."""
+    timing = mv.WindowTiming(**plan["timing"])
+    return mv.PolicyConfig(
+        camera=plan["camera"].removeprefix("observation.images."), image_size=tuple(plan["image_size"]),
+        context_frames=timing.context_frames, frame_stride=check_timing(timing, plan["fps"]), history_padding="first",
+        n_action_steps=cfg.n_action_steps or max(1, timing.chunk // 2), stop_after_step=cfg.stop_after_step,
+        numpy_noise=False, video_encoder=plan["video_encoder"], text_encoder=plan["text_encoder"],
+        representation=representation.to_config())
+
+
+def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_fn=print):
     """Every training window's latents (context + future frames, encoded together: the VAE is causal), the model-space
     state and action chunk of each anchor, and each distinct instruction's embedding, written once under `cache`.
-    One safetensors file per episode, each written atomically; an interrupted run resumes where it stopped."""
-    plan = cache_plan(cfg, ds, timing, encoders, representation)
+
+    One safetensors file per episode, each written atomically: an interrupted run resumes where it stopped. Under
+    torchrun each rank encodes its own episodes (rank r: episodes r, r + world, ...) and waits for the others on
+    `group` (gloo, no 10-minute NCCL timeout); rank 0 alone then loads the text encoder and writes the rest. The
+    cache is complete when meta.json exists. The encoders are released when this returns."""
+    rank, world, device, _ = env
+    dtype = encoder_dtype(device)
+    video_encoder = make_video_encoder(cfg, device, dtype)
+    plan = cache_plan(cfg, ds, timing, video_encoder.spec, text_encoder_spec(cfg), representation)
     cache.mkdir(parents=True, exist_ok=True)
     plan_path = cache / "plan.json"
     if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
         sys.exit(f"error: {cache} was encoded from another dataset or with other settings ({plan_path}); use another "
                  f"--out_dir, or delete the cache to encode again")
-    mv.atomic_write(plan_path, lambda p: Path(p).write_text(json.dumps(plan, indent=2)))
-    video_encoder, text_encoder = encoders
+    if rank == 0:
+        mv.atomic_write(plan_path, lambda p: Path(p).write_text(json.dumps(plan, indent=2)))
     state_rot, action_rot = representation.rotvec_dims
-    dtype = getattr(torch, cfg.cache_dtype)
-    episodes, texts = [], {}
-    bar = tqdm(range(len(ds)), desc="encode", disable=not sys.stderr.isatty())
-    for n in bar:
-        ep = ds.episodes[n]
-        path = cache / f"episode_{ep['index']:06d}.safetensors"
+    files = [cache / f"episode_{ep['index']:06d}.safetensors" for ep in ds.episodes]
+    mine = [n for n in range(rank, len(ds), world) if not files[n].exists()]
+    for n in tqdm(mine, desc=f"encode (rank {rank})" if world > 1 else "encode", disable=not sys.stderr.isatty()):
         low = ds.lowdim(n)
-        texts.setdefault(low["task"], len(texts))
         anchors = low["timestamp"][:: cfg.anchor_stride]
-        if not path.exists():
-            frames = ds.frames(n, np.arange(ep["length"]))  # the episode's frames, decoded once
-            latents = []
-            for i in range(0, len(anchors), 16):  # 16 windows at a time through the encoder
-                ctx, fut = zip(*(ds.window_indices(low["timestamp"], t, timing) for t in anchors[i:i + 16]))
-                pix = frames[np.concatenate([np.stack(ctx), np.stack(fut)], axis=1)]  # (b, Tc + Tf, H, W, 3)
-                pix = mv.resize_frames(mv.images_to_frames(torch.from_numpy(pix)), cfg.image_hw())  # (b, T, 3, h, w)
-                latents.append(video_encoder.encode(pix.transpose(1, 2).to(device)).cpu().to(dtype))  # (b, C, T', h', w')
-            state = representation.state_to_model(torch.from_numpy(mv.interpolate_lowdim(
-                low["timestamp"], low["state"], anchors, state_rot)).float())  # (n, d_s)
-            times = np.concatenate([timing.action_times(t) for t in anchors])
-            actions = mv.interpolate_lowdim(low["timestamp"], low["action"], times, action_rot)  # (n * H, d_a)
-            actions = representation.action_to_model(torch.from_numpy(actions).float()).reshape(len(anchors), timing.chunk, -1)
-            tensors = {"latents": torch.cat(latents).contiguous(), "state": state.contiguous(), "actions": actions.contiguous()}
-            mv.atomic_write(path, lambda p, t=tensors: save_file(t, p, metadata={"task": low["task"]}))
-        episodes.append({"index": ep["index"], "file": path.name, "anchors": len(anchors), "text": texts[low["task"]]})
+        frames = ds.frames(n, np.arange(ds.episodes[n]["length"]))  # the episode's frames, decoded once
+        latents = []
+        for i in range(0, len(anchors), 16):  # 16 windows at a time through the encoder
+            ctx, fut = zip(*(ds.window_indices(low["timestamp"], t, timing) for t in anchors[i:i + 16]))
+            pix = frames[np.concatenate([np.stack(ctx), np.stack(fut)], axis=1)]  # (b, Tc + Tf, H, W, 3)
+            pix = mv.resize_frames(mv.images_to_frames(torch.from_numpy(pix)), cfg.image_hw())  # (b, T, 3, h, w)
+            latents.append(video_encoder.encode(pix.transpose(1, 2).to(device)).cpu().to(getattr(torch, cfg.cache_dtype)))
+        state = representation.state_to_model(torch.from_numpy(mv.interpolate_lowdim(
+            low["timestamp"], low["state"], anchors, state_rot)).float())  # (n, d_s)
+        times = np.concatenate([timing.action_times(t) for t in anchors])
+        actions = mv.interpolate_lowdim(low["timestamp"], low["action"], times, action_rot)  # (n * H, d_a)
+        actions = representation.action_to_model(torch.from_numpy(actions).float()).reshape(len(anchors), timing.chunk, -1)
+        tensors = {"latents": torch.cat(latents).contiguous(), "state": state.contiguous(), "actions": actions.contiguous()}
+        mv.atomic_write(files[n], lambda p, t=tensors: save_file(t, p, metadata={"task": low["task"]}))
+    if world > 1:
+        print(f"rank {rank} encoded {len(mine)} episodes", flush=True)
+    context_latents = video_encoder.latent_frames(timing.context_frames)
+    del video_encoder
+    if world > 1:
+        dist.barrier(group=group)
+    if rank == 0:
+        write_cache_meta(cfg, cache, plan, files, context_latents, device, dtype, log_fn)
+    if world > 1:
+        dist.barrier(group=group)
+
+
+def write_cache_meta(cfg, cache, plan, files, context_latents, device, dtype, log_fn=print):
+    """Rank 0, once every episode file exists: the instructions' embeddings, the split, the statistics, meta.json."""
+    from safetensors import safe_open
+
+    episodes, texts = [], {}
+    for f in files:
+        with safe_open(f, "pt") as h:  # the header only: no latents are read
+            task, anchors = h.metadata()["task"], h.get_slice("state").get_shape()[0]
+        texts.setdefault(task, len(texts))
+        episodes.append({"index": int(f.stem.split("_")[1]), "file": f.name, "anchors": anchors, "text": texts[task]})
     names = list(texts)
-    emb = torch.cat([text_encoder(names[i:i + 8]).cpu() for i in range(0, len(names), 8)])  # (n_texts, L, D)
+    text_encoder = make_text_encoder(cfg, device, dtype)
+    emb = torch.cat([text_encoder(names[i:i + 8]).float().cpu() for i in range(0, len(names), 8)])  # (n_texts, L, D)
+    del text_encoder
     mv.atomic_write(cache / "text.safetensors", lambda p: save_file({"embeddings": emb.contiguous()}, p))
     rng = np.random.RandomState(cfg.seed)  # a validation split by episode, fixed by the seed
     n_val = int(round(cfg.val_fraction * len(episodes))) if len(episodes) > 1 else 0
     val = set(rng.permutation(len(episodes))[:n_val].tolist())
     meta = {"plan": plan, "episodes": episodes, "texts": names, "train": [i for i in range(len(episodes)) if i not in val],
-            "val": sorted(val)}
+            "val": sorted(val), "context_latents": context_latents}
     data = CachedData(cache, meta=meta)
-    meta["stats"] = representation.stats(*data.all_states_and_actions("train"))
+    meta["stats"] = mv.Representation.from_config(plan["representation"]).stats(*data.all_states_and_actions("train"))
     mv.atomic_write(cache / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
     log_fn(f"encoded {len(episodes)} episodes ({sum(e['anchors'] for e in episodes)} windows, {len(names)} instructions) "
            f"into {cache}: {len(meta['train'])} train, {len(meta['val'])} validation episodes")
@@ -558,6 +669,9 @@ class CachedData:
             if not meta_path.is_file():
                 raise FileNotFoundError(f"{self.cache} holds no finished cache (meta.json): run --stage=encode first")
             meta = json.loads(meta_path.read_text())
+            if "context_latents" not in meta:
+                raise FileNotFoundError(f"{meta_path} was written by an older train.py: run --stage=encode again (it "
+                                        f"keeps the encoded episodes and rewrites meta.json)")
         self.meta, self.split = meta, split
         self.texts = load_file(self.cache / "text.safetensors")["embeddings"]
         self.files = [self.cache / e["file"] for e in meta["episodes"]]
@@ -576,8 +690,13 @@ class CachedData:
 
     def all_states_and_actions(self, split):
         """(N, 1, d_s) states and (N, H, d_a) action chunks of every window of a split: the statistics' input."""
-        parts = [load_file(self.files[i]) for i in self.meta[split]]
-        return (torch.cat([p["state"] for p in parts])[:, None].numpy(), torch.cat([p["actions"] for p in parts]).numpy())
+        from safetensors import safe_open
+
+        parts = []
+        for i in self.meta[split]:
+            with safe_open(self.files[i], "pt") as h:  # only these two tensors, not the episode's latents
+                parts.append((h.get_tensor("state"), h.get_tensor("actions")))
+        return torch.cat([p[0] for p in parts])[:, None].numpy(), torch.cat([p[1] for p in parts]).numpy()
 
     def stats(self):
         return self.meta["stats"]
@@ -609,7 +728,7 @@ class CachedData:
         return tuple(h.get_slice("latents").get_shape()[1:]), tuple(h.get_slice("actions").get_shape()[1:])
 
 
-def dataset_models(cfg, data, representation, video_encoder):
+def dataset_models(cfg, data, representation):
     """Model configs that fit a dataset: the presets, with the latent channels, latent grid, window and chunk of the
     data (the toy presets then train on a CPU; the real presets keep their released sizes)."""
     (C, T, h, w), (H, _) = data.shapes()
@@ -620,7 +739,10 @@ def dataset_models(cfg, data, representation, video_encoder):
     decoder = mv.replace(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS),
                          max_horizon=H + 1, in_channels=representation.model_state_dim,
                          out_channels=representation.model_action_dim)
-    context = video_encoder.latent_frames(data.meta["plan"]["timing"]["context_frames"])
+    if data.texts.shape[-1] != video.crossattn_emb_channels:
+        sys.exit(f"error: the cache's instructions are {data.texts.shape[-1]}-wide embeddings; --video_preset="
+                 f"{cfg.video_preset} reads {video.crossattn_emb_channels}")
+    context = data.meta["context_latents"]
     model = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS, latent_frames=T,
                            context_latents=context)
     return video, decoder, model
@@ -1002,6 +1124,10 @@ def check_out_dir(cfg, stages):
 def main(argv):
     cfg = mv.parse_config(argv, TrainConfig)
     stages = stages_of(cfg)
+    try:
+        check_dataset(cfg, stages)
+    except (ValueError, FileNotFoundError) as e:  # mv.DatasetError is a ValueError
+        sys.exit(f"error: {e}")
     env = rank, world, device, autocast = setup(cfg)
     out = Path(cfg.out_dir)
     lock = RunLock(out)
@@ -1185,28 +1311,27 @@ def run_dataset(cfg, stages, env):
     rank, world, device, autocast = env
     out, cache = Path(cfg.out_dir), Path(cfg.out_dir) / "cache"
     log_fn = lambda *a: log(rank, *a)  # noqa: E731
-    encoders = make_encoders(cfg, device)
 
     if "encode" in stages:
-        if rank == 0:
-            for source, folder in ((cfg.data, cache), (cfg.pretrain_videos, out / "cache_videos")):
-                if not source:
-                    continue
+        # the other ranks wait for rank 0's share on gloo, whose timeout we set: NCCL's 10 minutes would abort a long encode
+        group = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if world > 1 else None
+        for source, folder in ((cfg.pretrain_videos, out / "cache_videos"), (cfg.data, cache)):
+            if source:
                 ds = mv.LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
-                timing = mv.timing_preset(cfg.timing, ds.fps)
                 representation = (mv.Representation("libero") if cfg.representation == "libero" else
                                   mv.Representation("identity", ds.state_dim, ds.action_dim))
                 log_fn(f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
                        f"state {ds.state_dim}-D, action {ds.action_dim}-D")
-                encode_dataset(cfg, ds, folder, timing, encoders, representation, device, log_fn)
-        barrier(world)
+                encode_dataset(cfg, ds, folder, mv.timing_preset(cfg.timing, ds.fps), representation, env, group, log_fn)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the encoders are gone: give their memory back before training
     if not set(stages) & {"pretrain", "1", "2", "benchmark"}:
         return
     data = CachedData(cache)
     val = CachedData(cache, "val") if data.meta["val"] else None
     plan = data.meta["plan"]
     representation = mv.Representation.from_config(plan["representation"])
-    video_cfg, decoder_cfg, model_cfg = dataset_models(cfg, data, representation, encoders[0])
+    video_cfg, decoder_cfg, model_cfg = dataset_models(cfg, data, representation)
     inputs = {"cache": plan["fingerprint"]}
 
     def model_with(video, stats=None):
@@ -1246,8 +1371,7 @@ def run_dataset(cfg, stages, env):
         train_stage("stage2", 2, model, data, cfg.stage1_steps + cfg.stage2_steps, cfg.stage2_lr, cfg, env, inputs, val_data=val)
         if rank == 0:
             model.requires_grad_(False)
-            policy = mv.Policy(model, dataset_policy_config(cfg, plan, encoders, representation), *encoders, method="vla")
-            policy.save(out / "policy")
+            mv.save_policy_folder(out / "policy", model, dataset_policy_config(cfg, plan, representation), "vla")
             log_fn(f"wrote the vla policy to {out / 'policy'}")
         barrier(world)
     elif "2" in stages or "benchmark" in stages:
@@ -1260,12 +1384,15 @@ def run_dataset(cfg, stages, env):
                     {**inputs, "video": fingerprint(source)}, val_data=val)
         if rank == 0:
             model.requires_grad_(False)
-            policy = mv.Policy(model, dataset_policy_config(cfg, plan, encoders, representation), *encoders)
-            policy.save(out / "policy")
-            log_fn(f"wrote the policy to {out / 'policy'} (mv.load_policy loads it; camera {policy.config.camera}, "
-                   f"{policy.config.n_action_steps} of {decoder_cfg.num_actions} actions per query)")
+            policy_cfg = dataset_policy_config(cfg, plan, representation)
+            mv.save_policy_folder(out / "policy", model, policy_cfg)
+            log_fn(f"wrote the policy to {out / 'policy'} (mv.load_policy loads it; camera {policy_cfg.camera}, "
+                   f"{policy_cfg.n_action_steps} of {decoder_cfg.num_actions} actions per query)")
         barrier(world)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (mv.DatasetError, mv.CheckpointReadError, mv.CheckpointMismatchError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")  # a user's file or dataset: one line, not a traceback

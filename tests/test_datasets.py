@@ -1,9 +1,13 @@
 """LeRobot datasets (v3.0 and v2.1, written here with pyarrow + PyAV): frame lookup, timing at the edges,
 interpolation, statistics, the encode-once cache, clear errors, and the toy world's round trip through the format."""
 
+import gc
 import json
+import os
 import shutil
+import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import mimic_video as mv  # noqa: E402
+from conftest import tiny_t5  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -181,7 +186,7 @@ def test_encoding_resumes_and_refuses_other_settings(encoded, capsys):
     assert (out / "cache" / "episode_000000.safetensors").stat().st_mtime_ns == first  # not encoded again
     assert (out / "cache" / "episode_000003.safetensors").exists()
     with pytest.raises(SystemExit, match="was encoded from another dataset or with other settings"):
-        train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", *SMALL[:-1], "--timing=libero"])
+        train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", *SMALL, "--anchor_stride=2"])
 
 
 def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
@@ -198,6 +203,108 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
     assert action.shape == (2,) and torch.isfinite(action).all()
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=benchmark", *SMALL])
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_an_empty_episode_is_named(tmp_path):
+    mv.write_lerobot_dataset(tmp_path / "d", episodes(), fps=FPS, version="v2.1")
+    path = tmp_path / "d" / "meta" / "episodes.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["length"] = 0
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(mv.DatasetError, match="episode 1 has length 0 in .*episodes.jsonl"):
+        mv.LeRobotDataset(tmp_path / "d")
+
+
+def bad_startup_args(tmp_path):
+    """Each mismatch that used to surface after the encode (or at the very end), and the line that now names it."""
+    weights = tmp_path / "video.safetensors"
+    weights.write_bytes(b"")  # never opened: the channel check comes first
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 48}))  # only the config is read
+    return [
+        (["--timing=libero"], r"action chunk at 20 Hz is not at the dataset's control rate \(10 fps\)"),
+        (["--camera=wrist"], "no camera 'observation.images.wrist'"),
+        (["--state_key=observation.effort"], "'observation.effort' is not a 1-D feature"),
+        (["--action_key=observation.state.joints"], "'observation.state.joints' is not a 1-D feature"),
+        (["--representation=libero"], "libero takes 8-D states and 7-D actions; .* has 3-D observation.state"),
+        (["--n_action_steps=9"], "more than the 8 actions"),
+        (["--image_size=20x20"], "multiples of 8"),
+        (["--text_encoder=t5", f"--t5_source={t5}"], "gives 48-wide embeddings; --video_preset=toy reads 32"),
+        (["--video_init=no/such/file.pt"], "no local file or folder; a Hub repo id needs --video_init_file"),
+        (["--video_init=nobody/nothing", "--video_init_file=model.pt"], "could not get 'model.pt' from the Hub repo"),
+        ([f"--video_init={weights}", "--video_preset=cosmos-predict2-2b", "--stage=1"], "14-channel latents; .* reads 16"),
+    ]
+
+
+def test_mismatches_are_refused_at_startup(tmp_path, monkeypatch):
+    """Every mismatch stops the run before any encoder, model or video is loaded, in one line naming the value."""
+    pytest.importorskip("transformers", reason="optional: pip install transformers")
+    mv.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+
+    def reached(*a, **k):
+        raise AssertionError("work started before the mismatch was found")
+
+    for name in ("make_video_encoder", "make_text_encoder", "setup"):
+        monkeypatch.setattr(train, name, reached)
+    for args, message in bad_startup_args(tmp_path):
+        with pytest.raises(SystemExit, match="^error: .*" + message):
+            train.main([f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL, *args])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_encode_is_shared_by_the_ranks(tmp_path):
+    """torchrun with 2 gloo ranks: each rank encodes its own episodes, and the cache equals a 1-process encode."""
+    mv.write_lerobot_dataset(tmp_path / "data", episodes(lengths=(9, 6, 7, 8, 5)), fps=FPS)
+    args = [f"--data={tmp_path / 'data'}", "--stage=encode", "--val_fraction=0.2", *SMALL]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *args], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                          f"--out_dir={tmp_path / 'ddp'}", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "rank 0 encoded 3 episodes" in res.stdout and "rank 1 encoded 2 episodes" in res.stdout
+    a, b = tmp_path / "single" / "cache", tmp_path / "ddp" / "cache"
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    assert json.loads((a / "meta.json").read_text()) | {"plan": 0} == json.loads((b / "meta.json").read_text()) | {"plan": 0}
+    for f in a.glob("*.safetensors"):
+        x, y = load_file(f), load_file(b / f.name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name
+
+
+def test_the_encoders_run_in_the_requested_dtype_and_are_gone_before_training(tmp_path, monkeypatch):
+    """A tiny T5 as --t5_source: loaded in the run's dtype (bf16 here, as on CUDA), its spec the one the plan
+    promised, and no encoder alive when the first training stage starts."""
+    model, tokenizer = tiny_t5(d_model=32)  # the toy video preset reads 32-wide embeddings
+    model.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    mv.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    alive = []
+    monkeypatch.setattr(train, "encoder_dtype", lambda device: torch.bfloat16)
+    for name in ("make_video_encoder", "make_text_encoder"):
+        def make(*a, _make=getattr(train, name), **k):
+            enc = _make(*a, **k)
+            alive.append(weakref.ref(enc))
+            if isinstance(enc, mv.T5TextEncoder):
+                assert next(enc.model.parameters()).dtype == torch.bfloat16 and a[2] == torch.bfloat16
+            return enc
+        monkeypatch.setattr(train, name, make)
+
+    class Started(Exception):
+        pass
+
+    def train_stage(*a, **k):
+        gc.collect()
+        assert len(alive) == 2 and all(ref() is None for ref in alive), "an encoder is still referenced"
+        raise Started
+
+    monkeypatch.setattr(train, "train_stage", train_stage)
+    with pytest.raises(Started):
+        train.main([f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL, "--text_encoder=t5",
+                    f"--t5_source={tmp_path / 't5'}"])
+    meta = json.loads((tmp_path / "out" / "cache" / "meta.json").read_text())
+    assert meta["plan"]["text_encoder"] == mv.load_text_encoder(tmp_path / "t5").spec
+    assert load_file(tmp_path / "out" / "cache" / "text.safetensors")["embeddings"].shape == (2, 512, 32)
 
 
 def test_the_toy_world_round_trip_is_the_same_data(tmp_path):
