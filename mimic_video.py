@@ -1749,6 +1749,11 @@ VIDEO_ACTION_PRESETS = {
 }
 
 
+def _check_finite(x, what):
+    if not torch.isfinite(x).all():  # a NaN would spread through attention into every action of the chunk
+        raise ValueError(f"{what} contains NaN or infinite values")
+
+
 class VideoActionModel(nn.Module):
     """The video DiT (frozen in stage 2) and the action decoder, with the optional normalizers of a policy.
 
@@ -1907,6 +1912,7 @@ class VideoActionModel(nn.Module):
         if raw and (self.obs_normalizer is None or self.action_normalizer is None):
             raise ValueError("raw=True needs the policy's obs and action normalizers; this model has none "
                              "(pass normalized proprio and use raw=False, or build the model with normalizers)")
+        _check_finite(proprio, "proprio")
         if raw:
             proprio = self.obs_normalizer.normalize(proprio)
         latents, cond = self.window(context, oracle_future)
@@ -2087,6 +2093,7 @@ class JointVideoActionModel(nn.Module):
             raise ValueError("the joint model denoises its own future: an oracle future does not apply")
         if raw and (self.obs_normalizer is None or self.action_normalizer is None):
             raise ValueError("raw=True needs the policy's obs and action normalizers; this model has none")
+        _check_finite(proprio, "proprio")
         if raw:
             proprio = self.obs_normalizer.normalize(proprio)
         latents, cond = self.window(context, None)
@@ -2123,10 +2130,15 @@ def require(module, package):
         raise ImportError(f"{module} is not installed; it is needed here: pip install {package}") from e
 
 
+def as_tensor(x, dtype=None):
+    """torch.as_tensor that also takes a numpy view with negative strides (a flipped camera image): copied."""
+    return torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=dtype)
+
+
 def images_to_frames(images):
     """Camera images -> model frames in [-1, 1], channels first: (..., H, W, 3) uint8, or (..., 3, H, W) float in
     [0, 1] (LeRobot's two conventions), mapped by 2 x - 1 (official `CosmosProcessImage`: 2 (x / 255 - 0.5))."""
-    images = torch.as_tensor(images)
+    images = as_tensor(images)
     if images.dtype == torch.uint8:
         if images.dim() < 3 or images.shape[-1] != 3:
             raise ValueError(f"uint8 images must be (..., H, W, 3), got {tuple(images.shape)}")
@@ -2135,10 +2147,14 @@ def images_to_frames(images):
         if images.dim() < 3 or images.shape[-3] != 3:
             raise ValueError(f"float images must be (..., 3, H, W) in [0, 1], got {tuple(images.shape)}")
         images = images.float()
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        lo, hi = images.min().item(), images.max().item()
+        if lo < -1e-3 or hi > 1 + 1e-3:  # e.g. 0..255 in a float array: it would pass as a blown-out frame
+            raise ValueError(f"float images must be in [0, 1], got values in [{lo:g}, {hi:g}]: pass uint8 (H, W, 3) or "
+                             f"divide by 255")
     else:
         raise ValueError(f"images must be uint8 (H, W, 3) or float (3, H, W), got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or infinite values")
     return images * 2 - 1
 
 
@@ -2428,11 +2444,23 @@ class ChunkedPolicy:
     n_action_steps = 1
 
     def reset(self):
-        self.queue = []
+        self.queue, self._last = [], None
 
     def observe(self, observation):
         """Called on every control step with the new observation; returns whether it was batched."""
         return True
+
+    def _observe_once(self, observation):
+        """observe() once per control step. The observation passed again in the same step (predict_action_chunk,
+        then select_action, on the same dict with the same values) is not recorded a second time; a new dict, or a
+        value replaced in it, is a new step. (Data written into the same array in place cannot be told apart.)"""
+        values = list(observation.values()) if isinstance(observation, dict) else None
+        last = self._last
+        if last is None or last[0] is not observation or values is None or len(values) != len(last[1]) or \
+                any(a is not b for a, b in zip(values, last[1])):
+            self._batched = self.observe(observation)
+            self._last = (observation, values)  # references: the objects' ids cannot be reused while we compare
+        return self._batched
 
     def query(self, observation):
         """An action chunk (B, horizon, d_a) for the current observation."""
@@ -2440,7 +2468,7 @@ class ChunkedPolicy:
 
     def select_action(self, observation, **kwargs):
         """The next action: (d_a,) for one environment, (B, d_a) for a batch of B."""
-        batched = self.observe(observation)
+        batched = self._observe_once(observation)
         if not self.queue:
             chunk = torch.as_tensor(self.query(observation, **kwargs))  # (B, H, d_a)
             self.queue = list(chunk[:, : self.n_action_steps].unbind(1))
@@ -2448,8 +2476,9 @@ class ChunkedPolicy:
         return action if batched else action[0]
 
     def predict_action_chunk(self, observation, **kwargs):
-        """The whole chunk for this observation, (B, H, d_a) or (H, d_a); the action queue is not touched."""
-        batched = self.observe(observation)
+        """The whole chunk for this observation, (B, H, d_a) or (H, d_a); the action queue is not touched, and
+        select_action with the same observation in the same step does not record its frame again."""
+        batched = self._observe_once(observation)
         chunk = torch.as_tensor(self.query(observation, **kwargs))
         return chunk if batched else chunk[0]
 
@@ -2517,11 +2546,11 @@ class Policy(ChunkedPolicy):
         for k in ("observation.state", "task"):
             if k not in observation:
                 raise KeyError(f"observation has no {k!r}")
-        images = torch.as_tensor(observation[key])
+        images = as_tensor(observation[key])
         batched = images.dim() == 4
         frames = resize_frames(images_to_frames(images if batched else images[None]), cfg.image_size)  # (B, 3, H, W)
         B = frames.shape[0]
-        state = torch.as_tensor(observation["observation.state"], dtype=torch.float32)
+        state = as_tensor(observation["observation.state"], dtype=torch.float32)
         state = state if state.dim() == 2 else state[None]
         if state.shape[0] != B or state.dim() != 2:
             raise ValueError(f"observation.state must be ({B}, d) for {B} environment(s), got {tuple(state.shape)}")
@@ -2584,7 +2613,7 @@ class Policy(ChunkedPolicy):
         if not torch.isfinite(actions).all():
             raise FloatingPointError("the policy produced non-finite actions (NaN or inf): check the weights and the "
                                      "statistics; nothing was executed")
-        return actions.cpu()
+        return actions  # on the policy's device, as LeRobot returns them; .cpu() for the robot
 
     @torch.no_grad()
     def imagine(self, stop_after_step=None):
@@ -2603,6 +2632,9 @@ class Policy(ChunkedPolicy):
 
     def save(self, folder):
         save_policy_folder(folder, self.model, self.config, self.method)
+
+    def push_to_hub(self, repo_id, private=None, token=None, commit_message="Upload a mimic-video policy"):
+        return push_policy_to_hub(self, repo_id, private, token, commit_message)
 
 
 def save_policy_folder(folder, model, config: PolicyConfig, method="mimic-video"):
@@ -2641,7 +2673,7 @@ def query_latency(policies, observation, rounds=20, warmup=3):
     for r in range(warmup + rounds):
         for name, policy in policies.items():
             t0 = time.perf_counter()
-            policy.query()  # ends with the actions on the CPU: the device's work is done when it returns
+            policy.query().cpu()  # the actions on the host, where the robot takes them: the device's work is done
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: 1000 * float(np.median(t)) for name, t in times.items()}
@@ -2711,14 +2743,21 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
     overrides: PolicyConfig fields (e.g. stop_after_step=0, n_action_steps=8). bf16 (dtype) on a GPU.
     """
     path = Path(task_or_folder)
-    if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+    hub_id = not path.exists() and str(task_or_folder) not in RELEASED_POLICIES and str(task_or_folder).count("/") == 1
+    if hub_id:  # a policy folder pushed to the Hub (Policy.push_to_hub); offline: the local cache
+        path = snapshot_policy(str(task_or_folder), revision, cache_dir)
+    if path.is_dir():
+        config = _read_policy_json(path, "config.json")
         if config.get("format") != POLICY_FORMAT:
             raise ValueError(f"{path / 'config.json'} is not a policy folder of this format ({POLICY_FORMAT!r}); found "
                              f"format {config.get('format')!r}")
         pcfg = make_config(PolicyConfig, config["policy"], **overrides)
+        stats = _read_policy_json(path, "stats.json")
+        weights = ["video_backbone.safetensors", "joint_heads.safetensors" if "joint" in config else "action_decoder.safetensors"]
+        missing = [f for f in weights if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the policy folder {path} is incomplete: {', '.join(missing)} missing")
         video = load_video_dit(path / "video_backbone.safetensors", None, config["video"], device=device, dtype=dtype)
-        stats = json.loads((path / "stats.json").read_text())
         obs_norm, act_norm = Representation.from_config(pcfg.representation).normalizers(stats, dtype or torch.float32)
         va_cfg = make_config(VideoActionConfig, config["model"])
         if "joint" in config:  # the VideoVLA-style joint model
@@ -2739,12 +2778,46 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
         pcfg = make_config(PolicyConfig, RELEASED_POLICIES[str(task_or_folder)][0], POLICY_PRESETS, **overrides)
         method = "mimic-video"
     else:
-        raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder (no config.json there) nor a released task "
-                                f"({', '.join(sorted(RELEASED_POLICIES))})")
+        raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder, a Hub repo id (owner/name) nor a released "
+                                f"task ({', '.join(sorted(RELEASED_POLICIES))})")
     video_encoder = video_encoder if video_encoder is not None else build_video_encoder(pcfg.video_encoder, device, dtype)
     text_encoder = text_encoder if text_encoder is not None else build_text_encoder(pcfg.text_encoder, device, dtype)
     return Policy(model.eval(), pcfg, video_encoder.to(device) if isinstance(video_encoder, nn.Module) else video_encoder,
                   text_encoder, method)
+
+
+def _read_policy_json(folder, name):
+    path = Path(folder) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"the policy folder {folder} is incomplete: {name} missing")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # a truncated or overwritten file
+        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def snapshot_policy(repo_id, revision=None, cache_dir=None):
+    """The folder of a policy pushed to the Hub, downloaded by huggingface_hub (HF_HUB_OFFLINE=1: the local cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir))
+    except Exception as e:  # offline without a cached copy, no such repo, no access
+        raise FileNotFoundError(f"could not get the policy {repo_id!r} from the Hub ({type(e).__name__}); download it where "
+                                f"the Hub is reachable (`hf download {repo_id}`), unset HF_HUB_OFFLINE if it is set, "
+                                f"or pass the folder") from e
+
+
+def push_policy_to_hub(policy, repo_id, private=None, token=None, commit_message="Upload a mimic-video policy"):
+    """Upload a policy folder (the layout Policy.save writes) to the Hub repo `repo_id`, created if needed;
+    load_policy(repo_id) loads it back. Returns the commit info."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save(Path(tmp) / "policy")
+        return api.upload_folder(repo_id=repo_id, folder_path=Path(tmp) / "policy", commit_message=commit_message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2895,7 +2968,7 @@ def toy_rollout(policy, seeds, cfg: ToyWorldConfig, tasks=None):
     obs = toy_observation(state, cfg, tasks)
     images = [obs["observation.images.top"].numpy()]
     for _ in range(cfg.episode_steps):
-        action = np.asarray(policy.select_action(obs), np.float32)  # (N, 2)
+        action = policy.select_action(obs).cpu().numpy().astype(np.float32)  # (N, 2)
         state = dict(state, agent=toy_step(state["agent"], action, cfg))
         obs = toy_observation(state, cfg, tasks)
         images.append(obs["observation.images.top"].numpy())

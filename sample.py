@@ -156,7 +156,7 @@ class Imagining:
             self.step = 0
         chunk = self.policy.model.decoder.cfg.num_actions
         future = self.plan.shape[2]  # the imagined future frames span the chunk
-        self.plans.append(self.plan[:, :, min(future - 1, self.step * future // chunk)].numpy())
+        self.plans.append(self.plan[:, :, min(future - 1, self.step * future // chunk)].cpu().numpy())
         self.step += 1
         return action
 
@@ -273,7 +273,7 @@ def libero_eval(policy, suite, trials=50, tasks=None, log=print):
                 if t < LIBERO_SETTLE_STEPS:  # let the objects settle
                     obs, _, done, _ = env.step(LIBERO_DUMMY_ACTION)
                     continue
-                action = np.asarray(policy.select_action(libero_observation(obs, language)), np.float64)
+                action = policy.select_action(libero_observation(obs, language)).cpu().numpy().astype(np.float64)
                 obs, _, done, _ = env.step(action.tolist())
                 if done:
                     successes += 1

@@ -253,6 +253,17 @@ def test_mismatches_are_refused_at_startup(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_broken_dataset_stops_train_py_in_one_line(tmp_path):
+    """A user's file that breaks mid-run (here a truncated video, found while encoding): one line, exit code 1."""
+    mv.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    video = tmp_path / "data/videos/observation.images.top/chunk-000/file-000.mp4"
+    video.write_bytes(video.read_bytes()[:300])
+    res = subprocess.run([sys.executable, "train.py", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
+                          "--stage=encode", *SMALL], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: episode 0: ")
+
+
 def test_the_encode_is_shared_by_the_ranks(tmp_path):
     """torchrun with 2 gloo ranks: each rank encodes its own episodes, and the cache equals a 1-process encode."""
     mv.write_lerobot_dataset(tmp_path / "data", episodes(lengths=(9, 6, 7, 8, 5)), fps=FPS)

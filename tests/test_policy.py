@@ -1,6 +1,7 @@
 """The Policy: representations, LeRobot observations in, actions out, frame history, action queue, one folder format."""
 
 import json
+import shutil
 import math
 import sys
 from pathlib import Path
@@ -379,3 +380,83 @@ def test_gif_of_a_vae_based_policy_in_the_toy_world(tmp_path):
     policy.select_action(mv.toy_observation(state, world, mv.toy_instructions(state)))
     plan = policy.imagine()  # 1 + 4 decoded frames: the context frame, then the imagined future
     assert plan.shape == (2, 3, 5, 16, 16) and plan.abs().max() <= 1
+
+
+def test_a_step_is_recorded_once(policy):
+    """predict_action_chunk, then select_action, with the same observation in one step: its frame is recorded
+    once; a new observation (or a value replaced in the same dict) is a new step."""
+    policy.reset()
+    obs = observation(0)
+    chunk = policy.predict_action_chunk(obs)
+    action = policy.select_action(obs)
+    assert policy.seen == 1 and torch.equal(action, chunk[:, 0]) and action.device == policy.device
+    obs["observation.state"] = observation(1)["observation.state"]  # the same dict, a new value: a new step
+    policy.select_action(obs)
+    policy.select_action(observation(2))
+    assert policy.seen == 3
+    policy.reset()
+
+
+def test_inputs_at_the_edges(policy):
+    image = np.random.RandomState(0).randint(0, 256, (48, 40, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"float images must be in \[0, 1\], got values in \[.*, 25\d\]"):
+        mv.images_to_frames(torch.from_numpy(image).permute(2, 0, 1).float())  # 0..255 as floats
+    flipped = image[::-1, ::-1]  # negative strides, as a camera flip gives
+    assert torch.equal(mv.images_to_frames(flipped), mv.images_to_frames(np.ascontiguousarray(flipped)))
+    obs = {k: (v[0] if k != "task" else v[0]) for k, v in observation(0).items()}
+    obs["observation.images.image"] = flipped
+    policy.reset()
+    assert policy.select_action(obs).shape == (7,)
+    m = policy.model
+    context = torch.zeros(1, m.video.cfg.in_channels, m.cfg.context_latents, 4, 4)
+    proprio = torch.full((1, 1, m.state_dim), float("nan"))
+    with pytest.raises(ValueError, match="proprio contains NaN"):
+        m.sample_actions(context, torch.zeros(1, 3, m.video.cfg.crossattn_emb_channels), proprio, stop_after_step=2)
+    policy.reset()
+
+
+def test_a_broken_policy_folder_names_the_file(policy, tmp_path):
+    folder = tmp_path / "policy"
+    for broken, error, message in (
+            (lambda: (folder / "stats.json").unlink(), FileNotFoundError, "incomplete: stats.json missing"),
+            (lambda: (folder / "action_decoder.safetensors").unlink(), FileNotFoundError, "action_decoder.safetensors missing"),
+            (lambda: (folder / "config.json").write_text('{"format": "mimic-vid'), mv.CheckpointReadError,
+             "cannot read .*config.json"),
+            (lambda: (folder / "video_backbone.safetensors").write_bytes(b"\x10\x00"), mv.CheckpointReadError,
+             "cannot read .*video_backbone.safetensors")):
+        policy.save(folder)
+        broken()
+        with pytest.raises(error, match=message):
+            mv.load_policy(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete: config.json missing"):
+        mv.load_policy(folder)
+
+
+def test_push_to_hub_then_load_by_repo_id(policy, tmp_path, monkeypatch):
+    """Policy.push_to_hub uploads the folder Policy.save writes; load_policy("owner/name") loads it (offline: from
+    the cache, laid out here as huggingface_hub lays it out)."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    calls = []
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(folder_path, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+        calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    policy.push_to_hub("someone/my-policy")
+    assert calls == [("create", "someone/my-policy"), ("upload", "someone/my-policy", [
+        "action_decoder.safetensors", "config.json", "stats.json", "video_backbone.safetensors"])]
+    loaded = mv.load_policy("someone/my-policy", cache_dir=cache)
+    assert loaded.config == policy.config
+    for p in (policy, loaded):
+        p.reset()
+    assert torch.equal(policy.select_action(observation(0)), loaded.select_action(observation(0)))
+    with pytest.raises(FileNotFoundError, match="hf download someone/other"):
+        mv.load_policy("someone/other", cache_dir=cache)
