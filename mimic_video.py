@@ -514,14 +514,18 @@ class VideoDiT(nn.Module):
         if stop_after_block == 0:
             return x.view(B, Tp, Hp, Wp, D)
         for i, block in enumerate(self.blocks):
-            if self.activation_checkpointing and torch.is_grad_enabled():  # recompute in backward: memory for time
-                x = torch.utils.checkpoint.checkpoint(block, x, emb, adaln_lora, context, rope, use_reentrant=False)
-            else:
-                x = block(x, emb, adaln_lora, context=context, rope=rope)
+            x = self.run_block(block, x, emb, adaln_lora, context, rope)
             if stop_after_block is not None and i + 1 == stop_after_block:
                 return x.view(B, Tp, Hp, Wp, D)  # later blocks never run
         out = self.final_layer(x, emb, adaln_lora).view(B, Tp, Hp, Wp, -1)  # (B, T', H', W', p*p*pt*C)
         return self.unpatchify(out)
+
+    def run_block(self, block, x, emb, adaln_lora, context, rope):
+        """One block; with activation_checkpointing (training at real scale), recomputed in the backward pass instead
+        of keeping its activations: memory for time."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, emb, adaln_lora, context, rope, use_reentrant=False)
+        return block(x, emb, adaln_lora, context=context, rope=rope)
 
     def embed(self, x, tau, condition_mask, padding_mask=None):
         """Patch tokens and time embeddings: x (B, C, T, H, W), tau (B, T) or (B,) -> tokens (B, T', H', W', D),
@@ -771,6 +775,15 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig):
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name or any(t in name for t in cfg.trainable_modules))
     model.lora_config = cfg
+    return model
+
+
+def fp32_trainable(model):
+    """Mixed precision: what trains (LoRA, adaLN, the decoder) in fp32, so AdamW's state and small updates are not
+    rounded to bf16; frozen weights keep their dtype (the 2B backbone in bf16: 4 GB, not 8). Run under bf16 autocast."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
     return model
 
 
@@ -2055,7 +2068,7 @@ class JointVideoActionModel(nn.Module):
         rope = (torch.cat([cos, torch.ones_like(cos[:1 + HA])]), torch.cat([sin, torch.zeros_like(sin[:1 + HA])]))
         context = text.to(emb.dtype)
         for block in video.blocks:
-            tokens = block(tokens, emb_all, adaln_all, context=context, rope=rope)
+            tokens = video.run_block(block, tokens, emb_all, adaln_all, context, rope)
         v_video = video.final_layer(tokens[:, : Tp * S, 0].reshape(B, Tp, S, D), emb, adaln).view(B, Tp, Hp, Wp, -1)
         v_action = self.action_head(tokens[:, Tp * S + 1:], emb_a[:, 1:], adaln_a[:, 1:])[:, :, 0]  # (B, HA, d_a)
         return video.unpatchify(v_video), v_action

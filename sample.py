@@ -17,6 +17,7 @@ the Cosmos sampler (k = stop_after_step), one video forward truncated at the tap
 action decoder; n_action_steps actions of the chunk run before the next query.
 """
 
+import gc
 import os
 import sys
 from types import SimpleNamespace
@@ -383,7 +384,7 @@ def benchmark(cfg, device):
     reduced = shapes != "real"
     model, x, latent, text = bench_setup(device, shapes)
     if cfg.compile:
-        model.video, model.decoder = torch.compile(model.video), torch.compile(model.decoder)
+        compile_model(model)
     dtype = next(model.parameters()).dtype
     flops_per_s = matmul_throughput(device, dtype)
     print(f"benchmark on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'}), "
@@ -409,26 +410,66 @@ def benchmark(cfg, device):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             runs = cfg.bench_runs if k <= 5 or not reduced else max(2, cfg.bench_runs // 3)
-            total = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k), device, runs)
-            video_ms = total - truncated_ms - sample_ms if k else 0.0
-            flops = query_flops(model, latent, text, k)
-            floor_ms = 1000 * sum(flops.values()) / flops_per_s
-            rows.append({"k": k, "ms": total, "video steps": video_ms, "truncated forward": truncated_ms,
-                         "decoder keys/values": kv_ms, "decoder steps": sample_ms - kv_ms, "peak GiB": peak_memory(device),
-                         "TFLOP": sum(flops.values()) / 1e12, "floor ms": floor_ms})
+
+            def row(k=k, runs=runs):
+                total = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k),
+                                  device, runs)
+                flops = query_flops(model, latent, text, k)
+                return {"k": k, "ms": total, "video steps": total - truncated_ms - sample_ms if k else 0.0,
+                        "truncated forward": truncated_ms, "decoder keys/values": kv_ms, "decoder steps": sample_ms - kv_ms,
+                        "peak GiB": peak_memory(device), "TFLOP": sum(flops.values()) / 1e12,
+                        "floor ms": 1000 * sum(flops.values()) / flops_per_s}
+            rows.append(run_phase(f"query k = {k}", row, device) or {"k": k, "failed": True})
     print(f"{'k':>3} {'ms/query':>9} {'video steps':>11} {'truncated':>9} {'dec K/V':>8} {'dec steps':>9} {'TFLOP':>7} "
           f"{'floor ms':>8} {'x floor':>7} {'peak GiB':>8}")
     for r in rows:
+        if r.get("failed"):
+            print(f"{r['k']:>3} FAILED (above)")
+            continue
         print(f"{r['k']:>3} {r['ms']:>9.1f} {r['video steps']:>11.1f} {r['truncated forward']:>9.1f} {r['decoder keys/values']:>8.1f} "
               f"{r['decoder steps']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} {r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
-    print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)"
-          + ("" if not reduced else "; the context encode (Wan VAE, 5 frames) is timed below when diffusers is installed"))
+    if not (rows[1].get("failed") or rows[2].get("failed")):
+        print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)"
+              + ("" if not reduced else "; the context encode (Wan VAE, 5 frames) is timed below when diffusers is installed"))
+    run_phase("noise", lambda: bench_noise(model, x, device, cfg.bench_runs), device)
     if reduced:  # before the training steps, which inject LoRA into the video model
-        bench_against_diffusers(model.video, latents, x["text"], cond, device, cfg.bench_runs)
-        bench_decoder_cache(model, x, ctx, sigma, noise, device, cfg.bench_runs)
+        run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
+                                                                          cfg.bench_runs), device)
+        run_phase("decoder cache", lambda: bench_decoder_cache(model, x, ctx, sigma, noise, device, cfg.bench_runs), device)
     bench_training(model, x, latent, device, cfg)
-    bench_vae(device, shapes, cfg.bench_runs)
+    run_phase("context encode", lambda: bench_vae(device, shapes, cfg.bench_runs), device)
+    if shapes != "tiny":  # a smoke run skips it (it builds real-width blocks)
+        run_phase("stage 1 memory", stage1_memory, device)
     return rows
+
+
+def run_phase(name, fn, device):
+    """One benchmark phase: a failure (out of memory included) is printed on its own row, and the next phase runs."""
+    try:
+        return fn()
+    except Exception as e:  # torch.OutOfMemoryError is one
+        print(f"  {name}: FAILED ({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})")
+        gc.collect()  # the failed phase's tensors, before the next phase allocates
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def compile_model(model, backend="inductor"):
+    """torch.compile the video DiT and the decoder in place (nn.Module.compile): every call of the module, also the
+    decoder's own self(...) inside `sample`, runs the compiled forward. (torch.compile(module) would return a wrapper
+    whose .sample resolves to the original module: the sampling path would stay uncompiled.)"""
+    model.video.compile(backend=backend)
+    model.decoder.compile(backend=backend)
+    return model
+
+
+def bench_noise(model, x, device, runs):
+    """A k = 0 query with the official numpy noise (drawn on the host, then copied) against noise drawn on the device
+    (PolicyConfig.numpy_noise=False, e.g. load_policy(..., numpy_noise=False)): the same network, other random draws."""
+    ms = {flag: median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=0,
+                                                       numpy_noise=flag), device, runs) for flag in (True, False)}
+    print(f"  query k = 0 with numpy noise (official, bit-exact) {ms[True]:.1f} ms vs device noise {ms[False]:.1f} ms "
+          f"({ms[True] / ms[False]:.2f}x)")
 
 
 def bench_training(model, x, latent, device, cfg):
@@ -440,18 +481,42 @@ def bench_training(model, x, latent, device, cfg):
     future = torch.randn(1, C, T - Tc, H, W).to(device)
     batch = {"context": x["context"], "future": future, "text": x["text"]}
     actions = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
-    results = []
-    video = model.video.float() if device.type == "cuda" else model.video  # fp32 master weights under bf16 autocast
-    mv.inject_lora(video, mv.LORA_PRESETS["mimic-video-stage1"])
-    video.to(device)
-    for checkpointing in (False, True):
+    video = mv.fp32_trainable(mv.inject_lora(model.video, mv.LORA_PRESETS["mimic-video-stage1"]).to(device))
+    # as train.py trains: the backbone frozen in its dtype, LoRA and adaLN in fp32 under bf16 autocast
+    for checkpointing in (True, False):  # the one that fits first: without, a real-shape step may run out of memory
         video.activation_checkpointing = checkpointing
-        params = [p for p in video.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5)
+        name = f"stage 1 (LoRA, activation checkpointing {'on' if checkpointing else 'off'})"
+
+        def stage1():
+            params = [p for p in video.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-5)
+
+            def step():
+                with autocast:
+                    loss = model("video", **batch)["loss"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ms = median_ms(step, device, max(2, cfg.bench_runs // 3), warmup=1)
+            print(f"  training step, batch 1, {name}: {ms:.0f} ms, peak {peak_memory(device):.2f} GiB")
+
+        run_phase(f"training step, batch 1, {name}", stage1, device)
+        for p in video.parameters():
+            p.grad = None
+    video.activation_checkpointing = False
+    mv.merge_lora(video)
+    video.requires_grad_(False)
+    model.decoder.float().requires_grad_(True)
+
+    def stage2():
+        opt = torch.optim.AdamW(model.decoder.parameters(), lr=1e-5)
 
         def step():
             with autocast:
-                loss = model("video", **batch)["loss"]
+                loss = model("action", **batch, proprio=x["proprio"].float(), actions=actions)["loss"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -459,26 +524,61 @@ def bench_training(model, x, latent, device, cfg):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ms = median_ms(step, device, max(2, cfg.bench_runs // 3), warmup=1)
-        results.append((f"stage 1 (LoRA, activation checkpointing {'on' if checkpointing else 'off'})", ms, peak_memory(device)))
-        del opt
-    video.activation_checkpointing = False
-    mv.merge_lora(video)
-    video.requires_grad_(False)
-    model.decoder.float().requires_grad_(True)
-    opt = torch.optim.AdamW(model.decoder.parameters(), lr=1e-5)
+        print(f"  training step, batch 1, stage 2 (decoder, frozen video): {ms:.0f} ms, peak {peak_memory(device):.2f} GiB")
 
-    def step2():
-        with autocast:
-            loss = model("action", **batch, proprio=x["proprio"].float(), actions=actions)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    run_phase("training step, batch 1, stage 2 (decoder, frozen video)", stage2, device)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    results.append(("stage 2 (decoder, frozen video)", median_ms(step2, device, max(2, cfg.bench_runs // 3), warmup=1), peak_memory(device)))
-    for name, ms, gib in results:
-        print(f"  training step, batch 1, {name}: {ms:.0f} ms, peak {gib:.2f} GiB")
+
+def stage1_memory(device=torch.device("cpu")):
+    """Memory of one stage-1 step at the real LIBERO shapes (2B DiT, 16 latent frames of 60 x 80 = 19,200 tokens),
+    estimated from measurements on a CPU: the bytes autograd saves for the backward pass, counted on 1- and 2-block
+    models of the real width under bf16 autocast at two token counts (so one block's share per token is exact),
+    plus the weights (frozen bf16: 2 B/param) and what trains (fp32 weight, gradient, AdamW m and v: 16 B/param)."""
+    cfg, lora = mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], mv.LORA_PRESETS["mimic-video-stage1"]
+    with torch.device("meta"):
+        full = mv.inject_lora(mv.VideoDiT(cfg), lora)
+    n_train = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in full.parameters() if not p.requires_grad)
+    fixed_gb = (2 * n_frozen + 16 * n_train) / 2**30
+
+    torch.manual_seed(0)
+    models = {n: mv.fp32_trainable(mv.inject_lora(mv.VideoDiT(mv.replace(cfg, num_blocks=n)), lora)).to(device) for n in (1, 2)}
+
+    def saved_bytes(blocks, tokens_hw, checkpointing):
+        video = models[blocks]
+        video.activation_checkpointing = checkpointing
+        H, W = tokens_hw
+        x = torch.randn(1, cfg.in_channels, 1, 2 * H, 2 * W, device=device)  # 1 latent frame, H x W tokens
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type, dtype=torch.bfloat16):
+            video(x, torch.full((1, 1), 0.5, device=device), torch.randn(1, 512, cfg.crossattn_emb_channels, device=device),
+                  torch.zeros(1, 1, 1, 2 * H, 2 * W, device=device))
+        return sum(storages.values())
+
+    small, big = (8, 8), (8, 16)  # 64 and 128 tokens
+    per_token, per_block = {}, {}
+    for ckpt in (False, True):
+        (a, b), (c, d) = [[saved_bytes(n, s, ckpt) for s in (small, big)] for n in (1, 2)]
+        per_token[ckpt] = ((d - c) - (b - a)) / 64  # one block's bytes per token
+        per_block[ckpt] = (c - a) - per_token[ckpt] * 64  # one block's bytes per sample, whatever the tokens (the text)
+    tokens, blocks = 16 * 30 * 40, cfg.num_blocks
+    print(f"  stage 1 memory at the real shapes (estimate; {n_frozen / 1e9:.2f}B frozen params in bf16, {n_train / 1e6:.0f}M "
+          f"trained in fp32 with AdamW: {fixed_gb:.1f} GiB; activations saved per token per block: "
+          f"{per_token[False] / 1024:.0f} KiB, with activation checkpointing {per_token[True] / 1024:.1f} KiB)")
+    print(f"  {'batch per GPU':>14} {'checkpointing':>14} {'GiB':>6}  fits in")
+    for batch in (1, 4):
+        for ckpt in (False, True):
+            act = batch * blocks * (per_token[ckpt] * tokens + per_block[ckpt])
+            if ckpt:  # the backward pass recomputes one block at a time and keeps its activations meanwhile
+                act += batch * (per_token[False] * tokens + per_block[False])
+            gib = fixed_gb + act / 2**30
+            fits = [f"{g} GB" for g in (24, 40, 80) if gib * 1.1 + 1 <= g * 1e9 / 2**30]  # 10% allocator slack + context
+            print(f"  {batch:>14} {'on' if ckpt else 'off':>14} {gib:>6.1f}  {', '.join(fits) or 'none of 24/40/80 GB'}")
 
 
 def bench_against_diffusers(video, latents, text, cond, device, runs):

@@ -98,7 +98,7 @@ class TrainConfig:
     stage2_warmup: int = 100  # linear warmup, then linear decay to 0.2 x peak (official LambdaLinearScheduler)
     weight_decay: float = 0.1
     grad_clip: float = 10.0
-    activation_checkpointing: bool = False  # stage 1: recompute the video blocks in the backward pass (real scale)
+    activation_checkpointing: bool = False  # every stage that trains the video DiT: recompute its blocks in the backward
     # logging, evaluation, checkpoints
     log_every: int = 100
     ckpt_every: int = 500  # checkpoint (and, in stage 2, a quick closed-loop eval) every this many steps
@@ -226,6 +226,12 @@ def setup(cfg):
     if cfg.batch_size % world:
         sys.exit(f"error: --batch_size={cfg.batch_size} must be divisible by the {world} processes")
     return rank, world, device, autocast
+
+
+def frozen_dtype(autocast):
+    """The dtype frozen weights load in: the file's own (the 2B backbone: bf16) under autocast, else float32 (a CPU
+    without autocast cannot mix bf16 weights with fp32 activations). Trained weights are fp32 either way."""
+    return None if isinstance(autocast, torch.autocast) else torch.float32
 
 
 def log(rank, *args):
@@ -797,23 +803,29 @@ def lr_schedule(stage, cfg, steps):
 
 
 def validation_loss(model, data, loss, cfg, env, batches=4):
-    """The stage's loss on held-out episodes: fixed windows and noise (the same at every checkpoint), no gradients."""
+    """The stage's loss on held-out episodes: fixed windows and noise (the same at every checkpoint), no gradients.
+    Each rank runs its own slice of the windows, as training does, and the per-sample losses are summed over ranks."""
     rank, world, device, autocast = env
     latent_shape, action_shape = data.shapes(model)
     B = min(cfg.batch_size, len(data.index))
-    was_training, total = model.training, 0.0
+    shard = slice(rank * B // world, (rank + 1) * B // world)  # this rank's windows of the B
+    was_training, total = model.training, torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
     with torch.no_grad():
         for k in range(batches):
             g = torch.Generator().manual_seed(999_983 + k)
-            batch = data.batch(g, B, slice(None), model)
+            batch = data.batch(g, B, shard, model)
+            noise = {key: v[shard].to(device) for key, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
+            if shard.stop == shard.start:  # more ranks than windows: this rank has none
+                continue
             if loss == "video":
                 batch = {key: batch[key] for key in ("context", "future", "text")}
-            noise = {key: v.to(device) for key, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
             with autocast:
-                total += model(loss, **{key: v.to(device) for key, v in batch.items()}, noise=noise)["loss"].item()
+                total += model(loss, **{key: v.to(device) for key, v in batch.items()}, noise=noise)["per_sample"].double().sum()
+    if world > 1:
+        dist.all_reduce(total)
     model.train(was_training)
-    return total / batches
+    return total.item() / (batches * B)
 
 
 def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_checkpoint=None, val_data=None):
@@ -821,7 +833,9 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
     equals an uninterrupted one. `inputs`: fingerprints of the files the stage starts from; `val_data`: held-out
     episodes whose loss is logged at every checkpoint."""
     rank, world, device, autocast = env
-    params = list(trainable(model).values())
+    params = list(trainable(mv.fp32_trainable(model)).values())
+    if cfg.activation_checkpointing and any(p.requires_grad for p in model.video.parameters()):
+        model.video.activation_checkpointing = True  # every stage that trains the video DiT: pretrain, 1, vla, joint
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
     directory, inputs = Path(cfg.out_dir) / name, inputs or {}
     saved = read_train_state(directory)
@@ -1349,13 +1363,13 @@ def run_dataset(cfg, stages, env):
 
     if "1" in stages:
         if cfg.video_init:  # a pretrained backbone, e.g. Cosmos-Predict2-2B (the paper's setup)
-            video = mv.load_video_dit(cfg.video_init, cfg.video_init_file or None, video_cfg, device=device)
+            video = mv.load_video_dit(cfg.video_init, cfg.video_init_file or None, video_cfg, device=device,
+                                      dtype=frozen_dtype(autocast))
             source = {"video": f"{cfg.video_init}:{cfg.video_init_file}"}
         else:
-            video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device)
+            video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device, dtype=frozen_dtype(autocast))
             source = {"video": fingerprint(out / "pretrain" / "video.safetensors")}
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
-        video.activation_checkpointing = cfg.activation_checkpointing
         model = model_with(video)
         model.decoder.requires_grad_(False)
         train_stage("stage1", 1, model, data, cfg.stage1_steps, cfg.stage1_lr, cfg, env, {**inputs, **source}, val_data=val)
@@ -1376,7 +1390,8 @@ def run_dataset(cfg, stages, env):
         barrier(world)
     elif "2" in stages or "benchmark" in stages:
         source = out / "stage1" / "video_fused.safetensors"
-        video = mv.load_video_dit(source, None, device=device).requires_grad_(False) if source.exists() else mv.VideoDiT(video_cfg)
+        video = (mv.load_video_dit(source, None, device=device, dtype=frozen_dtype(autocast)).requires_grad_(False)
+                 if source.exists() else mv.VideoDiT(video_cfg))
         model = model_with(video, data.stats())
         if "benchmark" in stages:
             return benchmark_data(f"cache {cache}", freeze_video(model), data, cfg, env)

@@ -337,3 +337,50 @@ def test_the_toy_world_round_trip_is_the_same_data(tmp_path):
             assert torch.allclose(w["latents"][0], built_in, atol=2.5 / 255 * 2), (e, t)  # the codec's rounding only
             assert torch.allclose(w["actions"][0], raw["actions"][0], atol=1e-6) and torch.allclose(w["state"][0], raw["state"][0])
             assert torch.equal(w["text"][0], toy.encoders[1](raw["task"])[0])
+
+
+def dataset_model(cache, args=()):
+    cfg = mv.parse_config([f"--data={cache}", *SMALL, *args], train.TrainConfig)
+    data = train.CachedData(cache, "all")
+    rep = mv.Representation.from_config(data.meta["plan"]["representation"])
+    video_cfg, decoder_cfg, model_cfg = train.dataset_models(cfg, data, rep)
+    model = mv.VideoActionModel(mv.VideoDiT(video_cfg), mv.ActionDecoder(decoder_cfg), model_cfg, *rep.normalizers(data.stats()))
+    return cfg, model
+
+
+def test_validation_is_split_across_ranks(encoded, monkeypatch):
+    """Each rank computes the loss of its own slice of the validation windows; the all-reduced sum is the loss of
+    one process (here the all-reduce is the sum of the ranks' returns)."""
+    from contextlib import nullcontext
+
+    cache = encoded / "out" / "cache"
+    cfg, model = dataset_model(cache, ["--batch_size=7"])
+    val = train.CachedData(cache, "val")
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t: None)
+    cpu = torch.device("cpu")
+    for loss in ("action", "video"):
+        single = train.validation_loss(model, val, loss, cfg, (0, 1, cpu, nullcontext()))
+        for world in (2, 3):  # 7 windows: uneven slices
+            parts = [train.validation_loss(model, val, loss, cfg, (r, world, cpu, nullcontext())) for r in range(world)]
+            assert sum(parts) == pytest.approx(single, rel=1e-5), (loss, world)
+
+
+def test_bf16_weights_train_with_fp32_master_weights(encoded, tmp_path, monkeypatch):
+    """A bf16 backbone file (as the released Cosmos checkpoint) under bf16 autocast: the frozen weights stay bf16,
+    what trains (LoRA, adaLN) and its AdamW state are fp32."""
+    out = tmp_path / "out"
+    shutil.copytree(encoded / "out" / "cache", out / "cache")
+    _, model = dataset_model(out / "cache")
+    mv.save_video_dit_checkpoint(model.video.to(torch.bfloat16), tmp_path / "bf16.safetensors")
+    monkeypatch.setattr(train, "setup", lambda cfg: (0, 1, torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16)))
+    trained = []
+    train_stage = train.train_stage
+    monkeypatch.setattr(train, "train_stage", lambda name, stage, model, *a, **k: trained.append(model) or
+                        train_stage(name, stage, model, *a, **k))
+    train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=1", f"--video_init={tmp_path / 'bf16.safetensors'}",
+                "--stage1_steps=2", *SMALL])
+    video = trained[0].video
+    dtypes = {(p.requires_grad, p.dtype) for p in video.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    state = torch.load(out / "stage1" / "checkpoint" / "optim.pt", weights_only=True)["optimizer"]["state"]
+    assert {v["exp_avg"].dtype for v in state.values()} == {torch.float32}

@@ -211,3 +211,31 @@ def test_short_recipe_beats_the_random_policy(tmp_path, capsys):
     random = float(re.search(r"random policy\s+([\d.]+)%", out).group(1))
     policy = float(re.search(r"mimic-video\s+([\d.]+)%", out).group(1))
     assert policy >= max(25.0, 4 * random), out[-400:]
+
+
+def test_activation_checkpointing_in_every_stage_that_trains_the_video(smoke, tmp_path, monkeypatch):
+    """--activation_checkpointing recomputes the video blocks in pretraining, stage 1, the VLA-style baseline and
+    the joint model (its own block loop), not in stage 2 (the video is frozen); the weights are the same as without."""
+    import torch.utils.checkpoint
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    runs = {"pretrain": ["--stage=pretrain", "--pretrain_steps=1"], "1": ["--stage=1", "--stage1_steps=1"],
+            "vla": ["--stage=2", "--method=vla", "--stage1_steps=1", "--stage2_steps=1"],
+            "joint": ["--stage=2", "--method=joint", "--stage2_steps=1"], "2": ["--stage=2", "--stage2_steps=1"]}
+    for name, args in runs.items():
+        weights = []
+        for on in ("true", "false"):
+            out = tmp_path / f"{name}-{on}"
+            out.mkdir()
+            for d in ("pretrain", "stage1"):
+                shutil.copytree(smoke / d, out / d)
+            for f in smoke.glob("*.npz"):
+                shutil.copy(f, out)
+            calls.clear()
+            run_train(out, *args, f"--activation_checkpointing={on}", "--overwrite=true")
+            assert (len(calls) > 0) == (on == "true" and name != "2"), (name, on, len(calls))
+            stage = {"pretrain": "pretrain", "1": "stage1"}.get(name, "stage2")
+            weights.append(load_file(out / stage / "checkpoint" / "model.safetensors"))
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
