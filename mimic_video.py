@@ -1955,6 +1955,7 @@ class VideoActionModel(nn.Module):
 # Released checkpoints: jonpai/mimic-video on the Hub (`model/scripts/download_checkpoints.py`, eval scripts).
 
 MIMIC_VIDEO_HUB_REPO = "jonpai/mimic-video"
+UNRELEASED_POLICIES = ("libero_goal_full", "libero_spatial_half")  # the 4 x 3 LIBERO grid less these two: 10 released
 _LIBERO_BACKBONE = "v2w_libero_{}_agentview_lora_rank256_lr1.778e-04_bsz32_iter_{}_fused"
 RELEASED_BACKBONES = {
     "goal": _LIBERO_BACKBONE.format("goal", "000007020"),
@@ -2790,6 +2791,9 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
                                     decoder_config, model_config)
         pcfg = make_config(PolicyConfig, RELEASED_POLICIES[str(task_or_folder)][0], POLICY_PRESETS, **overrides)
         method = "mimic-video"
+    elif str(task_or_folder) in UNRELEASED_POLICIES:
+        raise FileNotFoundError(f"{task_or_folder!r} was not released in {MIMIC_VIDEO_HUB_REPO} (its decoder is missing "
+                                f"there); the released LIBERO tasks: {', '.join(t for t in RELEASED_POLICIES if 'libero' in t)}")
     else:
         raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder, a Hub repo id (owner/name) nor a released "
                                 f"task ({', '.join(sorted(RELEASED_POLICIES))})")

@@ -88,6 +88,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     # optimisation
     batch_size: int = 64  # global batch (split across DDP ranks)
+    grad_accum: int = 1  # micro-batches per step on each rank (the same update in less memory: batch_size / (ranks x this))
     pretrain_steps: int = 4000
     pretrain_lr: float = 1e-3  # cosine decay to 0.1 x (stands in for Cosmos' own pretraining)
     pretrain_data: str = "expert"  # "expert": the expert in other episodes; "play": the expert at random speeds
@@ -153,7 +154,7 @@ class TrainConfig:
                               ("model_preset", mv.VIDEO_ACTION_PRESETS)):
             if getattr(self, name) not in presets:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not a preset; choose from {sorted(presets)}")
-        for name in ("num_demos", "num_pretrain", "eval_episodes", "lora_rank", "batch_size", "pretrain_steps",
+        for name in ("num_demos", "num_pretrain", "eval_episodes", "lora_rank", "batch_size", "grad_accum", "pretrain_steps",
                      "stage1_steps", "stage2_steps", "log_every", "ckpt_every", "quick_eval_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -223,8 +224,9 @@ def setup(cfg):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
-    if cfg.batch_size % world:
-        sys.exit(f"error: --batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        sys.exit(f"error: --batch_size={cfg.batch_size} must be divisible by the {world} process(es) x --grad_accum="
+                 f"{cfg.grad_accum}")
     return rank, world, device, autocast
 
 
@@ -865,12 +867,21 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
         noise = {k: v[shard].to(device) for k, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
         for group in opt.param_groups:
             group["lr"] = lr * sched(step)
-        with autocast:
-            out = net(loss, **batch, noise=noise)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(f"{name} step {step}: loss is {out['loss'].item()} (NaN/inf); lower the learning rate")
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        outs, m = [], b // cfg.grad_accum
+        for i in range(cfg.grad_accum):  # micro-batches: gradients summed, each loss a 1/grad_accum share of the mean
+            part = slice(i * m, (i + 1) * m)
+            sync = nullcontext() if world == 1 or i + 1 == cfg.grad_accum else net.no_sync()  # all-reduce once
+            with sync:
+                with autocast:
+                    out = net(loss, **{k: v[part] for k, v in batch.items()}, noise={k: v[part] for k, v in noise.items()})
+                if not torch.isfinite(out["loss"]):
+                    raise FloatingPointError(f"{name} step {step}: loss is {out['loss'].item()} (NaN/inf); lower the "
+                                             f"learning rate")
+                (out["loss"] / cfg.grad_accum).backward()
+            outs.append(out)
+        out = {k: torch.cat([o[k].detach().reshape(-1) for o in outs]) for k in ("per_sample", "tau_a" if stage == 2 else "tau_v")}
+        out["loss"] = out["per_sample"].mean()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         tau = out["tau_a"] if stage == 2 else out["tau_v"]

@@ -247,3 +247,5 @@ def test_load_policy_errors(tmp_path):
         tiny_policy(tmp_path)
     with pytest.raises(FileNotFoundError, match="hf download jonpai/mimic-video"):
         tiny_policy("jonpai/mimic-video", cache_dir=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="'libero_goal_full' was not released"):
+        mv.load_policy("libero_goal_full", tmp_path)
