@@ -460,3 +460,11 @@ def test_push_to_hub_then_load_by_repo_id(policy, tmp_path, monkeypatch):
     assert torch.equal(policy.select_action(observation(0)), loaded.select_action(observation(0)))
     with pytest.raises(FileNotFoundError, match="hf download someone/other"):
         mv.load_policy("someone/other", cache_dir=cache)
+
+
+def test_load_policy_builds_the_encoders_in_the_requested_dtype(policy, tmp_path):
+    policy.save(tmp_path / "policy")
+    loaded = mv.load_policy(tmp_path / "policy", dtype=torch.bfloat16)
+    assert next(loaded.text_encoder.model.parameters()).dtype == torch.bfloat16  # T5 too, not only the VAE
+    assert next(loaded.video_encoder.vae.parameters()).dtype == torch.bfloat16
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
