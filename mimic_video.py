@@ -17,20 +17,24 @@ One time convention everywhere (rectified flow):
 Cosmos samples in EDM noise levels sigma (x_sigma = x0 + sigma * eps); the two are tied by
 tau = sigma / (1 + sigma) and x_tau = (1 - tau) * x_sigma.
 
-Reading order (each part only uses what came before it):
+Reading order: every name is defined before it is used.
+Part I, the method (a reader can stop at its end and has all of it):
     1. flow matching: interpolation, target, loss, time samplers, Euler, the Cosmos RF-AB2 sampler
     2. building blocks: sinusoids, attention with q/k RMSNorm and 3D RoPE, AdaLN-LoRA DiT block
     3. the Cosmos-Predict2 video DiT, Video2World conditioning and partial denoising
-    4. LoRA (PEFT-compatible), merge / export
-    5. checkpoint loading and saving (official .pt, safetensors, diffusers layout; local or Hugging Face Hub)
-    6. the action decoder, normalization statistics, rotations and state/action representations
-    7. the video-action model: stage-1/2 losses, partial-denoising sampling, released checkpoints, and
-       the VideoVLA-style joint model it is compared with
-    8. encoders: the Wan2.1 VAE and T5 (optional packages), and offline stand-ins
-    9. the policy: LeRobot's reset() / select_action(), frame history, one folder format, load_policy
-   10. a toy world to run the whole recipe on a CPU
-   11. LeRobot datasets (v3.0, v2.1) and the official window timing
-   12. command-line configs for train.py and sample.py
+    4. LoRA (PEFT-compatible names), merge and fuse
+    5. checkpoint loading (official .pt, safetensors, diffusers layout; local or Hugging Face Hub)
+    6. the action decoder and its normalizer
+    7. the video-action model: stage-1/2 losses, partial-denoising sampling
+Part II, around the model:
+    8. saving (atomic files, checkpoints, LoRA adapters)
+    9. rotations and state/action representations
+   10. encoders: the Wan2.1 VAE and T5 (optional packages), and offline stand-ins
+   11. the comparison model: VideoVLA-style joint denoising
+   12. the policy: LeRobot's reset() / select_action(), frame history, one folder format, released checkpoints
+   13. a toy world to run the whole recipe on a CPU
+   14. LeRobot datasets (v3.0, v2.1) and the official window timing
+   15. command-line configs for train.py and sample.py
 """
 
 from __future__ import annotations
@@ -58,9 +62,16 @@ import torch.utils.checkpoint
 from einops import rearrange
 from einops.layers.torch import Rearrange
 
+
 # ------------------------------------------------------------------------------------------------
 # 1. Flow matching: the math, time samplers and integrators
 # ------------------------------------------------------------------------------------------------
+
+
+def _expand_like(tau, x):
+    """(B,) or scalar time -> shape (B, 1, ..., 1) broadcastable against x."""
+    tau = torch.as_tensor(tau, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
+    return tau.reshape(tau.shape + (1,) * (x.dim() - tau.dim())) if tau.dim() else tau
 
 
 def interpolate(x0, eps, tau):
@@ -75,12 +86,14 @@ def velocity_target(x0, eps):
 
 
 def flow_loss(v_hat, u, mask=None):
-    """Mean squared velocity error; `mask` (broadcastable to u) selects which entries count."""
+    """Per-sample mean squared velocity error (B,); `mask` (broadcastable to u) selects the entries that count
+    (stage 1: the future frames only, the given context frames are not predicted)."""
     err = (v_hat.float() - u.float()) ** 2
+    dims = tuple(range(1, err.dim()))
     if mask is None:
-        return err.mean()
+        return err.mean(dim=dims)
     mask = mask.to(err.dtype).expand_as(err)
-    return (err * mask).sum() / mask.sum().clamp_min(1)
+    return (err * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1)
 
 
 def sigma_to_tau(sigma):
@@ -93,15 +106,8 @@ def tau_to_sigma(tau):
     return tau / (1 - tau)
 
 
-def _expand_like(tau, x):
-    """(B,) or scalar time -> shape (B, 1, ..., 1) broadcastable against x."""
-    tau = torch.as_tensor(tau, dtype=x.dtype if x.is_floating_point() else torch.float32, device=x.device)
-    return tau.reshape(tau.shape + (1,) * (x.dim() - tau.dim())) if tau.dim() else tau
-
-
 # Time samplers. The official configs and the paper disagree on both densities; we default to the
 # released code (what produced the checkpoints) and keep the paper's version one argument away.
-
 def sample_video_sigma(batch, generator=None, device=None, multiplier=4.0, p_high=0.05, high=(200.0, 1e5)):
     """Video noise level as the official stage-2 code draws it (`draw_video_sigma`).
 
@@ -154,7 +160,6 @@ def euler_integrate(velocity_fn, x, num_steps=10, tau_start=1.0, tau_stop=0.0):
 
 # The Cosmos rectified-flow sampler (`RectifiedFlowAB2Scheduler`): Karras sigmas, an Euler first step,
 # then 2nd-order Adams-Bashforth steps in exponential-integrator form, all on x0 predictions.
-
 def karras_sigmas(num_steps=35, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """(num_steps + 1,) float64 EDM schedule from sigma_max down to sigma_min."""
     i = torch.arange(num_steps + 1, dtype=torch.float64)
@@ -392,6 +397,9 @@ VIDEO_DIT_PRESETS = {
     "cosmos-predict2-2b": VideoDiTConfig(),
     # the reference fixtures' tiny model: same code paths, 247k parameters
     "tiny": VideoDiTConfig(model_channels=64, num_blocks=3, num_heads=2, adaln_lora_dim=16, crossattn_emb_channels=24),
+    # the toy world (Part II) on a CPU: 8 x 8 frames as 5-channel latents (RGB + x, y), 2 x 2 tokens a frame
+    "toy": VideoDiTConfig(in_channels=5, out_channels=5, patch_spatial=4, model_channels=64, num_blocks=4, num_heads=2,
+                          crossattn_emb_channels=32, adaln_lora_dim=16, max_img_h=8, max_img_w=8),
 }
 
 
@@ -588,7 +596,6 @@ class VideoDiT(nn.Module):
 # Video2World conditioning. The first latent frames are given (the observed past); the network sees
 # them CLEAN with a tiny time (sigma_conditional = 1e-4) and a condition-mask channel of 1, and its x0
 # prediction there is overwritten by the truth. There is no noise augmentation of the context.
-
 SIGMA_CONDITIONAL = 1e-4
 
 
@@ -694,7 +701,7 @@ def numpy_randn(shape, seed, dtype=torch.float32, device=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. LoRA, written out (no peft dependency) but PEFT-compatible in names and file layout
+# 4. LoRA, written out (no peft dependency) but PEFT-compatible in names
 # ------------------------------------------------------------------------------------------------
 
 
@@ -819,61 +826,21 @@ def fused_state_dict(model, prefix="net."):
     return sd
 
 
-def save_lora_adapter(model, directory, base_model_name_or_path=None):
-    """Write a PEFT adapter folder: adapter_model.safetensors (`base_model.model.` keys) + adapter_config.json.
-
-    Besides lora_A / lora_B it carries the fully trained modules (PEFT `modules_to_save`).
-    """
-    from safetensors.torch import save_file
-
-    cfg: LoRAConfig = model.lora_config
-    tensors = {f"base_model.model.{n}": p.detach().contiguous().clone()
-               for n, p in model.named_parameters()
-               if ".lora_A." in n or ".lora_B." in n or any(t in n for t in cfg.trainable_modules)}
-    peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-        "target_modules": list(cfg.target_modules), "modules_to_save": list(cfg.trainable_modules),
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "inference_mode": True,
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(tensors, p))
-    atomic_write(directory / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
-
-
-def load_lora_adapter(model, directory):
-    """Inject LoRA as described by a PEFT adapter folder and load its weights strictly."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    c = json.loads((directory / "adapter_config.json").read_text())
-    cfg = LoRAConfig(r=c["r"], lora_alpha=c["lora_alpha"], lora_dropout=c.get("lora_dropout", 0.0),
-                     target_modules=tuple(c["target_modules"]), trainable_modules=tuple(c.get("modules_to_save") or ()))
-    inject_lora(model, cfg)
-    sd = {k.removeprefix("base_model.model."): v for k, v in load_file(directory / "adapter_model.safetensors").items()}
-    sd = {k.replace(".default.", "."): v for k, v in sd.items()}  # in-memory PEFT names carry the adapter name
-    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_state_dict(expected, sd, f"LoRA adapter {directory}")
-    with torch.no_grad():
-        for k, v in sd.items():
-            expected[k].copy_(v)
-    return model
-
-
 # ------------------------------------------------------------------------------------------------
 # 5. Checkpoint loading: official .pt / safetensors / diffusers layout, local or from the Hub
 # ------------------------------------------------------------------------------------------------
 
 COSMOS_HUB_REPO = "nvidia/Cosmos-Predict2-2B-Video2World"  # gated: accept the license, then `hf auth login`
+
 COSMOS_DEFAULT_FILE = "model-480p-10fps.pt"  # what mimic-video started from (also model-{480,720}p-{10,16}fps.pt)
+
 
 # Entries of official checkpoints that are not parameters: RoPE tables (recomputed), training counters
 # (`WeightTrainingStat`) and Transformer Engine metadata. The diffusers converter drops exactly these.
 NON_PARAMETER_KEYS = ("pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_embedder.dim_temporal_range",
                       "accum_video_sample_counter", "accum_image_sample_counter", "accum_iteration",
                       "accum_train_in_hours", "*._extra_state")
+
 
 # official -> diffusers renames (diffusers scripts/convert_cosmos_to_diffusers.py, applied in order)
 DIFFUSERS_RENAMES = (
@@ -947,15 +914,11 @@ def resolve_file(source, filename=None, revision=None, cache_dir=None):
 class CheckpointReadError(ValueError):
     """A checkpoint file that cannot be read as it should (truncated, corrupt, inconsistent): names the file."""
 
-
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def read_state_dict(path):
-    """Tensors of a .pt (torch.load, weights_only) or .safetensors file, or of a diffusers transformer folder."""
-    path = Path(path)
-    if path.is_dir():
-        return _read_diffusers_folder(path)
+def _read_tensor_file(path):
+    """Tensors of a .pt (torch.load, weights_only) or .safetensors file."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -991,14 +954,14 @@ def _read_diffusers_folder(path):
             found = sorted(p.name for p in folder.glob("*.safetensors*"))
             raise FileNotFoundError(f"{folder} has neither {single.name} nor {index.name} (found: {found or 'nothing'}); "
                                     f"pass the file to load instead of the folder")
-        return read_state_dict(single)
+        return _read_tensor_file(single)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointReadError(f"cannot read the shard index {index}: {type(e).__name__}: {e}") from e
     sd, origin = {}, {}
     for name in sorted(set(weight_map.values())):
-        part = read_state_dict(folder / name)
+        part = _read_tensor_file(folder / name)
         for key, value in part.items():
             if key in sd:
                 raise CheckpointReadError(f"{key!r} is defined twice: in {origin[key]} and in {folder / name}")
@@ -1013,6 +976,12 @@ def _read_diffusers_folder(path):
     return sd
 
 
+def read_state_dict(path):
+    """Tensors of a .pt (torch.load, weights_only) or .safetensors file, or of a diffusers transformer folder."""
+    path = Path(path)
+    return _read_diffusers_folder(path) if path.is_dir() else _read_tensor_file(path)
+
+
 def check_parameter_dtypes(sd, where):
     """Every parameter must be floating point, all of one dtype (a mix means a broken or half-converted file)."""
     bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
@@ -1024,6 +993,14 @@ def check_parameter_dtypes(sd, where):
     if len(dtypes) > 1:
         mix = ", ".join(f"{len(keys)} in {dt} (e.g. {keys[0]!r})" for dt, keys in dtypes.items())
         raise CheckpointReadError(f"{where}: mixed parameter dtypes: {mix}")
+
+
+def _video_dit_param_names(sd):
+    """Official parameter names of a video DiT with as many blocks as the diffusers file has."""
+    n_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")), default=-1)
+    with torch.device("meta"):
+        names = VideoDiT(replace(VIDEO_DIT_PRESETS["tiny"], num_blocks=n_blocks)).state_dict().keys()
+    return names
 
 
 def official_keys(sd, prefix="net."):
@@ -1041,14 +1018,6 @@ def official_keys(sd, prefix="net."):
         inverse = {to_diffusers_key(k): k for k in _video_dit_param_names(sd)}
         sd = {inverse.get(k, k): v for k, v in sd.items()}
     return sd
-
-
-def _video_dit_param_names(sd):
-    """Official parameter names of a video DiT with as many blocks as the diffusers file has."""
-    n_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")), default=-1)
-    with torch.device("meta"):
-        names = VideoDiT(replace(VIDEO_DIT_PRESETS["tiny"], num_blocks=n_blocks)).state_dict().keys()
-    return names
 
 
 def load_state_dict_strict(model, sd, what="checkpoint", assign=False):
@@ -1125,84 +1094,8 @@ def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config=
                          cache_dir, device, dtype)
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path):
-    """Flush a folder's entries (a rename) to disk; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _disk_full(e):
-    """Whether an exception (or one it came from) is a full disk or quota: serializers wrap the OSError."""
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if any(m in str(e) for m in ("No space left", "StorageFull", "os error 28", "Disk quota")):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _write_error(e, what):
-    """The error to raise when writing `what` failed: a full disk says so plainly (the serializers' messages do not)."""
-    if _disk_full(e):
-        return OSError(errno.ENOSPC, f"no space left on device while writing {what}; nothing there was changed "
-                                     f"(the previous version, if any, is intact)")
-    return e
-
-
-def atomic_write(path, write_fn):
-    """Write via write_fn(tmp_path) to a temp file in the same folder, flush it to disk, then rename: never a
-    half-written file. The file gets the ordinary mode, as if created with open() (mkstemp's is owner-only)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        error = _write_error(e, path)
-        if error is e:
-            raise
-        raise error from e
-
-
-def save_state_dict(sd, path, config=None):
-    """Write `net.`-prefixed tensors atomically: .safetensors (with the model config in its metadata) or .pt."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        meta = {CONFIG_METADATA_KEY: json.dumps(asdict(config))} if config is not None else None
-        atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta))
-    else:
-        atomic_write(path, lambda p: torch.save(sd, p))
-
-
-def save_video_dit_checkpoint(model, path):
-    """Save a video DiT (LoRA fused if wrapped) in the official layout: `net.` keys, .pt or .safetensors."""
-    save_state_dict(fused_state_dict(model), path, model.cfg)
-
-
 # ------------------------------------------------------------------------------------------------
-# 6. The action decoder (official `World2ActionDIT`), normalization and action representation
+# 6. The action decoder (official `World2ActionDIT`) and its normalizer
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1232,6 +1125,9 @@ ACTION_DECODER_PRESETS = {
     # the reference fixtures' tiny decoder
     "tiny": ActionDecoderConfig(max_horizon=5, model_channels=64, num_blocks=2, num_heads=2, crossattn_emb_channels=64,
                                 adaln_lora_dim=16, pair_timestep_feature_rank=64),
+    # the toy world: 2-D positions and motions, 1 proprio token + 8 action tokens
+    "toy": ActionDecoderConfig(max_horizon=9, in_channels=2, out_channels=2, model_channels=64, num_blocks=2, num_heads=2,
+                               crossattn_emb_channels=64, adaln_lora_dim=16, pair_timestep_feature_rank=64),
 }
 
 TAU_PROPRIO = 1e-3  # the proprio token always carries this (clean) action time
@@ -1428,11 +1324,18 @@ class ActionDecoder(nn.Module):
                                noise, num_steps=num_steps)
 
 
+def load_action_decoder(source, filename=None, config=None, revision=None, cache_dir=None, device="cpu", dtype=None):
+    """Load a mimic-video action decoder (`net.` keys; released .pt or our .safetensors) strictly.
+
+    config None: the config stored in the file (our safetensors files), else the released LIBERO preset."""
+    return load_official(ActionDecoder, config, ACTION_DECODER_PRESETS, "libero", source, filename, revision,
+                         cache_dir, device, dtype)
+
+
 # Normalization (official `StaticBatchNormalizer`). The stats are PER CHUNK TIMESTEP, shape (H, d), not per
 # dimension: action k of a chunk has its own mean and std. Each group of dimensions names how it is normalized:
 # "variance" (positions, grippers, any plain vector) is standardized with clamped stats and clipped to an outlier
 # range; "identity" (6-D rotations) passes through unchanged. The modes are explicit, never guessed from key names.
-
 NORMALIZATION_GROUPS = {  # released statistics: (key, mode) in concat order: position (3), 6-D rotation (6), gripper (1)
     "libero": {"action": (("action/eef_pos_ref_delta_lowdim", "variance"), ("action/eef_rot_ref_delta_lowdim", "identity"),
                           ("action/gripper_action_lowdim", "variance")),
@@ -1441,6 +1344,7 @@ NORMALIZATION_GROUPS = {  # released statistics: (key, mode) in concat order: po
                           ("action/gripper_action_lowdim", "variance")),
                "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"), ("obs/gripper_state_lowdim", "variance"))},
 }
+
 NORMALIZATION_MODES = ("variance", "identity")
 
 
@@ -1501,9 +1405,6 @@ class Normalizer:
         """The statistics in the released layout, each entry also saying its mode ("normalization")."""
         return {key: {**self.stats[key], "normalization": mode} for key, mode in self.groups}
 
-    def save(self, path):
-        atomic_write(path, lambda p: Path(p).write_text(json.dumps(self.to_stats())))
-
     @classmethod
     def load(cls, path, keys=None, dtype=torch.float32):
         """Read a statistics JSON that `save` wrote (every entry names its mode); `keys` picks and orders groups."""
@@ -1514,219 +1415,6 @@ class Normalizer:
             raise ValueError(f"{path}: entries {missing} do not say their normalization mode; build the Normalizer "
                              f"with explicit (key, mode) groups instead (e.g. NORMALIZATION_GROUPS)")
         return cls(stats, [(k, stats[k]["normalization"]) if k in stats else (k, None) for k in keys], dtype)
-
-
-# Rotations. The decoder's 10-D vectors hold a rotation as the first two ROWS of its matrix (official
-# `RotationMatrixTo6D`); datasets and simulators give quaternions or axis-angle vectors.
-
-def rotation_to_6d(R):
-    """(..., 3, 3) rotation matrix -> (..., 6): its first two ROWS, row-major (official `RotationMatrixTo6D`)."""
-    return R[..., :2, :].reshape(*R.shape[:-2], 6)
-
-
-def rotation_from_6d(r6):
-    """(..., 6) -> (..., 3, 3): Gram-Schmidt on the two rows, third row r1 x r2 (as the official LIBERO eval)."""
-    a1, a2 = r6[..., :3], r6[..., 3:]
-    r1 = F.normalize(a1, dim=-1)
-    r2 = F.normalize(a2 - (r1 * a2).sum(-1, keepdim=True) * r1, dim=-1)
-    r3 = torch.cross(r1, r2, dim=-1)
-    return torch.stack([r1, r2, r3], dim=-2)
-
-
-def quaternion_to_matrix(q, scalar_first=False):
-    """(..., 4) quaternion -> (..., 3, 3). Default order (x, y, z, w), as scipy and robosuite (`robot0_eef_quat`)."""
-    q = F.normalize(q, dim=-1)
-    w, x, y, z = q.unbind(-1) if scalar_first else (q[..., 3], q[..., 0], q[..., 1], q[..., 2])
-    return torch.stack([
-        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], dim=-2)
-
-
-def axis_angle_to_matrix(v):
-    """(..., 3) rotation vector (axis * angle) -> (..., 3, 3) by Rodrigues' formula (scipy `from_rotvec`)."""
-    angle = v.norm(dim=-1, keepdim=True)[..., None]  # (..., 1, 1)
-    K = torch.zeros(*v.shape[:-1], 3, 3, dtype=v.dtype, device=v.device)  # cross-product matrix of v
-    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -v[..., 2], v[..., 1], -v[..., 0]
-    K = K - K.transpose(-1, -2)
-    small = angle < 1e-6  # Taylor terms near zero: sin(a)/a -> 1 - a^2/6, (1 - cos a)/a^2 -> 1/2 - a^2/24
-    a = torch.where(small, torch.ones_like(angle), angle)
-    s = torch.where(small, 1 - angle ** 2 / 6, torch.sin(a) / a)
-    c = torch.where(small, 0.5 - angle ** 2 / 24, (1 - torch.cos(a)) / a ** 2)
-    return torch.eye(3, dtype=v.dtype, device=v.device) + s * K + c * (K @ K)
-
-
-def matrix_to_axis_angle(R):
-    """(..., 3, 3) -> (..., 3) rotation vector with angle in [0, pi] (scipy `as_rotvec`), through the quaternion."""
-    # quaternion by the numerically stable branch choice (Shepperd): pick the largest of w, x, y, z
-    m = R
-    trace = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
-    cands = torch.stack([trace, m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]], -1)  # (..., 4)
-    best = cands.argmax(-1)
-    qw = torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1)
-    qx = torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + 2 * m[..., 0, 0] - trace, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1)
-    qy = torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 + 2 * m[..., 1, 1] - trace, m[..., 1, 2] + m[..., 2, 1]], -1)
-    qz = torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 + 2 * m[..., 2, 2] - trace], -1)
-    q = torch.stack([qw, qx, qy, qz], -2)  # (..., 4 candidates, (w, x, y, z))
-    q = torch.gather(q, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
-    q = F.normalize(q, dim=-1)
-    q = torch.where(q[..., :1] < 0, -q, q)  # w >= 0: angle in [0, pi]
-    xyz_norm = q[..., 1:].norm(dim=-1, keepdim=True)
-    angle = 2 * torch.atan2(xyz_norm, q[..., :1])
-    small = xyz_norm < 1e-7  # angle / sin(angle / 2) -> 2 near zero
-    scale = torch.where(small, torch.full_like(angle, 2.0), angle / torch.where(small, torch.ones_like(xyz_norm), xyz_norm))
-    return q[..., 1:] * scale
-
-
-def array_to_stats(x):
-    """Statistics of (N, H, d) chunks in the released JSON layout (official `array_to_stats`), per chunk step."""
-    x = np.asarray(x, np.float64)
-    if x.ndim != 3 or len(x) == 0:
-        raise ValueError(f"array_to_stats takes (N, H, d) chunks with N >= 1, got shape {x.shape}")
-    pct = np.percentile(x, np.linspace(0, 100, 1001), axis=0)  # (1001, H, d)
-    mean = x.mean(0)
-    lo, hi = mean + 1.5 * (pct[20] - mean), mean + 1.5 * (pct[980] - mean)
-    clamped = np.clip(x, lo, hi)
-    return {k: v.tolist() for k, v in dict(min=x.min(0), max=x.max(0), mean=mean, std=x.std(0), percentiles=pct,
-                                            clamp_min=lo, clamp_max=hi, mean_clamped=clamped.mean(0),
-                                            std_clamped=clamped.std(0)).items()}
-
-
-def episode_chunks(values, starts, horizon, pad="repeat", length=None):
-    """Chunks values[t : t + horizon] of one episode for each start t -> (n, horizon, d).
-
-    Past the episode's end (`length` steps, default all) the chunk is padded: "repeat" the last value (official
-    chunk reader: interpolation clipped to the episode) or "zero" (relative motions: standing still). Training
-    batches and normalization statistics both use this, so they agree on the tail.
-    """
-    values = np.asarray(values)
-    length = len(values) if length is None else int(length)
-    if length < 1:
-        raise ValueError(f"episode_chunks needs an episode of at least 1 step, got {length}")
-    if pad not in ("repeat", "zero"):
-        raise ValueError(f"pad must be 'repeat' or 'zero', got {pad!r}")
-    t = np.asarray(starts)[:, None] + np.arange(horizon)[None]  # (n, horizon)
-    out = values[np.minimum(t, length - 1)]
-    if pad == "zero":
-        out = np.where((t < length)[..., None], out, 0)
-    return out.astype(values.dtype)
-
-
-# Representations: how a dataset's or simulator's state and action vectors become the decoder's vectors and back.
-# "libero" is the LeRobot LIBERO layout (state: eef xyz, axis-angle, 2 finger joints; action: delta xyz, delta
-# axis-angle, gripper -1/+1) mapped onto the official 10-D vectors [xyz, 6-D rotation rows, gripper] (official
-# `process_libero.py` and LIBERO eval); "identity" passes vectors of any dimension through unchanged.
-
-class Representation:
-    """Maps environment state/action vectors to the decoder's proprio/action vectors and back.
-
-    kind "identity": state (d_s,) and action (d_a,) pass through; each is one "variance" group unless `groups` says
-        otherwise (e.g. the released Bridge 10-D layout).
-    kind "libero": state (8,) = [xyz, axis-angle, finger_l, finger_r] -> [xyz, 6-D, finger_l] (10);
-        action (7,) = [dxyz, axis-angle, gripper] <-> [dxyz, 6-D, gripper] (10), back through Gram-Schmidt, the
-        rotation vector and sign(gripper), as the official LIBERO eval.
-    """
-
-    def __init__(self, kind="identity", state_dim=None, action_dim=None, state_groups=None, action_groups=None):
-        if kind == "libero":
-            g = NORMALIZATION_GROUPS["libero"]
-            state_dim, action_dim = state_dim or 8, action_dim or 7
-            if (state_dim, action_dim) != (8, 7):
-                raise ValueError(f"the libero representation takes 8-D states and 7-D actions, got {state_dim} and {action_dim}")
-            state_groups = state_groups or [(k, d, m) for (k, m), d in zip(g["obs"], (3, 6, 1))]
-            action_groups = action_groups or [(k, d, m) for (k, m), d in zip(g["action"], (3, 6, 1))]
-        elif kind == "identity":
-            if not state_dim or not action_dim or state_dim < 1 or action_dim < 1:
-                raise ValueError(f"the identity representation needs state_dim and action_dim >= 1, got {state_dim}, {action_dim}")
-            state_groups = state_groups or [("obs/state_lowdim", state_dim, "variance")]
-            action_groups = action_groups or [("action/action_lowdim", action_dim, "variance")]
-        else:
-            raise ValueError(f"unknown representation kind {kind!r}; choose 'identity' or 'libero'")
-        self.kind, self.state_dim, self.action_dim = kind, int(state_dim), int(action_dim)
-        self.state_groups = [(k, int(d), m) for k, d, m in state_groups]
-        self.action_groups = [(k, int(d), m) for k, d, m in action_groups]
-        for name, groups, dim in (("state", self.state_groups, self.model_state_dim), ("action", self.action_groups, self.model_action_dim)):
-            if sum(d for _, d, _ in groups) != dim:
-                raise ValueError(f"{name} groups {groups} do not add up to the model's {dim} dimensions")
-
-    @property
-    def rotvec_dims(self):
-        """Where axis-angle triples start in (state, action): interpolated by slerp, not linearly."""
-        return ((3,), (3,)) if self.kind == "libero" else ((), ())
-
-    @property
-    def model_state_dim(self):
-        return 10 if self.kind == "libero" else self.state_dim
-
-    @property
-    def model_action_dim(self):
-        return 10 if self.kind == "libero" else self.action_dim
-
-    def to_config(self):
-        return {"kind": self.kind, "state_dim": self.state_dim, "action_dim": self.action_dim,
-                "state_groups": [list(g) for g in self.state_groups], "action_groups": [list(g) for g in self.action_groups]}
-
-    @classmethod
-    def from_config(cls, c):
-        return cls(c["kind"], c.get("state_dim"), c.get("action_dim"), c.get("state_groups"), c.get("action_groups"))
-
-    def _check(self, x, dim, what):
-        if x.shape[-1] != dim:
-            raise ValueError(f"{what} must have {dim} values in its last dimension ({self.kind} representation), "
-                             f"got shape {tuple(x.shape)}")
-
-    @staticmethod
-    def _to_10d(x):
-        """[xyz, axis-angle, g, ...] -> [xyz, 6-D rows, g]: the official 10-D layout (g: a finger joint or the gripper)."""
-        r6 = rotation_to_6d(axis_angle_to_matrix(x[..., 3:6].double())).to(x.dtype)
-        return torch.cat([x[..., :3], r6, x[..., 6:7]], dim=-1)
-
-    def state_to_model(self, s):
-        """(..., state_dim) -> (..., model_state_dim)."""
-        self._check(s, self.state_dim, "observation.state")
-        return s if self.kind == "identity" else self._to_10d(s)
-
-    def action_to_model(self, a):
-        """(..., action_dim) -> (..., model_action_dim)."""
-        self._check(a, self.action_dim, "action")
-        return a if self.kind == "identity" else self._to_10d(a)
-
-    def action_from_model(self, y):
-        """(..., model_action_dim) -> (..., action_dim): what the environment executes."""
-        self._check(y, self.model_action_dim, "decoder action")
-        if self.kind == "identity":
-            return y
-        rotvec = matrix_to_axis_angle(rotation_from_6d(y[..., 3:9].double())).to(y.dtype)
-        return torch.cat([y[..., :3], rotvec, torch.sign(y[..., 9:10])], dim=-1)
-
-    def normalizers(self, stats, dtype=torch.float32):
-        """(proprio normalizer, action normalizer) from statistics in the released layout."""
-        return (Normalizer(stats, [(k, m) for k, _, m in self.state_groups], dtype),
-                Normalizer(stats, [(k, m) for k, _, m in self.action_groups], dtype))
-
-    def stats(self, states, action_chunks):
-        """Statistics in the released layout of (N, 1, d_s) model states and (N, H, d_a) model action chunks."""
-        out = {}
-        for groups, x in ((self.state_groups, states), (self.action_groups, action_chunks)):
-            i = 0
-            for key, d, mode in groups:
-                out[key] = {**array_to_stats(np.asarray(x[..., i:i + d])), "normalization": mode}
-                i += d
-        return out
-
-
-def load_action_decoder(source, filename=None, config=None, revision=None, cache_dir=None, device="cpu", dtype=None):
-    """Load a mimic-video action decoder (`net.` keys; released .pt or our .safetensors) strictly.
-
-    config None: the config stored in the file (our safetensors files), else the released LIBERO preset."""
-    return load_official(ActionDecoder, config, ACTION_DECODER_PRESETS, "libero", source, filename, revision,
-                         cache_dir, device, dtype)
-
-
-def save_action_decoder(decoder, path):
-    """Save a decoder in the released layout (`net.` keys), with its config when the file is safetensors."""
-    save_state_dict({"net." + k: v.detach() for k, v in decoder.state_dict().items()}, path, decoder.cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1759,6 +1447,7 @@ class VideoActionConfig:
 VIDEO_ACTION_PRESETS = {
     "mimic-video": VideoActionConfig(),
     "tiny": VideoActionConfig(tap_block=2, latent_frames=4, context_latents=2),
+    "toy": VideoActionConfig(tap_block=2, latent_frames=5, context_latents=1),  # the current frame + 4 future frames
 }
 
 
@@ -1886,7 +1575,7 @@ class VideoActionModel(nn.Module):
         x_tau = interpolate(x0, eps, tau_a)
         u = velocity_target(x0, eps)
         v_hat = self.decoder.denoise(x_tau, tau_a, proprio, ctx, sigma, obs_dropout=noise["obs_mask"])
-        per_sample = self.cfg.loss_scale * ((v_hat.float() - u) ** 2).mean(dim=(1, 2))
+        per_sample = self.cfg.loss_scale * flow_loss(v_hat, u)
         return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": sigma_to_tau(sigma)}
 
     def video_loss(self, context, future, text, noise=None, generator=None):
@@ -1902,10 +1591,8 @@ class VideoActionModel(nn.Module):
         x0, eps = latents.float(), noise["eps_video"]
         x_tau = interpolate(x0, eps, tau)
         net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau, latents, cond)
-        v_hat = self.video(net_in, tau_BT, text, condition_mask).float()
-        mask = (~cond)[:, None, :, None, None].float()  # (B, 1, T, 1, 1): future frames only
-        err = ((v_hat - velocity_target(x0, eps)) ** 2 * mask).sum(dim=(1, 2, 3, 4))
-        per_sample = err / (mask.sum(dim=(1, 2, 3, 4)) * x0.shape[1] * x0.shape[3] * x0.shape[4])
+        v_hat = self.video(net_in, tau_BT, text, condition_mask)
+        per_sample = flow_loss(v_hat, velocity_target(x0, eps), (~cond)[:, None, :, None, None])  # future frames only
         return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_v": tau}
 
     @torch.no_grad()
@@ -1952,58 +1639,674 @@ class VideoActionModel(nn.Module):
         return [torch.randn(shape, generator=g, device=device) for shape in shapes]
 
 
-# Released checkpoints: jonpai/mimic-video on the Hub (`model/scripts/download_checkpoints.py`, eval scripts).
-
-MIMIC_VIDEO_HUB_REPO = "jonpai/mimic-video"
-UNRELEASED_POLICIES = ("libero_goal_full", "libero_spatial_half")  # the 4 x 3 LIBERO grid less these two: 10 released
-_LIBERO_BACKBONE = "v2w_libero_{}_agentview_lora_rank256_lr1.778e-04_bsz32_iter_{}_fused"
-RELEASED_BACKBONES = {
-    "goal": _LIBERO_BACKBONE.format("goal", "000007020"),
-    "object": _LIBERO_BACKBONE.format("object", "000008260"),
-    "spatial": _LIBERO_BACKBONE.format("spatial", "000007540"),
-    "bridge": "v2w_bridge_lora_rank256_lr1.778e-04_bsz64_iter_000070043_fused",
-    "cosmos": "v2w_pretrained_cosmos",  # stock Cosmos-Predict2-2B 480p/10fps, renamed
-}
-RELEASED_POLICIES = {  # task -> (decoder preset, backbone, decoder iteration)
-    "libero_goal_half": ("libero", "goal", "000050022"), "libero_goal_tenth": ("libero", "goal", "000040014"),
-    "libero_goal_one": ("libero", "goal", "000019998"),
-    "libero_object_full": ("libero", "object", "000050274"), "libero_object_half": ("libero", "object", "000030090"),
-    "libero_object_tenth": ("libero", "object", "000039984"), "libero_object_one": ("libero", "object", "000029997"),
-    "libero_spatial_full": ("libero", "spatial", "000051212"), "libero_spatial_tenth": ("libero", "spatial", "000030012"),
-    "libero_spatial_one": ("libero", "spatial", "000019998"),
-    "bridge": ("bridge", "bridge", "000014112"),  # on the Bridge-finetuned backbone
-    "bridge_ptcosmos": ("bridge", "cosmos", "000014112"),  # on the stock Cosmos backbone
-}
+# ================================================================================================
+# Part II, around the model: saving, representations, encoders, the released policies, the Policy and its
+# folder, the comparison model, the toy world, LeRobot datasets. Part I above is the whole method.
+# ================================================================================================
 
 
-def released_files(task):
-    """Paths inside the released repo of a task's backbone, decoder and statistics."""
-    if task not in RELEASED_POLICIES:
-        raise ValueError(f"unknown released task {task!r}; choose from {sorted(RELEASED_POLICIES)}")
-    preset, backbone, iteration = RELEASED_POLICIES[task]
-    data = "bridge" if preset == "bridge" else task
-    batch = 256 if preset == "bridge" else 128
-    video = RELEASED_BACKBONES[backbone]
-    return {"video": f"video_backbone/{video}.pt",
-            "decoder": f"action_decoder/w2a_{data}_{video}_lr1.000e-04_layer20_bsz{batch}_iter_{iteration}.pt",
-            "statistics": f"dataset_statistics/{data}.json"}
+# ------------------------------------------------------------------------------------------------
+# 8. Saving: atomic files, model checkpoints, LoRA adapters
+# ------------------------------------------------------------------------------------------------
+# Everything written goes to a temp file or folder that is flushed and renamed into place: a crash or a
+# full disk leaves the previous version, never half of a new one.
 
 
-def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None, device="cpu", dtype=None,
-                        video_config=None, decoder_config=None, config="mimic-video"):
-    """A released task's VideoActionModel (backbone, decoder, normalizers in the released layout); `load_policy`
-    wraps it with the encoders and the official timing. bf16 (dtype=torch.bfloat16) on a GPU: 2B + 0.5B parameters."""
-    files = released_files(task)
-    preset = RELEASED_POLICIES[task][0]
-    video = load_video_dit(source, files["video"], video_config, revision, cache_dir, device, dtype)
-    decoder = load_action_decoder(source, files["decoder"], decoder_config or preset, revision, cache_dir, device, dtype)
-    stats = json.loads(resolve_file(source, files["statistics"], revision, cache_dir).read_text())
-    groups = NORMALIZATION_GROUPS[preset]
-    norm_dtype = dtype or torch.float32  # the official eval normalizes in the model's dtype (bf16)
-    model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
-                             make_config(VideoActionConfig, config, VIDEO_ACTION_PRESETS),
-                             Normalizer(stats, groups["obs"], norm_dtype), Normalizer(stats, groups["action"], norm_dtype))
-    return model.eval()
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path):
+    """Flush a folder's entries (a rename) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_full(e):
+    """Whether an exception (or one it came from) is a full disk or quota: serializers wrap the OSError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(e) for m in ("No space left", "StorageFull", "os error 28", "Disk quota")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _write_error(e, what):
+    """The error to raise when writing `what` failed: a full disk says so plainly (the serializers' messages do not)."""
+    if _disk_full(e):
+        return OSError(errno.ENOSPC, f"no space left on device while writing {what}; nothing there was changed "
+                                     f"(the previous version, if any, is intact)")
+    return e
+
+
+def atomic_write(path, write_fn):
+    """Write via write_fn(tmp_path) to a temp file in the same folder, flush it to disk, then rename: never a
+    half-written file. The file gets the ordinary mode, as if created with open() (mkstemp's is owner-only)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        error = _write_error(e, path)
+        if error is e:
+            raise
+        raise error from e
+
+
+def recover_dir(folder):
+    """Undo an interrupted `atomic_write_dir`: if the folder is missing but its previous version is still beside it
+    (a crash between the two renames), put that back; drop leftovers of an unfinished write."""
+    folder = Path(folder)
+    old = folder.parent / f".{folder.name}.old"
+    if old.exists():
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, folder)
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_dir(folder, write_fn):
+    """Fill a temp folder beside `folder` with write_fn(tmp), flush it, then swap it into place: readers see the old
+    folder or the new one, never a mix. The old one is removed only after the new one is in place; a crash between
+    the two renames leaves it as .<name>.old, which `recover_dir` puts back."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = folder.parent / f".{folder.name}.old"
+    try:
+        write_fn(tmp)
+        umask = _umask()
+        for f in tmp.rglob("*"):  # flush, and the ordinary modes (some writers, safetensors among them, use 0600)
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            os.chmod(f, (0o666 if f.is_file() else 0o777) & ~umask)
+        _fsync_dir(tmp)
+        os.chmod(tmp, 0o777 & ~umask)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException as e:
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)  # put the previous version back
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = _write_error(e, folder)
+        if error is e:
+            raise
+        raise error from e
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def save_state_dict(sd, path, config=None):
+    """Write `net.`-prefixed tensors atomically: .safetensors (with the model config in its metadata) or .pt."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        meta = {CONFIG_METADATA_KEY: json.dumps(asdict(config))} if config is not None else None
+        atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta))
+    else:
+        atomic_write(path, lambda p: torch.save(sd, p))
+
+
+def save_video_dit_checkpoint(model, path):
+    """Save a video DiT (LoRA fused if wrapped) in the official layout: `net.` keys, .pt or .safetensors."""
+    save_state_dict(fused_state_dict(model), path, model.cfg)
+
+
+def save_action_decoder(decoder, path):
+    """Save a decoder in the released layout (`net.` keys), with its config when the file is safetensors."""
+    save_state_dict({"net." + k: v.detach() for k, v in decoder.state_dict().items()}, path, decoder.cfg)
+
+
+def save_lora_adapter(model, directory, base_model_name_or_path=None):
+    """Write a PEFT adapter folder: adapter_model.safetensors (`base_model.model.` keys) + adapter_config.json.
+
+    Besides lora_A / lora_B it carries the fully trained modules (PEFT `modules_to_save`).
+    """
+    from safetensors.torch import save_file
+
+    cfg: LoRAConfig = model.lora_config
+    tensors = {f"base_model.model.{n}": p.detach().contiguous().clone()
+               for n, p in model.named_parameters()
+               if ".lora_A." in n or ".lora_B." in n or any(t in n for t in cfg.trainable_modules)}
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "target_modules": list(cfg.target_modules), "modules_to_save": list(cfg.trainable_modules),
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "inference_mode": True,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(tensors, p))
+    atomic_write(directory / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
+
+
+def load_lora_adapter(model, directory):
+    """Inject LoRA as described by a PEFT adapter folder and load its weights strictly."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    c = json.loads((directory / "adapter_config.json").read_text())
+    cfg = LoRAConfig(r=c["r"], lora_alpha=c["lora_alpha"], lora_dropout=c.get("lora_dropout", 0.0),
+                     target_modules=tuple(c["target_modules"]), trainable_modules=tuple(c.get("modules_to_save") or ()))
+    inject_lora(model, cfg)
+    sd = {k.removeprefix("base_model.model."): v for k, v in load_file(directory / "adapter_model.safetensors").items()}
+    sd = {k.replace(".default.", "."): v for k, v in sd.items()}  # in-memory PEFT names carry the adapter name
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_state_dict(expected, sd, f"LoRA adapter {directory}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            expected[k].copy_(v)
+    return model
+
+
+def save_stats(normalizer, path):
+    """A normalizer's statistics as JSON (Normalizer.load reads it back), written atomically."""
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(normalizer.to_stats())))
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Rotations and state/action representations
+# ------------------------------------------------------------------------------------------------
+
+
+# Rotations. The decoder's 10-D vectors hold a rotation as the first two ROWS of its matrix (official
+# `RotationMatrixTo6D`); datasets and simulators give quaternions or axis-angle vectors.
+def rotation_to_6d(R):
+    """(..., 3, 3) rotation matrix -> (..., 6): its first two ROWS, row-major (official `RotationMatrixTo6D`)."""
+    return R[..., :2, :].reshape(*R.shape[:-2], 6)
+
+
+def rotation_from_6d(r6):
+    """(..., 6) -> (..., 3, 3): Gram-Schmidt on the two rows, third row r1 x r2 (as the official LIBERO eval)."""
+    a1, a2 = r6[..., :3], r6[..., 3:]
+    r1 = F.normalize(a1, dim=-1)
+    r2 = F.normalize(a2 - (r1 * a2).sum(-1, keepdim=True) * r1, dim=-1)
+    r3 = torch.cross(r1, r2, dim=-1)
+    return torch.stack([r1, r2, r3], dim=-2)
+
+
+def quaternion_to_matrix(q, scalar_first=False):
+    """(..., 4) quaternion -> (..., 3, 3). Default order (x, y, z, w), as scipy and robosuite (`robot0_eef_quat`)."""
+    q = F.normalize(q, dim=-1)
+    w, x, y, z = q.unbind(-1) if scalar_first else (q[..., 3], q[..., 0], q[..., 1], q[..., 2])
+    return torch.stack([
+        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    ], dim=-2)
+
+
+def axis_angle_to_matrix(v):
+    """(..., 3) rotation vector (axis * angle) -> (..., 3, 3) by Rodrigues' formula (scipy `from_rotvec`)."""
+    angle = v.norm(dim=-1, keepdim=True)[..., None]  # (..., 1, 1)
+    K = torch.zeros(*v.shape[:-1], 3, 3, dtype=v.dtype, device=v.device)  # cross-product matrix of v
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -v[..., 2], v[..., 1], -v[..., 0]
+    K = K - K.transpose(-1, -2)
+    small = angle < 1e-6  # Taylor terms near zero: sin(a)/a -> 1 - a^2/6, (1 - cos a)/a^2 -> 1/2 - a^2/24
+    a = torch.where(small, torch.ones_like(angle), angle)
+    s = torch.where(small, 1 - angle ** 2 / 6, torch.sin(a) / a)
+    c = torch.where(small, 0.5 - angle ** 2 / 24, (1 - torch.cos(a)) / a ** 2)
+    return torch.eye(3, dtype=v.dtype, device=v.device) + s * K + c * (K @ K)
+
+
+def matrix_to_axis_angle(R):
+    """(..., 3, 3) -> (..., 3) rotation vector with angle in [0, pi] (scipy `as_rotvec`), through the quaternion."""
+    # quaternion by the numerically stable branch choice (Shepperd): pick the largest of w, x, y, z
+    m = R
+    trace = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
+    cands = torch.stack([trace, m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]], -1)  # (..., 4)
+    best = cands.argmax(-1)
+    qw = torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1)
+    qx = torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + 2 * m[..., 0, 0] - trace, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1)
+    qy = torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 + 2 * m[..., 1, 1] - trace, m[..., 1, 2] + m[..., 2, 1]], -1)
+    qz = torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 + 2 * m[..., 2, 2] - trace], -1)
+    q = torch.stack([qw, qx, qy, qz], -2)  # (..., 4 candidates, (w, x, y, z))
+    q = torch.gather(q, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
+    q = F.normalize(q, dim=-1)
+    q = torch.where(q[..., :1] < 0, -q, q)  # w >= 0: angle in [0, pi]
+    xyz_norm = q[..., 1:].norm(dim=-1, keepdim=True)
+    angle = 2 * torch.atan2(xyz_norm, q[..., :1])
+    small = xyz_norm < 1e-7  # angle / sin(angle / 2) -> 2 near zero
+    scale = torch.where(small, torch.full_like(angle, 2.0), angle / torch.where(small, torch.ones_like(xyz_norm), xyz_norm))
+    return q[..., 1:] * scale
+
+
+def array_to_stats(x):
+    """Statistics of (N, H, d) chunks in the released JSON layout (official `array_to_stats`), per chunk step."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 3 or len(x) == 0:
+        raise ValueError(f"array_to_stats takes (N, H, d) chunks with N >= 1, got shape {x.shape}")
+    pct = np.percentile(x, np.linspace(0, 100, 1001), axis=0)  # (1001, H, d)
+    mean = x.mean(0)
+    lo, hi = mean + 1.5 * (pct[20] - mean), mean + 1.5 * (pct[980] - mean)
+    clamped = np.clip(x, lo, hi)
+    return {k: v.tolist() for k, v in dict(min=x.min(0), max=x.max(0), mean=mean, std=x.std(0), percentiles=pct,
+                                            clamp_min=lo, clamp_max=hi, mean_clamped=clamped.mean(0),
+                                            std_clamped=clamped.std(0)).items()}
+
+
+def episode_chunks(values, starts, horizon, pad="repeat", length=None):
+    """Chunks values[t : t + horizon] of one episode for each start t -> (n, horizon, d).
+
+    Past the episode's end (`length` steps, default all) the chunk is padded: "repeat" the last value (official
+    chunk reader: interpolation clipped to the episode) or "zero" (relative motions: standing still). Training
+    batches and normalization statistics both use this, so they agree on the tail.
+    """
+    values = np.asarray(values)
+    length = len(values) if length is None else int(length)
+    if length < 1:
+        raise ValueError(f"episode_chunks needs an episode of at least 1 step, got {length}")
+    if pad not in ("repeat", "zero"):
+        raise ValueError(f"pad must be 'repeat' or 'zero', got {pad!r}")
+    t = np.asarray(starts)[:, None] + np.arange(horizon)[None]  # (n, horizon)
+    out = values[np.minimum(t, length - 1)]
+    if pad == "zero":
+        out = np.where((t < length)[..., None], out, 0)
+    return out.astype(values.dtype)
+
+
+# Representations: how a dataset's or simulator's state and action vectors become the decoder's vectors and back.
+# "libero" is the LeRobot LIBERO layout (state: eef xyz, axis-angle, 2 finger joints; action: delta xyz, delta
+# axis-angle, gripper -1/+1) mapped onto the official 10-D vectors [xyz, 6-D rotation rows, gripper] (official
+# `process_libero.py` and LIBERO eval); "identity" passes vectors of any dimension through unchanged.
+class Representation:
+    """Maps environment state/action vectors to the decoder's proprio/action vectors and back.
+
+    kind "identity": state (d_s,) and action (d_a,) pass through; each is one "variance" group unless `groups` says
+        otherwise (e.g. the released Bridge 10-D layout).
+    kind "libero": state (8,) = [xyz, axis-angle, finger_l, finger_r] -> [xyz, 6-D, finger_l] (10);
+        action (7,) = [dxyz, axis-angle, gripper] <-> [dxyz, 6-D, gripper] (10), back through Gram-Schmidt, the
+        rotation vector and sign(gripper), as the official LIBERO eval.
+    """
+
+    def __init__(self, kind="identity", state_dim=None, action_dim=None, state_groups=None, action_groups=None):
+        if kind == "libero":
+            g = NORMALIZATION_GROUPS["libero"]
+            state_dim, action_dim = state_dim or 8, action_dim or 7
+            if (state_dim, action_dim) != (8, 7):
+                raise ValueError(f"the libero representation takes 8-D states and 7-D actions, got {state_dim} and {action_dim}")
+            state_groups = state_groups or [(k, d, m) for (k, m), d in zip(g["obs"], (3, 6, 1))]
+            action_groups = action_groups or [(k, d, m) for (k, m), d in zip(g["action"], (3, 6, 1))]
+        elif kind == "identity":
+            if not state_dim or not action_dim or state_dim < 1 or action_dim < 1:
+                raise ValueError(f"the identity representation needs state_dim and action_dim >= 1, got {state_dim}, {action_dim}")
+            state_groups = state_groups or [("obs/state_lowdim", state_dim, "variance")]
+            action_groups = action_groups or [("action/action_lowdim", action_dim, "variance")]
+        else:
+            raise ValueError(f"unknown representation kind {kind!r}; choose 'identity' or 'libero'")
+        self.kind, self.state_dim, self.action_dim = kind, int(state_dim), int(action_dim)
+        self.state_groups = [(k, int(d), m) for k, d, m in state_groups]
+        self.action_groups = [(k, int(d), m) for k, d, m in action_groups]
+        for name, groups, dim in (("state", self.state_groups, self.model_state_dim), ("action", self.action_groups, self.model_action_dim)):
+            if sum(d for _, d, _ in groups) != dim:
+                raise ValueError(f"{name} groups {groups} do not add up to the model's {dim} dimensions")
+
+    @property
+    def rotvec_dims(self):
+        """Where axis-angle triples start in (state, action): interpolated by slerp, not linearly."""
+        return ((3,), (3,)) if self.kind == "libero" else ((), ())
+
+    @property
+    def model_state_dim(self):
+        return 10 if self.kind == "libero" else self.state_dim
+
+    @property
+    def model_action_dim(self):
+        return 10 if self.kind == "libero" else self.action_dim
+
+    def to_config(self):
+        return {"kind": self.kind, "state_dim": self.state_dim, "action_dim": self.action_dim,
+                "state_groups": [list(g) for g in self.state_groups], "action_groups": [list(g) for g in self.action_groups]}
+
+    @classmethod
+    def from_config(cls, c):
+        return cls(c["kind"], c.get("state_dim"), c.get("action_dim"), c.get("state_groups"), c.get("action_groups"))
+
+    def _check(self, x, dim, what):
+        if x.shape[-1] != dim:
+            raise ValueError(f"{what} must have {dim} values in its last dimension ({self.kind} representation), "
+                             f"got shape {tuple(x.shape)}")
+
+    @staticmethod
+    def _to_10d(x):
+        """[xyz, axis-angle, g, ...] -> [xyz, 6-D rows, g]: the official 10-D layout (g: a finger joint or the gripper)."""
+        r6 = rotation_to_6d(axis_angle_to_matrix(x[..., 3:6].double())).to(x.dtype)
+        return torch.cat([x[..., :3], r6, x[..., 6:7]], dim=-1)
+
+    def state_to_model(self, s):
+        """(..., state_dim) -> (..., model_state_dim)."""
+        self._check(s, self.state_dim, "observation.state")
+        return s if self.kind == "identity" else self._to_10d(s)
+
+    def action_to_model(self, a):
+        """(..., action_dim) -> (..., model_action_dim)."""
+        self._check(a, self.action_dim, "action")
+        return a if self.kind == "identity" else self._to_10d(a)
+
+    def action_from_model(self, y):
+        """(..., model_action_dim) -> (..., action_dim): what the environment executes."""
+        self._check(y, self.model_action_dim, "decoder action")
+        if self.kind == "identity":
+            return y
+        rotvec = matrix_to_axis_angle(rotation_from_6d(y[..., 3:9].double())).to(y.dtype)
+        return torch.cat([y[..., :3], rotvec, torch.sign(y[..., 9:10])], dim=-1)
+
+    def normalizers(self, stats, dtype=torch.float32):
+        """(proprio normalizer, action normalizer) from statistics in the released layout."""
+        return (Normalizer(stats, [(k, m) for k, _, m in self.state_groups], dtype),
+                Normalizer(stats, [(k, m) for k, _, m in self.action_groups], dtype))
+
+    def stats(self, states, action_chunks):
+        """Statistics in the released layout of (N, 1, d_s) model states and (N, H, d_a) model action chunks."""
+        out = {}
+        for groups, x in ((self.state_groups, states), (self.action_groups, action_chunks)):
+            i = 0
+            for key, d, mode in groups:
+                out[key] = {**array_to_stats(np.asarray(x[..., i:i + d])), "normalization": mode}
+                i += d
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Encoders: camera frames -> video latents, instructions -> text embeddings
+# ------------------------------------------------------------------------------------------------
+
+
+# The released models read Wan2.1-VAE latents of the camera frames and T5-11B embeddings of the instruction.
+# Both are large (the VAE has 127M parameters, the T5-11B encoder 4.9B) and come from optional packages
+# (diffusers, transformers), imported only here. Offline stand-ins with the same contracts let small models
+# train and run on a CPU: a pixel encoder (space-to-depth) and a hashed word embedding.
+def require(module, package):
+    """Import an optional dependency, or raise ImportError with the one-line command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is not installed; it is needed here: pip install {package}") from e
+
+
+def as_tensor(x, dtype=None):
+    """torch.as_tensor that also takes a numpy view with negative strides (a flipped camera image): copied."""
+    return torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=dtype)
+
+
+def images_to_frames(images):
+    """Camera images -> model frames in [-1, 1], channels first: (..., H, W, 3) uint8, or (..., 3, H, W) float in
+    [0, 1] (LeRobot's two conventions), mapped by 2 x - 1 (official `CosmosProcessImage`: 2 (x / 255 - 0.5))."""
+    images = as_tensor(images)
+    if images.dtype == torch.uint8:
+        if images.dim() < 3 or images.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (..., H, W, 3), got {tuple(images.shape)}")
+        images = images.movedim(-1, -3).float() / 255  # (..., 3, H, W)
+    elif images.is_floating_point():
+        if images.dim() < 3 or images.shape[-3] != 3:
+            raise ValueError(f"float images must be (..., 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        images = images.float()
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or infinite values")
+        lo, hi = images.min().item(), images.max().item()
+        if lo < -1e-3 or hi > 1 + 1e-3:  # e.g. 0..255 in a float array: it would pass as a blown-out frame
+            raise ValueError(f"float images must be in [0, 1], got values in [{lo:g}, {hi:g}]: pass uint8 (H, W, 3) or "
+                             f"divide by 255")
+    else:
+        raise ValueError(f"images must be uint8 (H, W, 3) or float (3, H, W), got dtype {images.dtype}")
+    return images * 2 - 1
+
+
+def resize_frames(frames, size):
+    """(..., 3, H, W) -> (..., 3, size[0], size[1]) by antialiased bilinear resizing (torchvision's `Resize`);
+    frames already of that size are returned as they are."""
+    size = tuple(int(s) for s in size)
+    if tuple(frames.shape[-2:]) == size:
+        return frames
+    lead = frames.shape[:-3]
+    out = F.interpolate(frames.reshape(-1, *frames.shape[-3:]).float(), size=size, mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def _check_frames(frames, spatial_factor):
+    if frames.dim() != 5 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be (B, 3, T, H, W) in [-1, 1], got {tuple(frames.shape)}")
+    if frames.shape[3] % spatial_factor or frames.shape[4] % spatial_factor:
+        raise ValueError(f"frame height and width must be multiples of {spatial_factor}, got {tuple(frames.shape[3:])}")
+    if not torch.isfinite(frames).all():
+        raise ValueError("frames contain NaN or infinite values")
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE (diffusers `AutoencoderKLWan`, the Cosmos-Predict2 tokenizer) with Cosmos' latent normalization.
+
+    encode: frames (B, 3, 1 + 4k, H, W) in [-1, 1] -> (B, 16, 1 + k, H/8, W/8) = (mode - latents_mean[c]) / latents_std[c],
+    the posterior MODE (the official code takes the mean; diffusers' Cosmos pipeline samples, which we do not).
+    Causal in time: the first 1 + 4j frames' latents do not depend on later frames, so encoding the context alone is
+    exact. decode inverts it, for pictures.
+    """
+
+    def __init__(self, vae, spec=None):
+        super().__init__()
+        self.vae = vae
+        c = vae.config
+        self.channels = c.z_dim
+        self.temporal_factor = c.scale_factor_temporal or 4
+        self.spatial_factor = c.scale_factor_spatial or 8
+        self.spec = spec or {"kind": "wan"}
+        self.register_buffer("latents_mean", torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+
+    def latent_frames(self, num_frames):
+        """1 + 4k pixel frames -> 1 + k latent frames; other counts are refused."""
+        if num_frames < 1 or (num_frames - 1) % self.temporal_factor:
+            raise ValueError(f"the Wan VAE encodes 1 + {self.temporal_factor}k frames (1, 5, 9, ..., 61), got {num_frames}")
+        return 1 + (num_frames - 1) // self.temporal_factor
+
+    @torch.no_grad()
+    def encode(self, frames):
+        """(B, 3, 1 + 4k, H, W) in [-1, 1] -> normalized latents (B, 16, 1 + k, H/8, W/8), float32."""
+        _check_frames(frames, self.spatial_factor)
+        self.latent_frames(frames.shape[2])
+        dtype = next(self.vae.parameters()).dtype
+        mode = self.vae.encode(frames.to(dtype)).latent_dist.mode()
+        return (mode.float() - self.latents_mean) / self.latents_std
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """(B, 16, 1 + k, h, w) normalized latents -> frames (B, 3, 1 + 4k, 8h, 8w) in [-1, 1]."""
+        dtype = next(self.vae.parameters()).dtype
+        x = latents.float() * self.latents_std + self.latents_mean
+        return self.vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
+
+
+def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, revision=None, cache_dir=None):
+    """The Wan2.1 VAE from a diffusers layout: the Cosmos repo's `vae` subfolder, `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`
+    (subfolder "vae"), or a local folder (the VAE folder itself, or one with a `vae` subfolder).
+    The official code runs it in bf16 (about 2x faster, also on a CPU)."""
+    diffusers = require("diffusers", "diffusers")
+    path = Path(source)
+    if path.is_dir() and subfolder and not (path / subfolder).is_dir():
+        subfolder = None  # a local folder that is the VAE itself
+    try:
+        vae = diffusers.AutoencoderKLWan.from_pretrained(source, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                                         torch_dtype=dtype, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
+                                f"diffusers folder, or download it first (`hf download {source}`)") from e
+    spec = {"kind": "wan", "source": str(source), "subfolder": subfolder}
+    return WanVAE(vae.eval().requires_grad_(False), spec).to(device)
+
+
+class PixelEncoder(nn.Module):
+    """Offline stand-in for the VAE: frames become small multi-channel "latents" by space-to-depth, without temporal
+    compression (T frames -> T latents), normalized like the VAE's ((x - mean) / std), plus two coordinate channels.
+
+    (B, 3, T, H, W) in [-1, 1] -> (B, 3 p^2 + 2, T, H/p, W/p). The coordinate channels (x, y in [-1, 1]) put each
+    token's location into its content: the video DiT's hidden states carry no absolute position (RoPE acts inside
+    attention only) and the decoder reads them as an unordered set, while a real VAE latent of a real scene has its
+    location in its content anyway. mean / std set the contrast the DiT sees, as the VAE's per-channel statistics do
+    (the toy: -0.5 / 0.5 undo its half-exposure camera, whose frames stay in [-1, 1]: latents in [-1, 3]).
+    """
+
+    temporal_factor = 1
+
+    def __init__(self, patch=1, coords=True, mean=0.0, std=1.0):
+        super().__init__()
+        if patch < 1 or std <= 0:
+            raise ValueError(f"patch must be >= 1 and std > 0, got {patch}, {std}")
+        self.patch, self.coords, self.mean, self.std = int(patch), bool(coords), float(mean), float(std)
+        self.spatial_factor = self.patch
+        self.channels = 3 * self.patch ** 2 + 2 * self.coords
+        self.spec = {"kind": "pixels", "patch": self.patch, "coords": self.coords, "mean": self.mean, "std": self.std}
+
+    def latent_frames(self, num_frames):
+        return num_frames
+
+    def encode(self, frames):
+        _check_frames(frames, self.patch)
+        p = self.patch
+        x = (rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p) - self.mean) / self.std  # (B, 3p^2, T, h, w)
+        if not self.coords:
+            return x
+        B, _, T, h, w = x.shape
+        gx = (torch.arange(w, dtype=torch.float32, device=x.device) + 0.5) / w * 2 - 1  # token centres in [-1, 1]
+        gy = (torch.arange(h, dtype=torch.float32, device=x.device) + 0.5) / h * 2 - 1
+        xy = torch.stack([gx[None, :].expand(h, w), gy[:, None].expand(h, w)])  # (2, h, w)
+        return torch.cat([x, xy[None, :, None].expand(B, 2, T, h, w)], dim=1)
+
+    def decode(self, latents):
+        """Inverse of encode (the coordinate channels dropped): (B, C, T, h, w) -> (B, 3, T, h p, w p)."""
+        p = self.patch
+        x = latents[:, : 3 * p * p].float() * self.std + self.mean
+        return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p)
+
+
+def _check_texts(texts):
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad or not texts:
+        raise ValueError(f"instructions must be a string or a non-empty list of strings, got {bad[:3] or texts!r}")
+    return texts
+
+
+class T5TextEncoder:
+    """T5 encoder embeddings as Cosmos uses them: tokens padded and truncated to `max_length` (512), the last hidden
+    state with every row past the instruction's tokens set to exactly zero -> (B, max_length, d_model) float32.
+    Embeddings are cached per distinct instruction (LIBERO has 40)."""
+
+    def __init__(self, model, tokenizer, max_length=512, spec=None):
+        self.model, self.tokenizer, self.max_length = model.eval().requires_grad_(False), tokenizer, int(max_length)
+        self.width = model.config.d_model
+        self.spec = spec or {"kind": "t5", "max_length": self.max_length}
+        self.cache = {}
+
+    @torch.no_grad()
+    def __call__(self, texts):
+        texts = _check_texts(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            device = next(self.model.parameters()).device
+            enc = self.tokenizer(new, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+            mask = enc.attention_mask.to(device)
+            h = self.model(input_ids=enc.input_ids.to(device), attention_mask=mask).last_hidden_state.float()
+            h = torch.where(mask[..., None].bool(), h, torch.zeros((), device=device))  # (n, L, D): exact zeros past the tokens
+            self.cache.update(zip(new, h))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512, device="cpu", dtype=None,
+                      revision=None, cache_dir=None):
+    """The T5 encoder and tokenizer through transformers: `google-t5/t5-11b` (what Cosmos-Predict2 uses), the
+    released `jonpai/mimic-video` (subfolder "text_encoder/t5-11b"), or a local folder. 4.9B parameters: 9 GB in bf16,
+    minutes per instruction on a CPU; precompute on a GPU (train.py caches embeddings per instruction)."""
+    transformers = require("transformers", "transformers")
+    kw = dict(subfolder=subfolder or "", revision=revision, cache_dir=cache_dir)
+    try:
+        model = transformers.T5EncoderModel.from_pretrained(source, dtype=dtype, **kw)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
+                                f"folder, or download it first (`hf download {source}`)") from e
+    spec = {"kind": "t5", "source": str(source), "subfolder": subfolder, "max_length": int(max_length)}
+    return T5TextEncoder(model.to(device), tokenizer, max_length, spec)
+
+
+class HashedWordEncoder:
+    """Offline stand-in for T5: each word (lower case, letters and digits) gets a fixed N(0, 1) vector seeded by a
+    hash of the word, the same on every machine and run; zero-padded or truncated to `max_tokens` ->
+    (B, max_tokens, width). Any instruction works; unlike T5, a word carries nothing beyond its identity."""
+
+    def __init__(self, width=32, max_tokens=16):
+        if width < 1 or max_tokens < 1:
+            raise ValueError(f"width and max_tokens must be >= 1, got {width}, {max_tokens}")
+        self.width, self.max_tokens = int(width), int(max_tokens)
+        self.spec = {"kind": "hashed_words", "width": self.width, "max_tokens": self.max_tokens}
+        self.cache = {}
+
+    def word_vector(self, word):
+        seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")  # not hash(): salted per run
+        return np.random.RandomState(seed).standard_normal(self.width).astype(np.float32)
+
+    def __call__(self, texts):
+        texts = _check_texts(texts)
+        for t in texts:
+            if t not in self.cache:
+                out = np.zeros((self.max_tokens, self.width), np.float32)
+                for i, word in enumerate(re.findall(r"[a-z0-9]+", t.lower())[: self.max_tokens]):
+                    out[i] = self.word_vector(word)
+                self.cache[t] = torch.from_numpy(out)
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def build_video_encoder(spec, device="cpu", dtype=None):
+    """An encoder from its spec in a policy's config.json: {"kind": "wan", "source", "subfolder"} or
+    {"kind": "pixels", "patch", "coords"}."""
+    kind = spec.get("kind")
+    if kind == "pixels":
+        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True), spec.get("mean", 0.0), spec.get("std", 1.0)).to(device)
+    if kind == "wan":
+        return load_vae(spec.get("source", COSMOS_HUB_REPO), spec.get("subfolder", "vae"), device, dtype)
+    raise ValueError(f"unknown video encoder kind {kind!r} in {spec}; choose 'wan' or 'pixels'")
+
+
+def build_text_encoder(spec, device="cpu", dtype=None):
+    """A text encoder from its spec: {"kind": "t5", "source", "subfolder", "max_length"} or
+    {"kind": "hashed_words", "width", "max_tokens"}."""
+    kind = spec.get("kind")
+    if kind == "hashed_words":
+        return HashedWordEncoder(spec.get("width", 32), spec.get("max_tokens", 16))
+    if kind == "t5":
+        return load_text_encoder(spec.get("source", "google-t5/t5-11b"), spec.get("subfolder"), spec.get("max_length", 512),
+                                 device, dtype)
+    raise ValueError(f"unknown text encoder kind {kind!r} in {spec}; choose 't5' or 'hashed_words'")
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. The comparison model: VideoVLA-style joint denoising
+# ------------------------------------------------------------------------------------------------
 
 
 # VideoVLA-style joint denoising (Shen et al., arXiv 2512.06963), the other seed approach, for comparison. There is
@@ -2011,7 +2314,6 @@ def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_
 # head and its own flow time, and video and actions are denoised together by the one network. At inference the
 # future video and the actions are denoised fully, jointly. VideoVLA builds on CogVideoX, whose sampler takes 50
 # DDIM steps; here the joint sampler is 50 Euler steps of flow matching (our one time convention).
-
 @dataclass
 class JointConfig:
     """The joint model's action tokens, sampler and loss weights."""
@@ -2091,11 +2393,8 @@ class JointVideoActionModel(nn.Module):
         net_in, tau_BT, condition_mask = video2world_inputs(interpolate(x0, eps, tau_v), tau_v, latents, cond)
         a0, eps_a = actions.float(), noise["eps_action"]
         v_video, v_action = self.velocities(net_in, tau_BT, text, condition_mask, proprio, interpolate(a0, eps_a, tau_a), tau_a)
-        mask = (~cond)[:, None, :, None, None].float()  # (B, 1, T, 1, 1): future frames only
-        video_err = ((v_video.float() - velocity_target(x0, eps)) ** 2 * mask).sum(dim=(1, 2, 3, 4))
-        video_err = video_err / (mask.sum(dim=(1, 2, 3, 4)) * x0.shape[1] * x0.shape[3] * x0.shape[4])
-        action_err = ((v_action.float() - velocity_target(a0, eps_a)) ** 2).mean(dim=(1, 2))
-        per_sample = video_err + self.joint.action_loss_scale * action_err
+        video_err = flow_loss(v_video, velocity_target(x0, eps), (~cond)[:, None, :, None, None])  # future frames only
+        per_sample = video_err + self.joint.action_loss_scale * flow_loss(v_action, velocity_target(a0, eps_a))
         return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": tau_v}
 
     @torch.no_grad()
@@ -2129,278 +2428,69 @@ class JointVideoActionModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. Encoders: camera frames -> video latents, instructions -> text embeddings
+# 12. The policy: LeRobot's interface, frame history, action chunks, one folder format, released checkpoints
 # ------------------------------------------------------------------------------------------------
-# The released models read Wan2.1-VAE latents of the camera frames and T5-11B embeddings of the instruction.
-# Both are large (the VAE has 127M parameters, the T5-11B encoder 4.9B) and come from optional packages
-# (diffusers, transformers), imported only here. Offline stand-ins with the same contracts let small models
-# train and run on a CPU: a pixel encoder (space-to-depth) and a hashed word embedding.
-
-def require(module, package):
-    """Import an optional dependency, or raise ImportError with the one-line command that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"{module} is not installed; it is needed here: pip install {package}") from e
 
 
-def as_tensor(x, dtype=None):
-    """torch.as_tensor that also takes a numpy view with negative strides (a flipped camera image): copied."""
-    return torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x, dtype=dtype)
+# Released checkpoints: jonpai/mimic-video on the Hub (`model/scripts/download_checkpoints.py`, eval scripts).
+MIMIC_VIDEO_HUB_REPO = "jonpai/mimic-video"
+
+UNRELEASED_POLICIES = ("libero_goal_full", "libero_spatial_half")  # the 4 x 3 LIBERO grid less these two: 10 released
+
+_LIBERO_BACKBONE = "v2w_libero_{}_agentview_lora_rank256_lr1.778e-04_bsz32_iter_{}_fused"
 
 
-def images_to_frames(images):
-    """Camera images -> model frames in [-1, 1], channels first: (..., H, W, 3) uint8, or (..., 3, H, W) float in
-    [0, 1] (LeRobot's two conventions), mapped by 2 x - 1 (official `CosmosProcessImage`: 2 (x / 255 - 0.5))."""
-    images = as_tensor(images)
-    if images.dtype == torch.uint8:
-        if images.dim() < 3 or images.shape[-1] != 3:
-            raise ValueError(f"uint8 images must be (..., H, W, 3), got {tuple(images.shape)}")
-        images = images.movedim(-1, -3).float() / 255  # (..., 3, H, W)
-    elif images.is_floating_point():
-        if images.dim() < 3 or images.shape[-3] != 3:
-            raise ValueError(f"float images must be (..., 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        images = images.float()
-        if not torch.isfinite(images).all():
-            raise ValueError("images contain NaN or infinite values")
-        lo, hi = images.min().item(), images.max().item()
-        if lo < -1e-3 or hi > 1 + 1e-3:  # e.g. 0..255 in a float array: it would pass as a blown-out frame
-            raise ValueError(f"float images must be in [0, 1], got values in [{lo:g}, {hi:g}]: pass uint8 (H, W, 3) or "
-                             f"divide by 255")
-    else:
-        raise ValueError(f"images must be uint8 (H, W, 3) or float (3, H, W), got dtype {images.dtype}")
-    return images * 2 - 1
+RELEASED_BACKBONES = {
+    "goal": _LIBERO_BACKBONE.format("goal", "000007020"),
+    "object": _LIBERO_BACKBONE.format("object", "000008260"),
+    "spatial": _LIBERO_BACKBONE.format("spatial", "000007540"),
+    "bridge": "v2w_bridge_lora_rank256_lr1.778e-04_bsz64_iter_000070043_fused",
+    "cosmos": "v2w_pretrained_cosmos",  # stock Cosmos-Predict2-2B 480p/10fps, renamed
+}
 
 
-def resize_frames(frames, size):
-    """(..., 3, H, W) -> (..., 3, size[0], size[1]) by antialiased bilinear resizing (torchvision's `Resize`);
-    frames already of that size are returned as they are."""
-    size = tuple(int(s) for s in size)
-    if tuple(frames.shape[-2:]) == size:
-        return frames
-    lead = frames.shape[:-3]
-    out = F.interpolate(frames.reshape(-1, *frames.shape[-3:]).float(), size=size, mode="bilinear", antialias=True,
-                        align_corners=False)
-    return out.reshape(*lead, *out.shape[-3:])
+RELEASED_POLICIES = {  # task -> (decoder preset, backbone, decoder iteration)
+    "libero_goal_half": ("libero", "goal", "000050022"), "libero_goal_tenth": ("libero", "goal", "000040014"),
+    "libero_goal_one": ("libero", "goal", "000019998"),
+    "libero_object_full": ("libero", "object", "000050274"), "libero_object_half": ("libero", "object", "000030090"),
+    "libero_object_tenth": ("libero", "object", "000039984"), "libero_object_one": ("libero", "object", "000029997"),
+    "libero_spatial_full": ("libero", "spatial", "000051212"), "libero_spatial_tenth": ("libero", "spatial", "000030012"),
+    "libero_spatial_one": ("libero", "spatial", "000019998"),
+    "bridge": ("bridge", "bridge", "000014112"),  # on the Bridge-finetuned backbone
+    "bridge_ptcosmos": ("bridge", "cosmos", "000014112"),  # on the stock Cosmos backbone
+}
 
 
-class WanVAE(nn.Module):
-    """The Wan2.1 VAE (diffusers `AutoencoderKLWan`, the Cosmos-Predict2 tokenizer) with Cosmos' latent normalization.
-
-    encode: frames (B, 3, 1 + 4k, H, W) in [-1, 1] -> (B, 16, 1 + k, H/8, W/8) = (mode - latents_mean[c]) / latents_std[c],
-    the posterior MODE (the official code takes the mean; diffusers' Cosmos pipeline samples, which we do not).
-    Causal in time: the first 1 + 4j frames' latents do not depend on later frames, so encoding the context alone is
-    exact. decode inverts it, for pictures.
-    """
-
-    def __init__(self, vae, spec=None):
-        super().__init__()
-        self.vae = vae
-        c = vae.config
-        self.channels = c.z_dim
-        self.temporal_factor = c.scale_factor_temporal or 4
-        self.spatial_factor = c.scale_factor_spatial or 8
-        self.spec = spec or {"kind": "wan"}
-        self.register_buffer("latents_mean", torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
-
-    def latent_frames(self, num_frames):
-        """1 + 4k pixel frames -> 1 + k latent frames; other counts are refused."""
-        if num_frames < 1 or (num_frames - 1) % self.temporal_factor:
-            raise ValueError(f"the Wan VAE encodes 1 + {self.temporal_factor}k frames (1, 5, 9, ..., 61), got {num_frames}")
-        return 1 + (num_frames - 1) // self.temporal_factor
-
-    @torch.no_grad()
-    def encode(self, frames):
-        """(B, 3, 1 + 4k, H, W) in [-1, 1] -> normalized latents (B, 16, 1 + k, H/8, W/8), float32."""
-        _check_frames(frames, self.spatial_factor)
-        self.latent_frames(frames.shape[2])
-        dtype = next(self.vae.parameters()).dtype
-        mode = self.vae.encode(frames.to(dtype)).latent_dist.mode()
-        return (mode.float() - self.latents_mean) / self.latents_std
-
-    @torch.no_grad()
-    def decode(self, latents):
-        """(B, 16, 1 + k, h, w) normalized latents -> frames (B, 3, 1 + 4k, 8h, 8w) in [-1, 1]."""
-        dtype = next(self.vae.parameters()).dtype
-        x = latents.float() * self.latents_std + self.latents_mean
-        return self.vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
+def released_files(task):
+    """Paths inside the released repo of a task's backbone, decoder and statistics."""
+    if task not in RELEASED_POLICIES:
+        raise ValueError(f"unknown released task {task!r}; choose from {sorted(RELEASED_POLICIES)}")
+    preset, backbone, iteration = RELEASED_POLICIES[task]
+    data = "bridge" if preset == "bridge" else task
+    batch = 256 if preset == "bridge" else 128
+    video = RELEASED_BACKBONES[backbone]
+    return {"video": f"video_backbone/{video}.pt",
+            "decoder": f"action_decoder/w2a_{data}_{video}_lr1.000e-04_layer20_bsz{batch}_iter_{iteration}.pt",
+            "statistics": f"dataset_statistics/{data}.json"}
 
 
-def _check_frames(frames, spatial_factor):
-    if frames.dim() != 5 or frames.shape[1] != 3:
-        raise ValueError(f"frames must be (B, 3, T, H, W) in [-1, 1], got {tuple(frames.shape)}")
-    if frames.shape[3] % spatial_factor or frames.shape[4] % spatial_factor:
-        raise ValueError(f"frame height and width must be multiples of {spatial_factor}, got {tuple(frames.shape[3:])}")
-    if not torch.isfinite(frames).all():
-        raise ValueError("frames contain NaN or infinite values")
+def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_dir=None, device="cpu", dtype=None,
+                        video_config=None, decoder_config=None, config="mimic-video"):
+    """A released task's VideoActionModel (backbone, decoder, normalizers in the released layout); `load_policy`
+    wraps it with the encoders and the official timing. bf16 (dtype=torch.bfloat16) on a GPU: 2B + 0.5B parameters."""
+    files = released_files(task)
+    preset = RELEASED_POLICIES[task][0]
+    video = load_video_dit(source, files["video"], video_config, revision, cache_dir, device, dtype)
+    decoder = load_action_decoder(source, files["decoder"], decoder_config or preset, revision, cache_dir, device, dtype)
+    stats = json.loads(resolve_file(source, files["statistics"], revision, cache_dir).read_text())
+    groups = NORMALIZATION_GROUPS[preset]
+    norm_dtype = dtype or torch.float32  # the official eval normalizes in the model's dtype (bf16)
+    model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
+                             make_config(VideoActionConfig, config, VIDEO_ACTION_PRESETS),
+                             Normalizer(stats, groups["obs"], norm_dtype), Normalizer(stats, groups["action"], norm_dtype))
+    return model.eval()
 
 
-def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, revision=None, cache_dir=None):
-    """The Wan2.1 VAE from a diffusers layout: the Cosmos repo's `vae` subfolder, `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`
-    (subfolder "vae"), or a local folder (the VAE folder itself, or one with a `vae` subfolder).
-    The official code runs it in bf16 (about 2x faster, also on a CPU)."""
-    diffusers = require("diffusers", "diffusers")
-    path = Path(source)
-    if path.is_dir() and subfolder and not (path / subfolder).is_dir():
-        subfolder = None  # a local folder that is the VAE itself
-    try:
-        vae = diffusers.AutoencoderKLWan.from_pretrained(source, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                                                         torch_dtype=dtype, low_cpu_mem_usage=False)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
-                                f"diffusers folder, or download it first (`hf download {source}`)") from e
-    spec = {"kind": "wan", "source": str(source), "subfolder": subfolder}
-    return WanVAE(vae.eval().requires_grad_(False), spec).to(device)
-
-
-class PixelEncoder(nn.Module):
-    """Offline stand-in for the VAE: frames become small multi-channel "latents" by space-to-depth, without temporal
-    compression (T frames -> T latents), normalized like the VAE's ((x - mean) / std), plus two coordinate channels.
-
-    (B, 3, T, H, W) in [-1, 1] -> (B, 3 p^2 + 2, T, H/p, W/p). The coordinate channels (x, y in [-1, 1]) put each
-    token's location into its content: the video DiT's hidden states carry no absolute position (RoPE acts inside
-    attention only) and the decoder reads them as an unordered set, while a real VAE latent of a real scene has its
-    location in its content anyway. mean / std set the contrast the DiT sees, as the VAE's per-channel statistics do
-    (the toy: -0.5 / 0.5 undo its half-exposure camera, whose frames stay in [-1, 1]: latents in [-1, 3]).
-    """
-
-    temporal_factor = 1
-
-    def __init__(self, patch=1, coords=True, mean=0.0, std=1.0):
-        super().__init__()
-        if patch < 1 or std <= 0:
-            raise ValueError(f"patch must be >= 1 and std > 0, got {patch}, {std}")
-        self.patch, self.coords, self.mean, self.std = int(patch), bool(coords), float(mean), float(std)
-        self.spatial_factor = self.patch
-        self.channels = 3 * self.patch ** 2 + 2 * self.coords
-        self.spec = {"kind": "pixels", "patch": self.patch, "coords": self.coords, "mean": self.mean, "std": self.std}
-
-    def latent_frames(self, num_frames):
-        return num_frames
-
-    def encode(self, frames):
-        _check_frames(frames, self.patch)
-        p = self.patch
-        x = (rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p) - self.mean) / self.std  # (B, 3p^2, T, h, w)
-        if not self.coords:
-            return x
-        B, _, T, h, w = x.shape
-        gx = (torch.arange(w, dtype=torch.float32, device=x.device) + 0.5) / w * 2 - 1  # token centres in [-1, 1]
-        gy = (torch.arange(h, dtype=torch.float32, device=x.device) + 0.5) / h * 2 - 1
-        xy = torch.stack([gx[None, :].expand(h, w), gy[:, None].expand(h, w)])  # (2, h, w)
-        return torch.cat([x, xy[None, :, None].expand(B, 2, T, h, w)], dim=1)
-
-    def decode(self, latents):
-        """Inverse of encode (the coordinate channels dropped): (B, C, T, h, w) -> (B, 3, T, h p, w p)."""
-        p = self.patch
-        x = latents[:, : 3 * p * p].float() * self.std + self.mean
-        return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p)
-
-
-class T5TextEncoder:
-    """T5 encoder embeddings as Cosmos uses them: tokens padded and truncated to `max_length` (512), the last hidden
-    state with every row past the instruction's tokens set to exactly zero -> (B, max_length, d_model) float32.
-    Embeddings are cached per distinct instruction (LIBERO has 40)."""
-
-    def __init__(self, model, tokenizer, max_length=512, spec=None):
-        self.model, self.tokenizer, self.max_length = model.eval().requires_grad_(False), tokenizer, int(max_length)
-        self.width = model.config.d_model
-        self.spec = spec or {"kind": "t5", "max_length": self.max_length}
-        self.cache = {}
-
-    @torch.no_grad()
-    def __call__(self, texts):
-        texts = _check_texts(texts)
-        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if new:
-            device = next(self.model.parameters()).device
-            enc = self.tokenizer(new, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
-            mask = enc.attention_mask.to(device)
-            h = self.model(input_ids=enc.input_ids.to(device), attention_mask=mask).last_hidden_state.float()
-            h = torch.where(mask[..., None].bool(), h, torch.zeros((), device=device))  # (n, L, D): exact zeros past the tokens
-            self.cache.update(zip(new, h))
-        return torch.stack([self.cache[t] for t in texts])
-
-
-def _check_texts(texts):
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    bad = [t for t in texts if not isinstance(t, str)]
-    if bad or not texts:
-        raise ValueError(f"instructions must be a string or a non-empty list of strings, got {bad[:3] or texts!r}")
-    return texts
-
-
-def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512, device="cpu", dtype=None,
-                      revision=None, cache_dir=None):
-    """The T5 encoder and tokenizer through transformers: `google-t5/t5-11b` (what Cosmos-Predict2 uses), the
-    released `jonpai/mimic-video` (subfolder "text_encoder/t5-11b"), or a local folder. 4.9B parameters: 9 GB in bf16,
-    minutes per instruction on a CPU; precompute on a GPU (train.py caches embeddings per instruction)."""
-    transformers = require("transformers", "transformers")
-    kw = dict(subfolder=subfolder or "", revision=revision, cache_dir=cache_dir)
-    try:
-        model = transformers.T5EncoderModel.from_pretrained(source, dtype=dtype, **kw)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kw)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
-                                f"folder, or download it first (`hf download {source}`)") from e
-    spec = {"kind": "t5", "source": str(source), "subfolder": subfolder, "max_length": int(max_length)}
-    return T5TextEncoder(model.to(device), tokenizer, max_length, spec)
-
-
-class HashedWordEncoder:
-    """Offline stand-in for T5: each word (lower case, letters and digits) gets a fixed N(0, 1) vector seeded by a
-    hash of the word, the same on every machine and run; zero-padded or truncated to `max_tokens` ->
-    (B, max_tokens, width). Any instruction works; unlike T5, a word carries nothing beyond its identity."""
-
-    def __init__(self, width=32, max_tokens=16):
-        if width < 1 or max_tokens < 1:
-            raise ValueError(f"width and max_tokens must be >= 1, got {width}, {max_tokens}")
-        self.width, self.max_tokens = int(width), int(max_tokens)
-        self.spec = {"kind": "hashed_words", "width": self.width, "max_tokens": self.max_tokens}
-        self.cache = {}
-
-    def word_vector(self, word):
-        seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")  # not hash(): salted per run
-        return np.random.RandomState(seed).standard_normal(self.width).astype(np.float32)
-
-    def __call__(self, texts):
-        texts = _check_texts(texts)
-        for t in texts:
-            if t not in self.cache:
-                out = np.zeros((self.max_tokens, self.width), np.float32)
-                for i, word in enumerate(re.findall(r"[a-z0-9]+", t.lower())[: self.max_tokens]):
-                    out[i] = self.word_vector(word)
-                self.cache[t] = torch.from_numpy(out)
-        return torch.stack([self.cache[t] for t in texts])
-
-
-def build_video_encoder(spec, device="cpu", dtype=None):
-    """An encoder from its spec in a policy's config.json: {"kind": "wan", "source", "subfolder"} or
-    {"kind": "pixels", "patch", "coords"}."""
-    kind = spec.get("kind")
-    if kind == "pixels":
-        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True), spec.get("mean", 0.0), spec.get("std", 1.0)).to(device)
-    if kind == "wan":
-        return load_vae(spec.get("source", COSMOS_HUB_REPO), spec.get("subfolder", "vae"), device, dtype)
-    raise ValueError(f"unknown video encoder kind {kind!r} in {spec}; choose 'wan' or 'pixels'")
-
-
-def build_text_encoder(spec, device="cpu", dtype=None):
-    """A text encoder from its spec: {"kind": "t5", "source", "subfolder", "max_length"} or
-    {"kind": "hashed_words", "width", "max_tokens"}."""
-    kind = spec.get("kind")
-    if kind == "hashed_words":
-        return HashedWordEncoder(spec.get("width", 32), spec.get("max_tokens", 16))
-    if kind == "t5":
-        return load_text_encoder(spec.get("source", "google-t5/t5-11b"), spec.get("subfolder"), spec.get("max_length", 512),
-                                 device, dtype)
-    raise ValueError(f"unknown text encoder kind {kind!r} in {spec}; choose 't5' or 'hashed_words'")
-
-
-# ------------------------------------------------------------------------------------------------
-# 9. The policy: LeRobot's interface, frame history, action chunks, one folder format
-# ------------------------------------------------------------------------------------------------
 # A robot learner drives a policy the LeRobot way: policy.reset() at an episode's start, then
 # policy.select_action(observation) once per control step. Observations use LeRobot's keys:
 #     "observation.images.<camera>"  (H, W, 3) uint8 or (3, H, W) float in [0, 1]; a leading batch dim for B envs
@@ -2408,8 +2498,6 @@ def build_text_encoder(spec, device="cpu", dtype=None):
 #     "task"                         the instruction: a string, or a list of B strings
 # The policy keeps the frame history the model was trained with, encodes the frames and the instruction,
 # queries the model when its action queue is empty and executes `n_action_steps` of each chunk.
-
-
 @dataclass
 class PolicyConfig:
     """Everything between a robot's observations and the model; the defaults are the released LIBERO policies."""
@@ -2448,6 +2536,12 @@ POLICY_PRESETS = {
         "kind": "identity", "state_dim": 10, "action_dim": 10,
         "state_groups": [[k, d, m] for (k, m), d in zip(NORMALIZATION_GROUPS["bridge"]["obs"], (3, 6, 1))],
         "action_groups": [[k, d, m] for (k, m), d in zip(NORMALIZATION_GROUPS["bridge"]["action"], (3, 6, 1))]}),
+    # the toy world: the current frame, the pixel encoder and hashed words; 4 of 8 actions executed
+    "toy": PolicyConfig(camera="top", image_size=(8, 8), context_frames=1, frame_stride=1, n_action_steps=4,
+                        stop_after_step=0, numpy_noise=False,
+                        video_encoder={"kind": "pixels", "patch": 1, "coords": True, "mean": -0.5, "std": 0.5},
+                        text_encoder={"kind": "hashed_words", "width": 32, "max_tokens": 6},
+                        representation={"kind": "identity", "state_dim": 2, "action_dim": 2}),
 }
 
 
@@ -2495,6 +2589,46 @@ class ChunkedPolicy:
         batched = self._observe_once(observation)
         chunk = torch.as_tensor(self.query(observation, **kwargs))
         return chunk if batched else chunk[0]
+
+POLICY_FORMAT = "mimic-video policy v1"
+
+
+def save_policy_folder(folder, model, config: PolicyConfig, method="mimic-video"):
+    """Write a policy folder atomically: config.json, video_backbone.safetensors (LoRA fused, `net.` keys),
+    action_decoder.safetensors (`net.` keys; the joint model: joint_heads.safetensors) and stats.json (the released
+    statistics layout). `config` names the encoders by their specs: train.py writes a policy without loading them."""
+    m = model
+    joint = isinstance(m, JointVideoActionModel)
+    folder_config = {"format": POLICY_FORMAT, "method": "joint" if joint else method, "video": asdict(m.video.cfg),
+                     "model": asdict(m.cfg), "policy": asdict(config),
+                     **({"joint": asdict(m.joint)} if joint else {"decoder": asdict(m.decoder.cfg)})}
+    stats = {**m.obs_normalizer.to_stats(), **m.action_normalizer.to_stats()}
+
+    def write(tmp):
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(json.dumps(folder_config, indent=2))
+        (tmp / "stats.json").write_text(json.dumps(stats))
+        save_video_dit_checkpoint(m.video, tmp / "video_backbone.safetensors")
+        if joint:  # the joint model's action embedders, positions and head
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in m.head_state_dict().items()}, tmp / "joint_heads.safetensors")
+        else:
+            save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
+
+    atomic_write_dir(folder, write)
+
+
+def push_policy_to_hub(policy, repo_id, private=None, token=None, commit_message="Upload a mimic-video policy"):
+    """Upload a policy folder (the layout Policy.save writes) to the Hub repo `repo_id`, created if needed;
+    load_policy(repo_id) loads it back. Returns the commit info."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.save(Path(tmp) / "policy")
+        return api.upload_folder(repo_id=repo_id, folder_path=Path(tmp) / "policy", commit_message=commit_message)
 
 
 class Policy(ChunkedPolicy):
@@ -2651,32 +2785,6 @@ class Policy(ChunkedPolicy):
         return push_policy_to_hub(self, repo_id, private, token, commit_message)
 
 
-def save_policy_folder(folder, model, config: PolicyConfig, method="mimic-video"):
-    """Write a policy folder atomically: config.json, video_backbone.safetensors (LoRA fused, `net.` keys),
-    action_decoder.safetensors (`net.` keys; the joint model: joint_heads.safetensors) and stats.json (the released
-    statistics layout). `config` names the encoders by their specs: train.py writes a policy without loading them."""
-    m = model
-    joint = isinstance(m, JointVideoActionModel)
-    folder_config = {"format": POLICY_FORMAT, "method": "joint" if joint else method, "video": asdict(m.video.cfg),
-                     "model": asdict(m.cfg), "policy": asdict(config),
-                     **({"joint": asdict(m.joint)} if joint else {"decoder": asdict(m.decoder.cfg)})}
-    stats = {**m.obs_normalizer.to_stats(), **m.action_normalizer.to_stats()}
-
-    def write(tmp):
-        tmp = Path(tmp)
-        (tmp / "config.json").write_text(json.dumps(folder_config, indent=2))
-        (tmp / "stats.json").write_text(json.dumps(stats))
-        save_video_dit_checkpoint(m.video, tmp / "video_backbone.safetensors")
-        if joint:  # the joint model's action embedders, positions and head
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous() for k, v in m.head_state_dict().items()}, tmp / "joint_heads.safetensors")
-        else:
-            save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
-
-    atomic_write_dir(folder, write)
-
-
 def query_latency(policies, observation, rounds=20, warmup=3):
     """Median milliseconds per model query of each policy ({name: Policy}) on the same observation, measured in
     interleaved rounds (one query of each per round) so that machine drift falls on all of them alike."""
@@ -2693,56 +2801,26 @@ def query_latency(policies, observation, rounds=20, warmup=3):
     return {name: 1000 * float(np.median(t)) for name, t in times.items()}
 
 
-POLICY_FORMAT = "mimic-video policy v1"
-
-
-def atomic_write_dir(folder, write_fn):
-    """Fill a temp folder beside `folder` with write_fn(tmp), flush it, then swap it into place: readers see the old
-    folder or the new one, never a mix. The old one is removed only after the new one is in place; a crash between
-    the two renames leaves it as .<name>.old, which `recover_dir` puts back."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(folder)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    old = folder.parent / f".{folder.name}.old"
+def _read_policy_json(folder, name):
+    path = Path(folder) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"the policy folder {folder} is incomplete: {name} missing")
     try:
-        write_fn(tmp)
-        umask = _umask()
-        for f in tmp.rglob("*"):  # flush, and the ordinary modes (some writers, safetensors among them, use 0600)
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            os.chmod(f, (0o666 if f.is_file() else 0o777) & ~umask)
-        _fsync_dir(tmp)
-        os.chmod(tmp, 0o777 & ~umask)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-    except BaseException as e:
-        if old.exists() and not folder.exists():
-            os.replace(old, folder)  # put the previous version back
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = _write_error(e, folder)
-        if error is e:
-            raise
-        raise error from e
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # a truncated or overwritten file
+        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
 
 
-def recover_dir(folder):
-    """Undo an interrupted `atomic_write_dir`: if the folder is missing but its previous version is still beside it
-    (a crash between the two renames), put that back; drop leftovers of an unfinished write."""
-    folder = Path(folder)
-    old = folder.parent / f".{folder.name}.old"
-    if old.exists():
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, folder)
-    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+def snapshot_policy(repo_id, revision=None, cache_dir=None):
+    """The folder of a policy pushed to the Hub, downloaded by huggingface_hub (HF_HUB_OFFLINE=1: the local cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir))
+    except Exception as e:  # offline without a cached copy, no such repo, no access
+        raise FileNotFoundError(f"could not get the policy {repo_id!r} from the Hub ({type(e).__name__}); download it where "
+                                f"the Hub is reachable (`hf download {repo_id}`), unset HF_HUB_OFFLINE if it is set, "
+                                f"or pass the folder") from e
 
 
 def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype=None, video_encoder=None,
@@ -2803,50 +2881,17 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
                   text_encoder, method)
 
 
-def _read_policy_json(folder, name):
-    path = Path(folder) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"the policy folder {folder} is incomplete: {name} missing")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:  # a truncated or overwritten file
-        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-
-
-def snapshot_policy(repo_id, revision=None, cache_dir=None):
-    """The folder of a policy pushed to the Hub, downloaded by huggingface_hub (HF_HUB_OFFLINE=1: the local cache)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir))
-    except Exception as e:  # offline without a cached copy, no such repo, no access
-        raise FileNotFoundError(f"could not get the policy {repo_id!r} from the Hub ({type(e).__name__}); download it where "
-                                f"the Hub is reachable (`hf download {repo_id}`), unset HF_HUB_OFFLINE if it is set, "
-                                f"or pass the folder") from e
-
-
-def push_policy_to_hub(policy, repo_id, private=None, token=None, commit_message="Upload a mimic-video policy"):
-    """Upload a policy folder (the layout Policy.save writes) to the Hub repo `repo_id`, created if needed;
-    load_policy(repo_id) loads it back. Returns the commit info."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        policy.save(Path(tmp) / "policy")
-        return api.upload_folder(repo_id=repo_id, folder_path=Path(tmp) / "policy", commit_message=commit_message)
-
-
 # ------------------------------------------------------------------------------------------------
-# 10. A toy world: language-conditioned reaching, small enough to run the whole recipe on a CPU
+# 13. A toy world: language-conditioned reaching, small enough to run the whole recipe on a CPU
 # ------------------------------------------------------------------------------------------------
+
+
 # Three coloured squares and a white agent in the unit square, rendered to 8 x 8 RGB frames with numpy.
 # The instruction ("go to the red one") names the goal; the decoder never sees it, so the video model
 # must carry the intent. Frames go through the pixel encoder (RGB plus coordinate channels, no temporal
 # compression) and instructions through the hashed word embedding: the offline stand-ins for the VAE and T5.
 # The world speaks LeRobot (observation.images.top, observation.state = the agent's position, task);
 # actions are relative motions.
-
 @dataclass
 class ToyWorldConfig:
     """The toy world and how its episodes become (context, future, instruction, state, action chunk) samples."""
@@ -2864,8 +2909,8 @@ class ToyWorldConfig:
     text_tokens: int = 6  # instruction length after zero padding (T5 pads with zeros too)
     text_dim: int = 32  # word embedding width
 
-
 TOY_COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 1.0, 0.15), "blue": (0.25, 0.45, 1.0)}
+
 TOY_TEMPLATES = ("go to the {} one", "move to the {} square", "reach {}", "{}")
 
 
@@ -3057,26 +3102,11 @@ def toy_expert_future(state, cfg: ToyWorldConfig):
     return torch.stack(frames, dim=2)  # (N, 3, F, S, S)
 
 
-TOY_VIDEO_PRESET = VideoDiTConfig(in_channels=5, out_channels=5, patch_spatial=4, model_channels=64, num_blocks=4,
-                                  num_heads=2, crossattn_emb_channels=32, adaln_lora_dim=16, max_img_h=8, max_img_w=8)
-TOY_DECODER_PRESET = ActionDecoderConfig(max_horizon=9, in_channels=2, out_channels=2, model_channels=64, num_blocks=2,
-                                         num_heads=2, crossattn_emb_channels=64, adaln_lora_dim=16, pair_timestep_feature_rank=64)
-VIDEO_DIT_PRESETS["toy"] = TOY_VIDEO_PRESET
-ACTION_DECODER_PRESETS["toy"] = TOY_DECODER_PRESET
-VIDEO_ACTION_PRESETS["toy"] = VideoActionConfig(tap_block=2, latent_frames=5, context_latents=1)
-POLICY_PRESETS["toy"] = PolicyConfig(  # the current frame, the pixel encoder and hashed words; 4 of 8 actions executed
-    camera="top", image_size=(8, 8), context_frames=1, frame_stride=1, n_action_steps=4, stop_after_step=0,
-    numpy_noise=False, video_encoder={"kind": "pixels", "patch": 1, "coords": True, "mean": -0.5, "std": 0.5},
-    text_encoder={"kind": "hashed_words", "width": 32, "max_tokens": 6},
-    representation={"kind": "identity", "state_dim": 2, "action_dim": 2})
-
-
 def toy_baselines(seeds, cfg: ToyWorldConfig, seed=0):
     """Success rates of uniformly random actions and of the scripted expert on the given episodes."""
     random = toy_rollout(ToyScriptedPolicy("random", cfg, seed), seeds, cfg)["success"].mean()
     expert = toy_rollout(ToyScriptedPolicy("expert", cfg), seeds, cfg)["success"].mean()
     return float(random), float(expert)
-
 
 TOY_EVAL_SEEDS = 10**9  # held-out episodes are seeds 10**9, 10**9 + 1, ...: never used for demonstrations
 
@@ -3089,15 +3119,15 @@ def toy_probe_observation(cfg: ToyWorldConfig = None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. LeRobot datasets: v3.0 and v2.1 folders read with pyarrow and PyAV, windows with the official timing
+# 14. LeRobot datasets: v3.0 and v2.1 folders read with pyarrow and PyAV, windows with the official timing
 # ------------------------------------------------------------------------------------------------
+
+
 # A LeRobot dataset is a folder: meta/info.json (fps, features, path templates), an episodes table, a tasks
 # table, parquet files with the low-dimensional streams and one mp4 per camera. v3.0 puts many episodes in each
 # parquet and each mp4 (an episode's frame at time t sits at its `from_timestamp` + t in the video); v2.1 has one
 # file per episode. We read the format directly with pyarrow and PyAV (optional packages): the `lerobot` package
 # pins torch and Python versions that conflict with ours.
-
-
 class DatasetError(ValueError):
     """A corrupt or inconsistent dataset; the message names the file and the episode."""
 
@@ -3479,7 +3509,7 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
 
 
 # ------------------------------------------------------------------------------------------------
-# 12. Command-line configs, shared by train.py and sample.py
+# 15. Command-line configs, shared by train.py and sample.py
 # ------------------------------------------------------------------------------------------------
 
 

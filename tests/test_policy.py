@@ -86,7 +86,7 @@ def test_normalizer_modes_are_explicit_and_it_saves_and_loads(tmp_path):
     norm = mv.Normalizer(stats, [("action/a", "variance"), ("action/rotation_6d", "variance"), ("action/b", "identity")])
     assert not torch.all(norm.scale[:, 3:9] == 1)  # no name guessing: a "rot" key is normalized when it says variance
     assert torch.all(norm.scale[:, 9] == 1) and torch.isinf(norm.clamp_min[:, 9]).all()
-    norm.save(tmp_path / "n.json")
+    mv.save_stats(norm, tmp_path / "n.json")
     back = mv.Normalizer.load(tmp_path / "n.json")
     assert back.groups == norm.groups
     for name in ("shift", "scale", "clamp_min", "clamp_max"):
