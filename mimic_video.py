@@ -313,7 +313,8 @@ class DiTBlock(nn.Module):
     The video DiT runs self -> cross -> MLP; the official action decoder runs cross -> self -> MLP.
     """
 
-    def __init__(self, dim, context_dim, num_heads, mlp_ratio, cond_dim, adaln_lora_dim, order=("self_attn", "cross_attn")):
+    def __init__(self, dim, context_dim, num_heads, mlp_ratio, cond_dim, adaln_lora_dim,
+                 order=("self_attn", "cross_attn")):
         super().__init__()
         self.order = tuple(order) + ("mlp",)
         for name in order:
@@ -511,9 +512,10 @@ class VideoDiT(nn.Module):
         cfg = self.cfg
         self._check_inputs(x, tau, crossattn_emb, condition_mask)
         if stop_after_block is not None and not 0 <= stop_after_block <= cfg.num_blocks:
-            raise ValueError(f"stop_after_block must be in [0, {cfg.num_blocks}] (this DiT has {cfg.num_blocks} blocks), "
-                             f"got {stop_after_block}")
-        x, emb, adaln_lora = self.embed(x, tau, condition_mask, padding_mask)  # (B, T', H', W', D), (B, T', D), (B, T', 3D)
+            raise ValueError(f"stop_after_block must be in [0, {cfg.num_blocks}] (this DiT has {cfg.num_blocks} "
+                             f"blocks), got {stop_after_block}")
+        # (B, T', H', W', D), (B, T', D), (B, T', 3D)
+        x, emb, adaln_lora = self.embed(x, tau, condition_mask, padding_mask)
         B, Tp, Hp, Wp, D = x.shape
         rope = self.rope(Tp, Hp, Wp, x.device)  # computed once per forward
         context = crossattn_emb.to(emb.dtype)
@@ -537,14 +539,16 @@ class VideoDiT(nn.Module):
 
     def embed(self, x, tau, condition_mask, padding_mask=None):
         """Patch tokens and time embeddings: x (B, C, T, H, W), tau (B, T) or (B,) -> tokens (B, T', H', W', D),
-        emb = RMSNorm(sinusoid) (B, T', D) for the blocks, adaln_lora = MLP(sinusoid) (B, T', 3D) shared by all blocks."""
+        emb = RMSNorm(sinusoid) (B, T', D) for the blocks, adaln_lora = MLP(sinusoid) (B, T', 3D) shared by all
+        blocks."""
         cfg = self.cfg
         B, C, T, H, W = x.shape
         dtype = self.t_embedding_norm.weight.dtype
         if padding_mask is None:
             padding_mask = x.new_zeros(B, 1, H, W)
         padding_mask = F.interpolate(padding_mask.to(x.dtype), size=(H, W), mode="nearest")  # (B, 1, H, W)
-        x = torch.cat([x, condition_mask.to(x.dtype), padding_mask[:, :, None].expand(B, 1, T, H, W)], dim=1)  # (B, 18, T, H, W)
+        # (B, 18, T, H, W)
+        x = torch.cat([x, condition_mask.to(x.dtype), padding_mask[:, :, None].expand(B, 1, T, H, W)], dim=1)
         x = self.x_embedder(x.to(dtype))  # (B, T', H', W', D)
         tau = tau.expand(B, T) if tau.dim() == 2 else tau[:, None].expand(B, T)
         tau = tau[:, :: cfg.patch_temporal]  # (B, T'): one time per temporal patch
@@ -568,7 +572,8 @@ class VideoDiT(nn.Module):
         return self._rope_cache[key]
 
     def unpatchify(self, out):
-        """(B, T', H', W', p*p*pt*C) -> (B, C, T, H, W): the output channel is INNERMOST (p1, p2, r, c), unlike the input."""
+        """(B, T', H', W', p*p*pt*C) -> (B, C, T, H, W): the output channel is INNERMOST (p1, p2, r, c), unlike the
+        input."""
         p, pt = self.cfg.patch_spatial, self.cfg.patch_temporal
         return rearrange(out, "b t h w (p1 p2 r c) -> b c (t r) (h p1) (w p2)", p1=p, p2=p, r=pt)
 
@@ -588,8 +593,9 @@ class VideoDiT(nn.Module):
             raise ValueError(f"condition_mask must be {(B, 1, T, H, W)}, got {tuple(condition_mask.shape)}")
         if tau.shape not in ((B,), (B, T)):
             raise ValueError(f"tau must be ({B},) or ({B}, {T}), got {tuple(tau.shape)}")
-        if crossattn_emb.dim() != 3 or crossattn_emb.shape[0] != B or crossattn_emb.shape[2] != cfg.crossattn_emb_channels:
-            raise ValueError(f"crossattn_emb must be ({B}, N, {cfg.crossattn_emb_channels}), got {tuple(crossattn_emb.shape)}")
+        if crossattn_emb.dim() != 3 or tuple(crossattn_emb.shape[::2]) != (B, cfg.crossattn_emb_channels):
+            raise ValueError(f"crossattn_emb must be ({B}, N, {cfg.crossattn_emb_channels}), got "
+                             f"{tuple(crossattn_emb.shape)}")
         return B, C, T, H, W
 
 
@@ -676,7 +682,8 @@ def cosmos_sample(net, eps, gt_latent, cond_frames, crossattn_emb, num_steps=35,
     sigmas = partial_schedule(num_steps, stop_after_step, tau_v) if partial else karras_sigmas(num_steps)
 
     def x_tau_at(x_sigma, i):
-        sigma = torch.full((), float(sigmas[i]), dtype=torch.float32, device=eps.device)  # fp32, as official; no H2D copy
+        # fp32, as official; no H2D copy
+        sigma = torch.full((), float(sigmas[i]), dtype=torch.float32, device=eps.device)
         tau = sigma_to_tau(sigma)
         return (1 - tau) * x_sigma, tau  # x_tau = (1 - tau) x_sigma
 
@@ -874,7 +881,8 @@ def check_state_dict(expected, sd, what="checkpoint"):
     misshaped = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
                        for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or misshaped:
-        show = lambda xs: "\n    ".join(xs[:20]) + (f"\n    ... and {len(xs) - 20} more" if len(xs) > 20 else "")  # noqa: E731
+        show = lambda xs: "\n    ".join(xs[:20]) + (f"\n    ... and {len(xs) - 20} more" if len(xs) > 20
+                                                    else "")  # noqa: E731
         parts = [f"{name} ({len(xs)}):\n    {show(xs)}" for name, xs in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if xs]
         raise CheckpointMismatchError(f"{what} does not match the model:\n  " + "\n  ".join(parts))
@@ -952,8 +960,8 @@ def _read_diffusers_folder(path):
     if not index.is_file():
         if not single.is_file():
             found = sorted(p.name for p in folder.glob("*.safetensors*"))
-            raise FileNotFoundError(f"{folder} has neither {single.name} nor {index.name} (found: {found or 'nothing'}); "
-                                    f"pass the file to load instead of the folder")
+            raise FileNotFoundError(f"{folder} has neither {single.name} nor {index.name} (found: "
+                                    f"{found or 'nothing'}); pass the file to load instead of the folder")
         return _read_tensor_file(single)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -1060,7 +1068,8 @@ def load_official(model_cls, config, presets, default_preset, source, filename=N
     file carries (files this project wrote) or else `default_preset` (the released model).
     """
     path = Path(source)
-    diffusers_folder = path.is_dir() and (filename is None or (not (path / filename).exists() and is_diffusers_folder(path)))
+    missing = filename is None or not (path / filename).exists()
+    diffusers_folder = path.is_dir() and (filename is None or (missing and is_diffusers_folder(path)))
     file = path if diffusers_folder else resolve_file(source, filename, revision, cache_dir)
     sd = official_keys(read_state_dict(file))
     check_parameter_dtypes(sd, str(file))
@@ -1071,15 +1080,18 @@ def load_official(model_cls, config, presets, default_preset, source, filename=N
     try:
         load_state_dict_strict(model, sd, f"{model_cls.__name__} checkpoint {file}", assign=True)
     except CheckpointMismatchError as e:
-        hint = f"\n  {_shape_hint(sd)}; the config has {getattr(cfg, 'num_blocks', '?')} blocks of width {getattr(cfg, 'model_channels', '?')}"
+        hint = (f"\n  {_shape_hint(sd)}; the config has {getattr(cfg, 'num_blocks', '?')} blocks of width "
+                f"{getattr(cfg, 'model_channels', '?')}")
         if saved is not None and config is not None:
             hint += f"; the file says it was saved with config {saved}: pass config=None to use it"
         elif saved is None:
             hint += " (the file carries no config: pass the config it was trained with, e.g. config='toy')"
         raise CheckpointMismatchError(str(e) + hint) from None
     model = model.to(device=device, dtype=dtype)
-    with torch.no_grad():  # own, aligned memory: tensors still sliced from the file's buffer run other CPU kernel paths,
-        for t in list(model.parameters()) + list(model.buffers()):  # so results would depend on the file's layout
+    # own, aligned memory: tensors still sliced from the file's buffer run other CPU kernel paths, so results would
+    # depend on the file's layout
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
             if t.device.type == "cpu":
                 t.data = t.data.clone()
     return model
@@ -1112,7 +1124,8 @@ class ActionDecoderConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / D
     crossattn_emb_channels: int = 2048  # width of the video hidden states it reads
     adaln_lora_dim: int = 128  # rank of the AdaLN-LoRA modulation
-    pair_timestep_feature_rank: int = 1024  # rank R of the bilinear (tau_a, tau_v) time embedding; official requires R = D
+    # rank R of the bilinear (tau_a, tau_v) time embedding; official requires R = D
+    pair_timestep_feature_rank: int = 1024
 
     @property
     def num_actions(self):
@@ -1126,8 +1139,9 @@ ACTION_DECODER_PRESETS = {
     "tiny": ActionDecoderConfig(max_horizon=5, model_channels=64, num_blocks=2, num_heads=2, crossattn_emb_channels=64,
                                 adaln_lora_dim=16, pair_timestep_feature_rank=64),
     # the toy world: 2-D positions and motions, 1 proprio token + 8 action tokens
-    "toy": ActionDecoderConfig(max_horizon=9, in_channels=2, out_channels=2, model_channels=64, num_blocks=2, num_heads=2,
-                               crossattn_emb_channels=64, adaln_lora_dim=16, pair_timestep_feature_rank=64),
+    "toy": ActionDecoderConfig(max_horizon=9, in_channels=2, out_channels=2, model_channels=64, num_blocks=2,
+                               num_heads=2, crossattn_emb_channels=64, adaln_lora_dim=16,
+                               pair_timestep_feature_rank=64),
 }
 
 TAU_PROPRIO = 1e-3  # the proprio token always carries this (clean) action time
@@ -1217,7 +1231,8 @@ class ActionDecoder(nn.Module):
     def __init__(self, cfg: ActionDecoderConfig):
         super().__init__()
         if cfg.pair_timestep_feature_rank != cfg.model_channels:
-            raise ValueError("pair_timestep_feature_rank must equal model_channels (the official final layer assumes it)")
+            raise ValueError("pair_timestep_feature_rank must equal model_channels (the official final "
+                             "layer assumes it)")
         self.cfg = cfg
         D, R = cfg.model_channels, cfg.pair_timestep_feature_rank
         self.obs_mask_token = nn.Parameter(torch.zeros(1, 1, D))  # replaces the proprio embedding when masked
@@ -1281,7 +1296,8 @@ class ActionDecoder(nn.Module):
         if state.shape != (B, 1, self.cfg.in_channels):
             raise ValueError(f"state must be ({B}, 1, {self.cfg.in_channels}), got {tuple(state.shape)}")
         if HA + 1 > self.cfg.max_horizon or x_scaled.shape[-1] != self.cfg.out_channels:
-            raise ValueError(f"actions must be ({B}, <= {self.cfg.num_actions}, {self.cfg.out_channels}), got {tuple(x_scaled.shape)}")
+            raise ValueError(f"actions must be ({B}, <= {self.cfg.num_actions}, {self.cfg.out_channels}), got "
+                             f"{tuple(x_scaled.shape)}")
         obs = self.obs_embedder(state.to(dtype))  # (B, 1, D)
         if torch.is_tensor(obs_dropout):  # a given per-sample mask (B,) bool
             m = obs_dropout.reshape(B, 1, 1)
@@ -1302,7 +1318,8 @@ class ActionDecoder(nn.Module):
             x = block(x, emb, adaln_lora, context_kv=kv)
         return self.final_layer(x, emb, adaln_lora)[:, :, 0]  # (B, T, 10)
 
-    def denoise(self, x_tau, tau_a, state, crossattn_emb, context_sigma, obs_dropout=0.0, context_kv=None, generator=None):
+    def denoise(self, x_tau, tau_a, state, crossattn_emb, context_sigma, obs_dropout=0.0, context_kv=None,
+                generator=None):
         """Velocity of the noisy normalized action chunk (official `World2ActionPipeline.denoise`).
 
         x_tau: (B, HA, 10); tau_a: (B,) or (B, HA) action time; context_sigma: (B,) or (B, 1).
@@ -1312,7 +1329,8 @@ class ActionDecoder(nn.Module):
         tau_a = torch.as_tensor(tau_a, dtype=torch.float32, device=x_tau.device).reshape(B, -1).expand(B, HA)
         x_in = x_tau / torch.sqrt((1 - tau_a) ** 2 + tau_a ** 2)[..., None]  # unit variance along the path
         timesteps = torch.cat([torch.full((B, 1), TAU_PROPRIO, device=x_tau.device), tau_a], dim=1)  # (B, 1 + HA)
-        out = self(state, x_in, timesteps, context_sigma.reshape(B, 1), crossattn_emb, obs_dropout, context_kv, generator)
+        out = self(state, x_in, timesteps, context_sigma.reshape(B, 1), crossattn_emb, obs_dropout, context_kv,
+                   generator)
         return out[:, 1:]
 
     @torch.no_grad()
@@ -1336,13 +1354,17 @@ def load_action_decoder(source, filename=None, config=None, revision=None, cache
 # dimension: action k of a chunk has its own mean and std. Each group of dimensions names how it is normalized:
 # "variance" (positions, grippers, any plain vector) is standardized with clamped stats and clipped to an outlier
 # range; "identity" (6-D rotations) passes through unchanged. The modes are explicit, never guessed from key names.
-NORMALIZATION_GROUPS = {  # released statistics: (key, mode) in concat order: position (3), 6-D rotation (6), gripper (1)
-    "libero": {"action": (("action/eef_pos_ref_delta_lowdim", "variance"), ("action/eef_rot_ref_delta_lowdim", "identity"),
+# released statistics: (key, mode) in concat order: position (3), 6-D rotation (6), gripper (1)
+NORMALIZATION_GROUPS = {
+    "libero": {"action": (("action/eef_pos_ref_delta_lowdim", "variance"),
+                          ("action/eef_rot_ref_delta_lowdim", "identity"),
                           ("action/gripper_action_lowdim", "variance")),
-               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"), ("obs/gripper_lowdim", "variance"))},
+               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"),
+                       ("obs/gripper_lowdim", "variance"))},
     "bridge": {"action": (("action/eef_pos_lowdim", "variance"), ("action/eef_rot_lowdim", "identity"),
                           ("action/gripper_action_lowdim", "variance")),
-               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"), ("obs/gripper_state_lowdim", "variance"))},
+               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"),
+                       ("obs/gripper_state_lowdim", "variance"))},
 }
 
 NORMALIZATION_MODES = ("variance", "identity")
@@ -1378,7 +1400,8 @@ class Normalizer:
             scale = torch.where(s["std_clamped"] < 1e-5, torch.ones_like(shift), 1 / s["std_clamped"])
             p2, p98 = s["percentiles"][20], s["percentiles"][980]  # grid 0.0..100.0 in steps of 0.1
             mean = s["mean"]
-            parts.append((shift, scale, (mean + 1.5 * (p2 - mean) - shift) * scale, (mean + 1.5 * (p98 - mean) - shift) * scale))
+            parts.append((shift, scale, (mean + 1.5 * (p2 - mean) - shift) * scale,
+                          (mean + 1.5 * (p98 - mean) - shift) * scale))
         if not parts:
             raise ValueError("a Normalizer needs at least one (key, mode) group")
         self.shift, self.scale, self.clamp_min, self.clamp_max = (
@@ -1433,8 +1456,9 @@ class VideoActionConfig:
     num_action_steps: int = 10  # Euler steps of the decoder from tau_a = 1 to 0
     loss_scale: float = 10.0  # stage-2 loss = loss_scale * velocity MSE
     obs_dropout: float = 0.2  # stage-2 probability of masking the proprio token
-    video_time: str = "official"  # "official": sigma = sqrt(latent_frames) exp(N(0,1)) + 5% tail; "paper": logit-normal
-    #                               tau_v; "max": sigma = 80 and no future frames, what a k = 0 query sees (VLA baseline)
+    # "official": sigma = sqrt(latent_frames) exp(N(0,1)) + 5% tail; "paper": logit-normal tau_v; "max": sigma = 80
+    # and no future frames, what a k = 0 query sees (the VLA-style baseline)
+    video_time: str = "official"
     train_backbone: bool = False  # the action loss also trains the video DiT (the end-to-end VLA-style baseline)
     action_time: str = "official"  # "official": uniform on [0.001, 1]; "paper": Beta(1.5, 1)
 
@@ -1459,7 +1483,8 @@ def _check_finite(x, what):
 class VideoActionModel(nn.Module):
     """The video DiT (frozen in stage 2) and the action decoder, with the optional normalizers of a policy.
 
-    Latents are (B, C, T, H, W) with the first `context_latents` frames the observed context; the text is (B, N, D_text).
+    Latents are (B, C, T, H, W) with the first `context_latents` frames the observed context; the text is
+    (B, N, D_text).
     Proprio (B, 1, d_s) and actions (B, HA, d_a) are normalized unless a method says otherwise.
     """
 
@@ -1467,11 +1492,13 @@ class VideoActionModel(nn.Module):
                  obs_normalizer: Normalizer | None = None, action_normalizer: Normalizer | None = None):
         super().__init__()
         if decoder.cfg.crossattn_emb_channels != video.cfg.model_channels:
-            raise ValueError(f"decoder reads {decoder.cfg.crossattn_emb_channels}-d context, video width is {video.cfg.model_channels}")
+            raise ValueError(f"decoder reads {decoder.cfg.crossattn_emb_channels}-d context, video width is "
+                             f"{video.cfg.model_channels}")
         if not 0 <= cfg.tap_block <= video.cfg.num_blocks:
             raise ValueError(f"tap_block must be in [0, {video.cfg.num_blocks}], got {cfg.tap_block}")
         if not 1 <= cfg.context_latents < cfg.latent_frames:
-            raise ValueError(f"context_latents must be in [1, latent_frames - 1] = [1, {cfg.latent_frames - 1}], got {cfg.context_latents}")
+            raise ValueError(f"context_latents must be in [1, latent_frames - 1] = [1, {cfg.latent_frames - 1}], got "
+                             f"{cfg.context_latents}")
         for name, norm, dim in (("obs_normalizer", obs_normalizer, decoder.cfg.in_channels),
                                 ("action_normalizer", action_normalizer, decoder.cfg.out_channels)):
             if norm is not None and norm.shift.shape[-1] != dim:
@@ -1491,7 +1518,8 @@ class VideoActionModel(nn.Module):
         """
         cfg = self.cfg
         if context.dim() != 5 or context.shape[1] != self.video.cfg.in_channels:
-            raise ValueError(f"context must be (B, {self.video.cfg.in_channels}, T, H, W) latents, got {tuple(context.shape)}")
+            raise ValueError(f"context must be (B, {self.video.cfg.in_channels}, T, H, W) latents, got "
+                             f"{tuple(context.shape)}")
         if context.shape[2] != cfg.context_latents:
             raise ValueError(f"context has {context.shape[2]} latent frames; this model was configured for "
                              f"context_latents={cfg.context_latents}")
@@ -1499,8 +1527,8 @@ class VideoActionModel(nn.Module):
         if future is None:  # inference: the future is what the video model imagines; official zero-pads
             future = context.new_zeros(B, C, cfg.latent_frames - Tc, H, W)
         elif tuple(future.shape) != (B, C, cfg.latent_frames - Tc, H, W):
-            raise ValueError(f"future must be {(B, C, cfg.latent_frames - Tc, H, W)} (latent_frames={cfg.latent_frames} "
-                             f"minus {Tc} context frames), got {tuple(future.shape)}")
+            raise ValueError(f"future must be {(B, C, cfg.latent_frames - Tc, H, W)} (latent_frames="
+                             f"{cfg.latent_frames} minus {Tc} context frames), got {tuple(future.shape)}")
         latents = torch.cat([context, future.to(context.dtype)], dim=2)  # (B, C, Tc + Tf, H, W)
         return latents, first_frames_mask(latents.shape[0], latents.shape[2], context.shape[2], latents.device)
 
@@ -1542,9 +1570,11 @@ class VideoActionModel(nn.Module):
             sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
         else:
             raise ValueError(f"video_time must be 'official', 'paper' or 'max', got {cfg.video_time!r}")
-        if loss == "action" and cfg.video_time == "max":  # drawn all the same, so every mode consumes the same randomness
+        # drawn all the same, so every mode consumes the same randomness
+        if loss == "action" and cfg.video_time == "max":
             sigma = torch.full_like(sigma, 80.0)
-        noise = {"sigma": sigma, "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
+        noise = {"sigma": sigma,
+                 "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
         if loss == "video":
             return noise
         if cfg.action_time == "official":
@@ -1576,7 +1606,8 @@ class VideoActionModel(nn.Module):
         u = velocity_target(x0, eps)
         v_hat = self.decoder.denoise(x_tau, tau_a, proprio, ctx, sigma, obs_dropout=noise["obs_mask"])
         per_sample = self.cfg.loss_scale * flow_loss(v_hat, u)
-        return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": sigma_to_tau(sigma)}
+        return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a,
+                "tau_v": sigma_to_tau(sigma)}
 
     def video_loss(self, context, future, text, noise=None, generator=None):
         """Stage 1 (and pretraining): the video flow loss, future frames noised, context frames clean and excluded.
@@ -1586,7 +1617,8 @@ class VideoActionModel(nn.Module):
         """
         latents, cond = self.window(context, future)
         if noise is None:
-            noise = self.draw_noise("video", latents.shape[0], latents.shape[1:], generator=generator, device=latents.device)
+            noise = self.draw_noise("video", latents.shape[0], latents.shape[1:], generator=generator,
+                                    device=latents.device)
         tau = sigma_to_tau(noise["sigma"])
         x0, eps = latents.float(), noise["eps_video"]
         x_tau = interpolate(x0, eps, tau)
@@ -1617,7 +1649,8 @@ class VideoActionModel(nn.Module):
             proprio = self.obs_normalizer.normalize(proprio)
         latents, cond = self.window(context, oracle_future)
         B, HA = latents.shape[0], self.decoder.cfg.num_actions
-        noise = self._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.decoder.cfg.out_channels)), seed, numpy_noise, latents.device)
+        noise = self._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.decoder.cfg.out_channels)), seed,
+                            numpy_noise, latents.device)
         if oracle_future is not None:
             sigma_v = float(partial_schedule(self.cfg.num_video_steps, stop_after_step, tau_v)[-1])
             sigma = torch.full((B,), sigma_v, dtype=torch.float32, device=latents.device)
@@ -1882,10 +1915,14 @@ def matrix_to_axis_angle(R):
     trace = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
     cands = torch.stack([trace, m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]], -1)  # (..., 4)
     best = cands.argmax(-1)
-    qw = torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1)
-    qx = torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + 2 * m[..., 0, 0] - trace, m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1)
-    qy = torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 + 2 * m[..., 1, 1] - trace, m[..., 1, 2] + m[..., 2, 1]], -1)
-    qz = torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 + 2 * m[..., 2, 2] - trace], -1)
+    qw = torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]],
+                     -1)
+    qx = torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + 2 * m[..., 0, 0] - trace, m[..., 0, 1] + m[..., 1, 0],
+                      m[..., 0, 2] + m[..., 2, 0]], -1)
+    qy = torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 + 2 * m[..., 1, 1] - trace,
+                      m[..., 1, 2] + m[..., 2, 1]], -1)
+    qz = torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1],
+                      1 + 2 * m[..., 2, 2] - trace], -1)
     q = torch.stack([qw, qx, qy, qz], -2)  # (..., 4 candidates, (w, x, y, z))
     q = torch.gather(q, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
     q = F.normalize(q, dim=-1)
@@ -1893,7 +1930,8 @@ def matrix_to_axis_angle(R):
     xyz_norm = q[..., 1:].norm(dim=-1, keepdim=True)
     angle = 2 * torch.atan2(xyz_norm, q[..., :1])
     small = xyz_norm < 1e-7  # angle / sin(angle / 2) -> 2 near zero
-    scale = torch.where(small, torch.full_like(angle, 2.0), angle / torch.where(small, torch.ones_like(xyz_norm), xyz_norm))
+    scale = torch.where(small, torch.full_like(angle, 2.0),
+                        angle / torch.where(small, torch.ones_like(xyz_norm), xyz_norm))
     return q[..., 1:] * scale
 
 
@@ -1950,12 +1988,14 @@ class Representation:
             g = NORMALIZATION_GROUPS["libero"]
             state_dim, action_dim = state_dim or 8, action_dim or 7
             if (state_dim, action_dim) != (8, 7):
-                raise ValueError(f"the libero representation takes 8-D states and 7-D actions, got {state_dim} and {action_dim}")
+                raise ValueError(f"the libero representation takes 8-D states and 7-D actions, got {state_dim} "
+                                 f"and {action_dim}")
             state_groups = state_groups or [(k, d, m) for (k, m), d in zip(g["obs"], (3, 6, 1))]
             action_groups = action_groups or [(k, d, m) for (k, m), d in zip(g["action"], (3, 6, 1))]
         elif kind == "identity":
             if not state_dim or not action_dim or state_dim < 1 or action_dim < 1:
-                raise ValueError(f"the identity representation needs state_dim and action_dim >= 1, got {state_dim}, {action_dim}")
+                raise ValueError(f"the identity representation needs state_dim and action_dim >= 1, got "
+                                 f"{state_dim}, {action_dim}")
             state_groups = state_groups or [("obs/state_lowdim", state_dim, "variance")]
             action_groups = action_groups or [("action/action_lowdim", action_dim, "variance")]
         else:
@@ -1963,7 +2003,8 @@ class Representation:
         self.kind, self.state_dim, self.action_dim = kind, int(state_dim), int(action_dim)
         self.state_groups = [(k, int(d), m) for k, d, m in state_groups]
         self.action_groups = [(k, int(d), m) for k, d, m in action_groups]
-        for name, groups, dim in (("state", self.state_groups, self.model_state_dim), ("action", self.action_groups, self.model_action_dim)):
+        for name, groups, dim in (("state", self.state_groups, self.model_state_dim),
+                                  ("action", self.action_groups, self.model_action_dim)):
             if sum(d for _, d, _ in groups) != dim:
                 raise ValueError(f"{name} groups {groups} do not add up to the model's {dim} dimensions")
 
@@ -1982,7 +2023,8 @@ class Representation:
 
     def to_config(self):
         return {"kind": self.kind, "state_dim": self.state_dim, "action_dim": self.action_dim,
-                "state_groups": [list(g) for g in self.state_groups], "action_groups": [list(g) for g in self.action_groups]}
+                "state_groups": [list(g) for g in self.state_groups],
+                "action_groups": [list(g) for g in self.action_groups]}
 
     @classmethod
     def from_config(cls, c):
@@ -1995,7 +2037,8 @@ class Representation:
 
     @staticmethod
     def _to_10d(x):
-        """[xyz, axis-angle, g, ...] -> [xyz, 6-D rows, g]: the official 10-D layout (g: a finger joint or the gripper)."""
+        """[xyz, axis-angle, g, ...] -> [xyz, 6-D rows, g]: the official 10-D layout (g: a finger joint or the
+        gripper)."""
         r6 = rotation_to_6d(axis_angle_to_matrix(x[..., 3:6].double())).to(x.dtype)
         return torch.cat([x[..., :3], r6, x[..., 6:7]], dim=-1)
 
@@ -2102,8 +2145,9 @@ def _check_frames(frames, spatial_factor):
 class WanVAE(nn.Module):
     """The Wan2.1 VAE (diffusers `AutoencoderKLWan`, the Cosmos-Predict2 tokenizer) with Cosmos' latent normalization.
 
-    encode: frames (B, 3, 1 + 4k, H, W) in [-1, 1] -> (B, 16, 1 + k, H/8, W/8) = (mode - latents_mean[c]) / latents_std[c],
-    the posterior MODE (the official code takes the mean; diffusers' Cosmos pipeline samples, which we do not).
+    encode: frames (B, 3, 1 + 4k, H, W) in [-1, 1] -> (B, 16, 1 + k, H/8, W/8)
+    = (mode - latents_mean[c]) / latents_std[c], the posterior MODE (the official code takes the mean; diffusers'
+    Cosmos pipeline samples, which we do not).
     Causal in time: the first 1 + 4j frames' latents do not depend on later frames, so encoding the context alone is
     exact. decode inverts it, for pictures.
     """
@@ -2116,13 +2160,16 @@ class WanVAE(nn.Module):
         self.temporal_factor = c.scale_factor_temporal or 4
         self.spatial_factor = c.scale_factor_spatial or 8
         self.spec = spec or {"kind": "wan"}
-        self.register_buffer("latents_mean", torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_mean", torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("latents_std", torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1),
+                             persistent=False)
 
     def latent_frames(self, num_frames):
         """1 + 4k pixel frames -> 1 + k latent frames; other counts are refused."""
         if num_frames < 1 or (num_frames - 1) % self.temporal_factor:
-            raise ValueError(f"the Wan VAE encodes 1 + {self.temporal_factor}k frames (1, 5, 9, ..., 61), got {num_frames}")
+            raise ValueError(f"the Wan VAE encodes 1 + {self.temporal_factor}k frames (1, 5, 9, ..., 61), "
+                             f"got {num_frames}")
         return 1 + (num_frames - 1) // self.temporal_factor
 
     @torch.no_grad()
@@ -2151,11 +2198,12 @@ def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, 
     if path.is_dir() and subfolder and not (path / subfolder).is_dir():
         subfolder = None  # a local folder that is the VAE itself
     try:
-        vae = diffusers.AutoencoderKLWan.from_pretrained(source, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+        vae = diffusers.AutoencoderKLWan.from_pretrained(source, subfolder=subfolder, revision=revision,
+                                                         cache_dir=cache_dir,
                                                          torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
-                                f"diffusers folder, or download it first (`hf download {source}`)") from e
+        raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): {e}. Pass a "
+                                f"local diffusers folder, or download it first (`hf download {source}`)") from e
     spec = {"kind": "wan", "source": str(source), "subfolder": subfolder}
     return WanVAE(vae.eval().requires_grad_(False), spec).to(device)
 
@@ -2188,7 +2236,8 @@ class PixelEncoder(nn.Module):
     def encode(self, frames):
         _check_frames(frames, self.patch)
         p = self.patch
-        x = (rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p) - self.mean) / self.std  # (B, 3p^2, T, h, w)
+        # (B, 3p^2, T, h, w)
+        x = (rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p) - self.mean) / self.std
         if not self.coords:
             return x
         B, _, T, h, w = x.shape
@@ -2229,10 +2278,12 @@ class T5TextEncoder:
         new = [t for t in dict.fromkeys(texts) if t not in self.cache]
         if new:
             device = next(self.model.parameters()).device
-            enc = self.tokenizer(new, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+            enc = self.tokenizer(new, padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt")
             mask = enc.attention_mask.to(device)
             h = self.model(input_ids=enc.input_ids.to(device), attention_mask=mask).last_hidden_state.float()
-            h = torch.where(mask[..., None].bool(), h, torch.zeros((), device=device))  # (n, L, D): exact zeros past the tokens
+            # (n, L, D): exact zeros past the tokens
+            h = torch.where(mask[..., None].bool(), h, torch.zeros((), device=device))
             self.cache.update(zip(new, h))
         return torch.stack([self.cache[t] for t in texts])
 
@@ -2248,8 +2299,8 @@ def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512,
         model = transformers.T5EncoderModel.from_pretrained(source, dtype=dtype, **kw)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a local "
-                                f"folder, or download it first (`hf download {source}`)") from e
+        raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a "
+                                f"local folder, or download it first (`hf download {source}`)") from e
     spec = {"kind": "t5", "source": str(source), "subfolder": subfolder, "max_length": int(max_length)}
     return T5TextEncoder(model.to(device), tokenizer, max_length, spec)
 
@@ -2267,7 +2318,8 @@ class HashedWordEncoder:
         self.cache = {}
 
     def word_vector(self, word):
-        seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")  # not hash(): salted per run
+        # not hash(): salted per run
+        seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")
         return np.random.RandomState(seed).standard_normal(self.width).astype(np.float32)
 
     def __call__(self, texts):
@@ -2286,7 +2338,8 @@ def build_video_encoder(spec, device="cpu", dtype=None):
     {"kind": "pixels", "patch", "coords"}."""
     kind = spec.get("kind")
     if kind == "pixels":
-        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True), spec.get("mean", 0.0), spec.get("std", 1.0)).to(device)
+        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True), spec.get("mean", 0.0),
+                            spec.get("std", 1.0)).to(device)
     if kind == "wan":
         return load_vae(spec.get("source", COSMOS_HUB_REPO), spec.get("subfolder", "vae"), device, dtype)
     raise ValueError(f"unknown video encoder kind {kind!r} in {spec}; choose 'wan' or 'pixels'")
@@ -2299,7 +2352,8 @@ def build_text_encoder(spec, device="cpu", dtype=None):
     if kind == "hashed_words":
         return HashedWordEncoder(spec.get("width", 32), spec.get("max_tokens", 16))
     if kind == "t5":
-        return load_text_encoder(spec.get("source", "google-t5/t5-11b"), spec.get("subfolder"), spec.get("max_length", 512),
+        return load_text_encoder(spec.get("source", "google-t5/t5-11b"), spec.get("subfolder"),
+                                 spec.get("max_length", 512),
                                  device, dtype)
     raise ValueError(f"unknown text encoder kind {kind!r} in {spec}; choose 't5' or 'hashed_words'")
 
@@ -2328,7 +2382,8 @@ class JointConfig:
 class JointVideoActionModel(nn.Module):
     """One DiT for video and actions: [video tokens | proprio token | action tokens], each token with its own time."""
 
-    def __init__(self, video: VideoDiT, jcfg: JointConfig, cfg: VideoActionConfig, obs_normalizer=None, action_normalizer=None):
+    def __init__(self, video: VideoDiT, jcfg: JointConfig, cfg: VideoActionConfig, obs_normalizer=None,
+                 action_normalizer=None):
         super().__init__()
         D = video.cfg.model_channels
         self.video, self.joint, self.cfg = video, jcfg, cfg
@@ -2338,7 +2393,8 @@ class JointVideoActionModel(nn.Module):
         self.action_pos = nn.Parameter(torch.zeros(1, 1 + jcfg.chunk, D))  # learned positions; the tokens get no RoPE
         self.action_head = FinalLayer(D, D, video.cfg.adaln_lora_dim, jcfg.action_dim)
         nn.init.trunc_normal_(self.action_pos, std=D ** -0.5, a=-3 * D ** -0.5, b=3 * D ** -0.5)
-        for m in (*self.state_embedder.layers, *self.action_embedder.layers, self.action_head.linear, self.action_head.adaln_modulation[1]):
+        for m in (*self.state_embedder.layers, *self.action_embedder.layers, self.action_head.linear,
+                  self.action_head.adaln_modulation[1]):
             if isinstance(m, nn.Linear):
                 _init_linear(m)
         nn.init.zeros_(self.action_head.adaln_modulation[2].weight)  # a new head starts modulated by adaln_lora alone
@@ -2359,9 +2415,12 @@ class JointVideoActionModel(nn.Module):
         B, Tp, Hp, Wp, D = x.shape
         S, HA = Hp * Wp, x_a.shape[1]
         tau_a = tau_a.reshape(B, 1).float()
-        a_in = x_a / torch.sqrt((1 - tau_a) ** 2 + tau_a ** 2)[..., None]  # unit variance along the path, as the decoder
-        a = torch.cat([self.state_embedder(proprio.to(x.dtype)), self.action_embedder(a_in.to(x.dtype))], 1) + self.action_pos[:, : 1 + HA]
-        tau_tok = torch.cat([torch.full((B, 1), TAU_PROPRIO, device=x.device), tau_a.expand(B, HA)], dim=1)  # (B, 1 + HA)
+        # unit variance along the path, as the decoder
+        a_in = x_a / torch.sqrt((1 - tau_a) ** 2 + tau_a ** 2)[..., None]
+        a = torch.cat([self.state_embedder(proprio.to(x.dtype)), self.action_embedder(a_in.to(x.dtype))],
+                      1) + self.action_pos[:, : 1 + HA]
+        # (B, 1 + HA)
+        tau_tok = torch.cat([torch.full((B, 1), TAU_PROPRIO, device=x.device), tau_a.expand(B, HA)], dim=1)
         emb_a, adaln_a = video.time_embedding(tau_tok)  # (B, 1 + HA, D), (B, 1 + HA, 3D)
         # every token its own "frame" (S = 1), so each carries its own time: video tokens their frame's, actions theirs
         tokens = torch.cat([x.reshape(B, Tp * S, D), a], dim=1)[:, :, None]  # (B, L, 1, D)
@@ -2377,7 +2436,8 @@ class JointVideoActionModel(nn.Module):
         return video.unpatchify(v_video), v_action
 
     def forward(self, loss, **batch):
-        """`model("action", ...)`: the joint training loss (video + actions); the video model alone is not trained here."""
+        """`model("action", ...)`: the joint training loss (video + actions); the video model alone is not trained
+        here."""
         if loss != "action":
             raise ValueError(f"the joint model trains with its joint loss ('action'), got {loss!r}")
         return self.joint_loss(**batch)
@@ -2392,7 +2452,8 @@ class JointVideoActionModel(nn.Module):
         x0, eps = latents.float(), noise["eps_video"]
         net_in, tau_BT, condition_mask = video2world_inputs(interpolate(x0, eps, tau_v), tau_v, latents, cond)
         a0, eps_a = actions.float(), noise["eps_action"]
-        v_video, v_action = self.velocities(net_in, tau_BT, text, condition_mask, proprio, interpolate(a0, eps_a, tau_a), tau_a)
+        v_video, v_action = self.velocities(net_in, tau_BT, text, condition_mask, proprio,
+                                            interpolate(a0, eps_a, tau_a), tau_a)
         video_err = flow_loss(v_video, velocity_target(x0, eps), (~cond)[:, None, :, None, None])  # future frames only
         per_sample = video_err + self.joint.action_loss_scale * flow_loss(v_action, velocity_target(a0, eps_a))
         return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_a": tau_a, "tau_v": tau_v}
@@ -2454,7 +2515,8 @@ RELEASED_POLICIES = {  # task -> (decoder preset, backbone, decoder iteration)
     "libero_goal_one": ("libero", "goal", "000019998"),
     "libero_object_full": ("libero", "object", "000050274"), "libero_object_half": ("libero", "object", "000030090"),
     "libero_object_tenth": ("libero", "object", "000039984"), "libero_object_one": ("libero", "object", "000029997"),
-    "libero_spatial_full": ("libero", "spatial", "000051212"), "libero_spatial_tenth": ("libero", "spatial", "000030012"),
+    "libero_spatial_full": ("libero", "spatial", "000051212"),
+    "libero_spatial_tenth": ("libero", "spatial", "000030012"),
     "libero_spatial_one": ("libero", "spatial", "000019998"),
     "bridge": ("bridge", "bridge", "000014112"),  # on the Bridge-finetuned backbone
     "bridge_ptcosmos": ("bridge", "cosmos", "000014112"),  # on the stock Cosmos backbone
@@ -2481,13 +2543,15 @@ def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_
     files = released_files(task)
     preset = RELEASED_POLICIES[task][0]
     video = load_video_dit(source, files["video"], video_config, revision, cache_dir, device, dtype)
-    decoder = load_action_decoder(source, files["decoder"], decoder_config or preset, revision, cache_dir, device, dtype)
+    decoder = load_action_decoder(source, files["decoder"], decoder_config or preset, revision, cache_dir, device,
+                                  dtype)
     stats = json.loads(resolve_file(source, files["statistics"], revision, cache_dir).read_text())
     groups = NORMALIZATION_GROUPS[preset]
     norm_dtype = dtype or torch.float32  # the official eval normalizes in the model's dtype (bf16)
     model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
                              make_config(VideoActionConfig, config, VIDEO_ACTION_PRESETS),
-                             Normalizer(stats, groups["obs"], norm_dtype), Normalizer(stats, groups["action"], norm_dtype))
+                             Normalizer(stats, groups["obs"], norm_dtype),
+                             Normalizer(stats, groups["action"], norm_dtype))
     return model.eval()
 
 
@@ -2502,17 +2566,21 @@ def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_
 class PolicyConfig:
     """Everything between a robot's observations and the model; the defaults are the released LIBERO policies."""
 
-    camera: str = "image"  # reads observation.images.<camera> (LeRobot LIBERO: "image" is the agentview, flipped 180 deg)
+    # reads observation.images.<camera> (LeRobot LIBERO: "image" is the agentview, flipped 180 deg)
+    camera: str = "image"
     image_size: tuple = (480, 640)  # (H, W) every frame is resized to before encoding (official LIBERO data: 480 x 640)
     context_frames: int = 5  # camera frames per query (the Wan VAE takes 1 + 4k: 5 frames -> 2 latents)
-    frame_stride: int = 4  # control steps between context frames (20 Hz control, 5 Hz frames: last 17 frames, every 4th)
-    history_padding: str = "first"  # episode start: copies of the "first" frame (LIBERO eval) or of the "latest" (Bridge)
+    # control steps between context frames (20 Hz control, 5 Hz frames: last 17 frames, every 4th)
+    frame_stride: int = 4
+    # episode start: copies of the "first" frame (LIBERO eval) or of the "latest" (Bridge)
+    history_padding: str = "first"
     n_action_steps: int = 5  # actions executed from each chunk before the next query (both released benchmarks: 5)
     stop_after_step: int = 23  # partial denoising: video sampler steps before the decoder reads (official HIL eval: 23)
     tau_v: float | None = None  # or stop at this video flow time instead (see `partial_schedule`)
     seed: int = 0  # the noise of every query is drawn from this seed (official: 0, every query)
     numpy_noise: bool = True  # draw the noise as the official code does (numpy RandomState); False: torch
-    text_replacements: tuple = ()  # (old, new) pairs applied to the instruction (released LIBERO: "black bowl" -> "bowl")
+    # (old, new) pairs applied to the instruction (released LIBERO: "black bowl" -> "bowl")
+    text_replacements: tuple = ()
     video_encoder: dict = field(default_factory=lambda: {"kind": "wan", "source": COSMOS_HUB_REPO, "subfolder": "vae"})
     text_encoder: dict = field(default_factory=lambda: {"kind": "t5", "source": MIMIC_VIDEO_HUB_REPO,
                                                         "subfolder": "text_encoder/t5-11b", "max_length": 512})
@@ -2612,7 +2680,8 @@ def save_policy_folder(folder, model, config: PolicyConfig, method="mimic-video"
         if joint:  # the joint model's action embedders, positions and head
             from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous() for k, v in m.head_state_dict().items()}, tmp / "joint_heads.safetensors")
+            save_file({k: v.detach().contiguous() for k, v in m.head_state_dict().items()},
+                      tmp / "joint_heads.safetensors")
         else:
             save_action_decoder(m.decoder, tmp / "action_decoder.safetensors")
 
@@ -2634,7 +2703,8 @@ def push_policy_to_hub(policy, repo_id, private=None, token=None, commit_message
 class Policy(ChunkedPolicy):
     """A mimic-video policy: encoders + VideoActionModel + representation, driven with raw observations."""
 
-    def __init__(self, model: VideoActionModel, config: PolicyConfig, video_encoder, text_encoder, method="mimic-video"):
+    def __init__(self, model: VideoActionModel, config: PolicyConfig, video_encoder, text_encoder,
+                 method="mimic-video"):
         # the config describes the encoders in use, so a saved policy rebuilds exactly these
         self.model, self.method = model.eval(), method  # method: "mimic-video", "vla" (same network) or "joint"
         self.config = replace(config, video_encoder=video_encoder.spec, text_encoder=text_encoder.spec)
@@ -2650,21 +2720,23 @@ class Policy(ChunkedPolicy):
         if m.obs_normalizer is None or m.action_normalizer is None:
             raise ValueError("a Policy needs a model with its obs and action normalizers (the statistics)")
         if (rep.model_state_dim, rep.model_action_dim) != (m.state_dim, m.action_dim):
-            raise ValueError(f"representation {rep.kind} gives {rep.model_state_dim}-D proprio and {rep.model_action_dim}-D "
-                             f"actions; the model takes {m.state_dim} and {m.action_dim}")
+            raise ValueError(f"representation {rep.kind} gives {rep.model_state_dim}-D proprio and "
+                             f"{rep.model_action_dim}-D actions; the model takes {m.state_dim} and {m.action_dim}")
         if self.video_encoder.channels != m.video.cfg.in_channels:
-            raise ValueError(f"the video encoder makes {self.video_encoder.channels}-channel latents; the video DiT takes "
-                             f"{m.video.cfg.in_channels}")
+            raise ValueError(f"the video encoder makes {self.video_encoder.channels}-channel latents; the video DiT "
+                             f"takes {m.video.cfg.in_channels}")
         if self.video_encoder.latent_frames(cfg.context_frames) != m.cfg.context_latents:
-            raise ValueError(f"{cfg.context_frames} context frames give {self.video_encoder.latent_frames(cfg.context_frames)} "
-                             f"latent frames; the model was trained with context_latents={m.cfg.context_latents}")
+            raise ValueError(f"{cfg.context_frames} context frames give "
+                             f"{self.video_encoder.latent_frames(cfg.context_frames)} latent frames; the model was "
+                             f"trained with context_latents={m.cfg.context_latents}")
         if self.text_encoder.width != m.video.cfg.crossattn_emb_channels:
             raise ValueError(f"the text encoder makes {self.text_encoder.width}-d embeddings; the video DiT reads "
                              f"{m.video.cfg.crossattn_emb_channels}")
         if not 1 <= cfg.n_action_steps <= m.num_actions:
             raise ValueError(f"n_action_steps must be in [1, {m.num_actions}] (the chunk), got {cfg.n_action_steps}")
         if cfg.frame_stride < 1 or cfg.context_frames < 1:
-            raise ValueError(f"frame_stride and context_frames must be >= 1, got {cfg.frame_stride}, {cfg.context_frames}")
+            raise ValueError(f"frame_stride and context_frames must be >= 1, got {cfg.frame_stride}, "
+                             f"{cfg.context_frames}")
         if cfg.history_padding not in ("first", "latest"):
             raise ValueError(f"history_padding must be 'first' or 'latest', got {cfg.history_padding!r}")
         partial_schedule(m.cfg.num_video_steps, *self._stop())  # validates the range
@@ -2818,9 +2890,9 @@ def snapshot_policy(repo_id, revision=None, cache_dir=None):
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir))
     except Exception as e:  # offline without a cached copy, no such repo, no access
-        raise FileNotFoundError(f"could not get the policy {repo_id!r} from the Hub ({type(e).__name__}); download it where "
-                                f"the Hub is reachable (`hf download {repo_id}`), unset HF_HUB_OFFLINE if it is set, "
-                                f"or pass the folder") from e
+        raise FileNotFoundError(f"could not get the policy {repo_id!r} from the Hub ({type(e).__name__}); download it "
+                                f"where the Hub is reachable (`hf download {repo_id}`), unset HF_HUB_OFFLINE if it is "
+                                f"set, or pass the folder") from e
 
 
 def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype=None, video_encoder=None,
@@ -2845,7 +2917,8 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
                              f"format {config.get('format')!r}")
         pcfg = make_config(PolicyConfig, config["policy"], **overrides)
         stats = _read_policy_json(path, "stats.json")
-        weights = ["video_backbone.safetensors", "joint_heads.safetensors" if "joint" in config else "action_decoder.safetensors"]
+        weights = ["video_backbone.safetensors",
+                   "joint_heads.safetensors" if "joint" in config else "action_decoder.safetensors"]
         missing = [f for f in weights if not (path / f).is_file()]
         if missing:
             raise FileNotFoundError(f"the policy folder {path} is incomplete: {', '.join(missing)} missing")
@@ -2861,8 +2934,10 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
                                    f"joint model {path}")
             model = model.to(device=device, dtype=dtype).requires_grad_(False)
         else:
-            decoder = load_action_decoder(path / "action_decoder.safetensors", None, config["decoder"], device=device, dtype=dtype)
-            model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False), va_cfg, obs_norm, act_norm)
+            decoder = load_action_decoder(path / "action_decoder.safetensors", None, config["decoder"], device=device,
+                                          dtype=dtype)
+            model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False), va_cfg, obs_norm,
+                                     act_norm)
         method = config.get("method", "mimic-video")
     elif str(task_or_folder) in RELEASED_POLICIES:
         model = load_released_model(str(task_or_folder), source, revision, cache_dir, device, dtype, video_config,
@@ -2870,14 +2945,17 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
         pcfg = make_config(PolicyConfig, RELEASED_POLICIES[str(task_or_folder)][0], POLICY_PRESETS, **overrides)
         method = "mimic-video"
     elif str(task_or_folder) in UNRELEASED_POLICIES:
-        raise FileNotFoundError(f"{task_or_folder!r} was not released in {MIMIC_VIDEO_HUB_REPO} (its decoder is missing "
-                                f"there); the released LIBERO tasks: {', '.join(t for t in RELEASED_POLICIES if 'libero' in t)}")
+        raise FileNotFoundError(f"{task_or_folder!r} was not released in {MIMIC_VIDEO_HUB_REPO} (its decoder is "
+                                f"missing there); the released LIBERO tasks: "
+                                f"{', '.join(t for t in RELEASED_POLICIES if 'libero' in t)}")
     else:
-        raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder, a Hub repo id (owner/name) nor a released "
-                                f"task ({', '.join(sorted(RELEASED_POLICIES))})")
-    video_encoder = video_encoder if video_encoder is not None else build_video_encoder(pcfg.video_encoder, device, dtype)
+        raise FileNotFoundError(f"{task_or_folder!r} is neither a policy folder, a Hub repo id (owner/name) nor a "
+                                f"released task ({', '.join(sorted(RELEASED_POLICIES))})")
+    video_encoder = video_encoder if video_encoder is not None else build_video_encoder(pcfg.video_encoder, device,
+                                                                                        dtype)
     text_encoder = text_encoder if text_encoder is not None else build_text_encoder(pcfg.text_encoder, device, dtype)
-    return Policy(model.eval(), pcfg, video_encoder.to(device) if isinstance(video_encoder, nn.Module) else video_encoder,
+    return Policy(model.eval(), pcfg,
+                  video_encoder.to(device) if isinstance(video_encoder, nn.Module) else video_encoder,
                   text_encoder, method)
 
 
@@ -3016,7 +3094,8 @@ class ToyScriptedPolicy(ChunkedPolicy):
 
     def query(self, observation):
         state = observation["toy.state"]
-        return toy_expert_chunk(state, self.cfg) if self.kind == "expert" else toy_random_chunk(state, self.cfg, self.rng)
+        return toy_expert_chunk(state, self.cfg) if self.kind == "expert" else toy_random_chunk(state, self.cfg,
+                                                                                                self.rng)
 
 
 def toy_rollout(policy, seeds, cfg: ToyWorldConfig, tasks=None):
@@ -3046,7 +3125,10 @@ def make_toy_demos(num_episodes, seed, cfg: ToyWorldConfig, speed_range=None):
     seeds = [seed * 1_000_003 + i for i in range(num_episodes)]
     state = toy_reset(seeds, cfg)
     rng = np.random.RandomState(seed)
-    speed = np.full(num_episodes, cfg.max_speed, np.float32) if speed_range is None else rng.uniform(*speed_range, num_episodes).astype(np.float32)
+    if speed_range is None:
+        speed = np.full(num_episodes, cfg.max_speed, np.float32)
+    else:
+        speed = rng.uniform(*speed_range, num_episodes).astype(np.float32)
     agents, actions = [state["agent"]], []
     for _ in range(cfg.episode_steps):
         a = toy_expert_chunk(state, cfg, speed)[:, 0]
@@ -3084,7 +3166,8 @@ def toy_batch(demos, episodes, steps, cfg: ToyWorldConfig):
 
     context = frames_at(steps[:, None])
     future = frames_at(steps[:, None] + cfg.future_stride * np.arange(1, cfg.future_frames + 1)[None])
-    actions = np.stack([episode_chunks(demos["actions"][e], [t], cfg.chunk, pad="zero")[0] for e, t in zip(episodes, steps)])
+    actions = np.stack([episode_chunks(demos["actions"][e], [t], cfg.chunk, pad="zero")[0]
+                        for e, t in zip(episodes, steps)])
     tasks = [toy_instruction(c, t) for c, t in zip(demos["goal_colour"][episodes], demos["template"][episodes])]
     return {"context": context, "future": future, "task": tasks, "state": torch.from_numpy(agent[np.arange(B), steps]),
             "actions": torch.from_numpy(actions)}
@@ -3219,7 +3302,8 @@ class LeRobotDataset:
         self.camera, self.camera_is_video = camera, features[camera]["dtype"] == "video"
         for key in (state_key, action_key):
             if key not in features or len(features[key].get("shape", ())) != 1:
-                raise DatasetError(f"{info_path}: {key!r} is not a 1-D feature of this dataset (features: {sorted(features)})")
+                raise DatasetError(f"{info_path}: {key!r} is not a 1-D feature of this dataset (features: "
+                                   f"{sorted(features)})")
         self.state_key, self.action_key = state_key, action_key
         self.state_dim, self.action_dim = features[state_key]["shape"][0], features[action_key]["shape"][0]
         self.episodes = self._read_episodes()
@@ -3235,9 +3319,9 @@ class LeRobotDataset:
         try:
             return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
         except Exception as e:
-            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({type(e).__name__}: {e}); download "
-                                    f"it where the Hub is reachable (`hf download {repo_id} --repo-type=dataset`) and "
-                                    f"pass its folder") from e
+            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({type(e).__name__}: {e}); "
+                                    f"download it where the Hub is reachable (`hf download {repo_id} "
+                                    f"--repo-type=dataset`) and pass its folder") from e
 
     def _parquet(self, path):
         pq = require("pyarrow.parquet", "pyarrow")
@@ -3258,11 +3342,13 @@ class LeRobotDataset:
                 for row in self._parquet(f).to_pylist():
                     ep = {"index": row["episode_index"], "length": row["length"], "tasks": row.get("tasks") or [],
                           "meta_file": f,
-                          "data": self.info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"]),
+                          "data": self.info["data_path"].format(chunk_index=row["data/chunk_index"],
+                                                                file_index=row["data/file_index"]),
                           "rows": (row["dataset_from_index"], row["dataset_to_index"])}
                     if self.camera_is_video:
                         key = f"videos/{self.camera}/"
-                        ep["video"] = self.info["video_path"].format(video_key=self.camera, chunk_index=row[key + "chunk_index"],
+                        ep["video"] = self.info["video_path"].format(video_key=self.camera,
+                                                                     chunk_index=row[key + "chunk_index"],
                                                                      file_index=row[key + "file_index"])
                         ep["from_timestamp"] = row[key + "from_timestamp"]
                     out.append(ep)
@@ -3279,7 +3365,8 @@ class LeRobotDataset:
                 ep = {"index": i, "length": row["length"], "tasks": row.get("tasks") or [], "meta_file": path,
                       "data": self.info["data_path"].format(episode_chunk=i // chunks, episode_index=i), "rows": None}
                 if self.camera_is_video:
-                    ep["video"] = self.info["video_path"].format(episode_chunk=i // chunks, video_key=self.camera, episode_index=i)
+                    ep["video"] = self.info["video_path"].format(episode_chunk=i // chunks, video_key=self.camera,
+                                                                 episode_index=i)
                     ep["from_timestamp"] = 0.0
                 out.append(ep)
         out.sort(key=lambda e: e["index"])
@@ -3287,8 +3374,9 @@ class LeRobotDataset:
             raise DatasetError(f"{self.root} has no episodes")
         empty = [e for e in out if e["length"] < 1]
         if empty:
-            raise DatasetError(f"episode {empty[0]['index']} has length {empty[0]['length']} in {empty[0]['meta_file']} "
-                               f"({len(empty)} such episode(s)): every episode needs at least one frame")
+            raise DatasetError(f"episode {empty[0]['index']} has length {empty[0]['length']} in "
+                               f"{empty[0]['meta_file']} ({len(empty)} such episode(s)): every episode needs at "
+                               "least one frame")
         return out
 
     def _read_tasks(self):
@@ -3317,8 +3405,8 @@ class LeRobotDataset:
         pc = require("pyarrow.compute", "pyarrow")
         rows = table.filter(pc.equal(table["episode_index"], ep["index"]))
         if rows.num_rows != ep["length"]:
-            raise DatasetError(f"episode {ep['index']}: {path} holds {rows.num_rows} rows of it, its length is {ep['length']} "
-                               f"({ep['meta_file']})")
+            raise DatasetError(f"episode {ep['index']}: {path} holds {rows.num_rows} rows of it, its length is "
+                               f"{ep['length']} ({ep['meta_file']})")
         order = np.argsort(rows["frame_index"].to_numpy())
         frame_index = rows["frame_index"].to_numpy()[order]
         if not np.array_equal(frame_index, np.arange(ep["length"])):
@@ -3337,7 +3425,8 @@ class LeRobotDataset:
         task_index = rows["task_index"].to_numpy()[order][0] if "task_index" in rows.column_names else None
         task = self.tasks.get(int(task_index)) if task_index is not None else (ep["tasks"][0] if ep["tasks"] else None)
         if task is None:
-            raise DatasetError(f"episode {ep['index']}: task index {task_index} is not in the tasks table of {self.root / 'meta'}")
+            raise DatasetError(f"episode {ep['index']}: task index {task_index} is not in the tasks table of "
+                               f"{self.root / 'meta'}")
         out["task"] = task
         return out
 
@@ -3347,7 +3436,8 @@ class LeRobotDataset:
         ep = self.episodes[n]
         indices = np.asarray(indices, np.int64)
         if indices.min() < 0 or indices.max() >= ep["length"]:
-            raise ValueError(f"episode {ep['index']} has frames 0..{ep['length'] - 1}, asked for {indices.min()}..{indices.max()}")
+            raise ValueError(f"episode {ep['index']} has frames 0..{ep['length'] - 1}, asked for "
+                             f"{indices.min()}..{indices.max()}")
         first, last = int(indices.min()), int(indices.max())
         got = self._decode_video(ep, first, last) if self.camera_is_video else self._decode_images(n, first, last)
         return np.stack([got[int(i)] for i in indices])
@@ -3389,18 +3479,22 @@ class LeRobotDataset:
         rows = table.filter(pc.equal(table["episode_index"], ep["index"]))
         order = np.argsort(rows["frame_index"].to_numpy())
         cells = rows[self.camera].to_pylist()
-        return {k: np.asarray(Image.open(BytesIO(cells[order[k]]["bytes"])).convert("RGB")) for k in range(first, last + 1)}
+        return {k: np.asarray(Image.open(BytesIO(cells[order[k]]["bytes"])).convert("RGB"))
+                for k in range(first, last + 1)}
 
     def window_indices(self, timestamps, t, timing):
-        """Nearest-frame numbers of the context and future frames of the window anchored at t (clipped to the episode)."""
+        """Nearest-frame numbers of the context and future frames of the window anchored at t (clipped to the
+        episode)."""
         def nearest(times):
-            return np.clip(np.rint((np.asarray(times) - timestamps[0]) * self.fps), 0, len(timestamps) - 1).astype(np.int64)
+            return np.clip(np.rint((np.asarray(times) - timestamps[0]) * self.fps), 0,
+                           len(timestamps) - 1).astype(np.int64)
         return nearest(timing.context_times(t)), nearest(timing.future_times(t))
 
     def fingerprint(self):
         """Identity of the dataset's content as the cache sees it: format, fps, episodes and their lengths, tasks."""
         h = hashlib.sha256(json.dumps([self.version, self.fps, self.camera, self.state_key, self.action_key,
-                                       [(e["index"], e["length"]) for e in self.episodes], sorted(self.tasks.items())]).encode())
+                                       [(e["index"], e["length"]) for e in self.episodes],
+                                       sorted(self.tasks.items())]).encode())
         return h.hexdigest()[:16]
 
 
@@ -3425,14 +3519,16 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
         "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
     pix_fmt, options = ("yuv444p", {"qp": "0"}) if codec == "libx264" else ("yuv420p", {"crf": "30"})
     info = {"codebase_version": version, "robot_type": robot_type, "total_episodes": len(episodes),
-            "total_frames": int(sum(len(ep["frames"]) for ep in episodes)), "total_tasks": len(tasks), "chunks_size": 1000,
+            "total_frames": int(sum(len(ep["frames"]) for ep in episodes)), "total_tasks": len(tasks),
+            "chunks_size": 1000,
             "fps": fps, "splits": {"train": f"0:{len(episodes)}"}, "data_path": data_path, "video_path": video_path,
             "features": {
                 camera: {"dtype": "video", "shape": [int(H), int(W), 3], "names": ["height", "width", "channels"],
                          "info": {"video.fps": fps, "video.codec": codec, "video.pix_fmt": pix_fmt}},
                 "observation.state": {"dtype": "float32", "shape": [int(d_s)], "names": None},
                 "action": {"dtype": "float32", "shape": [int(d_a)], "names": None},
-                **{k: {"dtype": t, "shape": [1], "names": None} for k, t in (("timestamp", "float32"), ("frame_index", "int64"),
+                **{k: {"dtype": t, "shape": [1], "names": None}
+                   for k, t in (("timestamp", "float32"), ("frame_index", "int64"),
                    ("episode_index", "int64"), ("index", "int64"), ("task_index", "int64"))}}}
     if v3:
         info.update(data_files_size_in_mb=100, video_files_size_in_mb=200)
@@ -3460,11 +3556,13 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
 
     def table(ep, index, first_row):
         T = len(ep["frames"])
-        return pa.table({"observation.state": pa.array(list(np.asarray(ep["state"], np.float32)), pa.list_(pa.float32(), d_s)),
+        return pa.table({"observation.state": pa.array(list(np.asarray(ep["state"], np.float32)),
+                                                       pa.list_(pa.float32(), d_s)),
                          "action": pa.array(list(np.asarray(ep["action"], np.float32)), pa.list_(pa.float32(), d_a)),
                          "timestamp": pa.array(np.arange(T, dtype=np.float32) / np.float32(fps)),
                          "frame_index": pa.array(np.arange(T)), "episode_index": pa.array(np.full(T, index)),
-                         "index": pa.array(first_row + np.arange(T)), "task_index": pa.array(np.full(T, tasks.index(ep["task"])))})
+                         "index": pa.array(first_row + np.arange(T)),
+                         "task_index": pa.array(np.full(T, tasks.index(ep["task"])))})
 
     def write(tmp):
         (tmp / "meta").mkdir()
@@ -3478,7 +3576,8 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
             if v3:
                 add_frames(container, stream, ep["frames"], first_row)
                 meta_rows.append({"episode_index": i, "tasks": [ep["task"]], "length": T, "data/chunk_index": 0,
-                                  "data/file_index": 0, "dataset_from_index": first_row, "dataset_to_index": first_row + T,
+                                  "data/file_index": 0, "dataset_from_index": first_row,
+                                  "dataset_to_index": first_row + T,
                                   f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": 0,
                                   f"videos/{camera}/from_timestamp": first_row / fps,
                                   f"videos/{camera}/to_timestamp": (first_row + T) / fps,
@@ -3498,8 +3597,10 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.concat_tables(tables), path)
             (tmp / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
-            pq.write_table(pa.Table.from_pylist(meta_rows), tmp / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
-            pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}), tmp / "meta" / "tasks.parquet")
+            pq.write_table(pa.Table.from_pylist(meta_rows),
+                           tmp / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+            pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}),
+                           tmp / "meta" / "tasks.parquet")
         else:
             (tmp / "meta" / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta_rows))
             (tmp / "meta" / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
@@ -3518,7 +3619,8 @@ def parse_config(argv, cfg_cls):
     one-line message; the config's own `validate()` (if any) checks ranges the same way, before any work starts."""
     cfg, types = cfg_cls(), {f.name: type(f.default) for f in fields(cfg_cls)}
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: --field=value ...; fields and defaults:\n" + "\n".join(f"  --{k}={getattr(cfg, k)}" for k in types))
+        print("usage: --field=value ...; fields and defaults:\n" + "\n".join(f"  --{k}={getattr(cfg, k)}"
+                                                                             for k in types))
         raise SystemExit(0)
     for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")

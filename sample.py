@@ -65,8 +65,8 @@ class SampleConfig:
         try:
             settings = self.settings()
         except ValueError:
-            raise ValueError(f"--stop_after_step and --tau_v take comma-separated numbers, got {self.stop_after_step!r} and "
-                             f"{self.tau_v!r}") from None
+            raise ValueError(f"--stop_after_step and --tau_v take comma-separated numbers, got "
+                             f"{self.stop_after_step!r} and {self.tau_v!r}") from None
         for name, value in settings:
             if name == "stop_after_step" and not 0 <= value <= 35:
                 raise ValueError(f"--stop_after_step values must be in [0, 35] (the 35-step schedule), got {value}")
@@ -77,8 +77,8 @@ class SampleConfig:
         if self.env == "libero" and self.suite not in LIBERO_MAX_STEPS:
             raise ValueError(f"--suite must be one of {', '.join(LIBERO_MAX_STEPS)}, got {self.suite!r}")
         if self.episodes < 1 or self.trials < 1 or self.bench_runs < 1:
-            raise ValueError(f"--episodes, --trials and --bench_runs must be at least 1, got {self.episodes}, {self.trials}, "
-                             f"{self.bench_runs}")
+            raise ValueError(f"--episodes, --trials and --bench_runs must be at least 1, got {self.episodes}, "
+                             f"{self.trials}, {self.bench_runs}")
         if self.bench_shapes not in ("auto", "real", "reduced", "tiny"):
             raise ValueError(f"--bench_shapes must be auto, real, reduced or tiny, got {self.bench_shapes!r}")
         if self.env == "libero" and (self.oracle or self.wrong_instruction or self.gif):
@@ -94,9 +94,11 @@ class SampleConfig:
         for folder in filter(None, self.latency.split(",")):
             if not (Path(folder) / "config.json").is_file():
                 raise ValueError(f"--latency: no policy at {folder} (no config.json there)")
-        if not self.benchmark and not self.latency and not (Path(self.policy) / "config.json").is_file() and self.policy not in mv.RELEASED_POLICIES:
+        folder = (Path(self.policy) / "config.json").is_file()
+        if not self.benchmark and not self.latency and not folder and self.policy not in mv.RELEASED_POLICIES:
             raise ValueError(f"no policy at {self.policy} (no config.json there) and not a released task; run `python "
-                             f"train.py` first, or pass --policy=FOLDER or one of {', '.join(sorted(mv.RELEASED_POLICIES))}")
+                             f"train.py` first, or pass --policy=FOLDER or one of "
+                             f"{', '.join(sorted(mv.RELEASED_POLICIES))}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +230,8 @@ def libero_observation(obs, task):
     """A LIBERO simulator observation -> LeRobot keys, as the LeRobot LIBERO datasets store them: the agentview
     flipped 180 degrees (upright) as "image", the wrist camera as "image2", and the 8-D state [eef xyz, eef
     axis-angle, 2 finger joints]."""
-    rotvec = mv.matrix_to_axis_angle(mv.quaternion_to_matrix(torch.as_tensor(np.asarray(obs["robot0_eef_quat"]), dtype=torch.float64)))
+    rotvec = mv.matrix_to_axis_angle(mv.quaternion_to_matrix(torch.as_tensor(np.asarray(obs["robot0_eef_quat"]),
+                                                                             dtype=torch.float64)))
     state = np.concatenate([obs["robot0_eef_pos"], rotvec.numpy(), obs["robot0_gripper_qpos"]]).astype(np.float32)
     out = {"observation.images.image": np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]),
            "observation.state": state, "task": task}
@@ -251,14 +254,16 @@ def libero_tasks(suite):
     for i in range(bench.n_tasks):
         task = bench.get_task(i)
         bddl = str(Path(get_libero_path("bddl_files")) / task.problem_folder / task.bddl_file)
-        make = lambda bddl=bddl: OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=480, camera_widths=640)  # noqa: E731
+        make = lambda bddl=bddl: OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=480,
+                                                    camera_widths=640)  # noqa: E731
         tasks.append((task.language, make, bench.get_task_init_states(i)))
     return tasks
 
 
 def libero_eval(policy, suite, trials=50, tasks=None, log=print):
     """Success rate per task of `policy` on a LIBERO suite. tasks: [(language, make_env, init_states)] (default: the
-    real benchmark); each env follows the robosuite API (seed, reset, set_init_state, step -> obs, reward, done, info)."""
+    real benchmark); each env follows the robosuite API (seed, reset, set_init_state, step -> obs, reward, done,
+    info)."""
     max_steps = LIBERO_MAX_STEPS[suite]
     tasks = libero_tasks(suite) if tasks is None else tasks
     rates = {}
@@ -298,10 +303,13 @@ def bench_setup(device, shapes):
     else:  # the same architecture, narrower and shallower, 16 latent frames of 12 x 16 (tiny: of 4 x 4)
         width, blocks, dec_width, tap, (H, W), text = ((256, 8, 256, 6, (12, 16), (64, 128)) if shapes == "reduced"
                                                        else (64, 2, 64, 1, (4, 4), (8, 32)))
-        video_cfg = mv.replace(mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], model_channels=width, num_blocks=blocks, num_heads=4,
+        video_cfg = mv.replace(mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], model_channels=width, num_blocks=blocks,
+                               num_heads=4,
                                adaln_lora_dim=64, crossattn_emb_channels=text[1])
-        dec_cfg = mv.replace(mv.ACTION_DECODER_PRESETS["libero"], model_channels=dec_width, num_blocks=4 if shapes == "reduced" else 2,
-                             num_heads=4, crossattn_emb_channels=width, adaln_lora_dim=64, pair_timestep_feature_rank=dec_width)
+        dec_cfg = mv.replace(mv.ACTION_DECODER_PRESETS["libero"], model_channels=dec_width,
+                             num_blocks=4 if shapes == "reduced" else 2,
+                             num_heads=4, crossattn_emb_channels=width, adaln_lora_dim=64,
+                             pair_timestep_feature_rank=dec_width)
         va_cfg, latent = mv.replace(mv.VIDEO_ACTION_PRESETS["mimic-video"], tap_block=tap), (16, 16, H, W)
     reduced = shapes != "real"
     dtype = torch.float32 if reduced else torch.bfloat16
@@ -331,7 +339,9 @@ def query_flops(model, latent, text, k):
     truncated = model.cfg.tap_block * video_block(L)
     Td, Dd = d.max_horizon, d.model_channels
     kv = d.num_blocks * 2 * 2 * L * D * Dd  # keys and values of the L video tokens, every block
-    step = d.num_blocks * 2 * (4 * Td * Dd * Dd + 2 * Td * Td * Dd + 2 * Td * Dd * Dd + 2 * Td * L * Dd + 8 * Td * Dd * Dd)
+    # per block: self-attention (q, k, v, o and the scores), cross-attention (q, o and the scores) and the MLP
+    step = d.num_blocks * 2 * (4 * Td * Dd * Dd + 2 * Td * Td * Dd + 2 * Td * Dd * Dd + 2 * Td * L * Dd
+                               + 8 * Td * Dd * Dd)
     return {"video steps": k * full, "truncated forward": truncated, "decoder keys/values": kv,
             "decoder steps": model.cfg.num_action_steps * step}
 
@@ -387,19 +397,22 @@ def benchmark(cfg, device):
         compile_model(model)
     dtype = next(model.parameters()).dtype
     flops_per_s = matmul_throughput(device, dtype)
-    print(f"benchmark on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'}), "
-          f"{dtype}{', torch.compile' if cfg.compile else ''}; "
-          + (f"{shapes.upper()} shapes (not the real 2B model: --bench_shapes=real for those)" if reduced else "the real LIBERO shapes")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"benchmark on {device} "
+          f"({name}), {dtype}{', torch.compile' if cfg.compile else ''}; "
+          + (f"{shapes.upper()} shapes (not the real 2B model: --bench_shapes=real for those)" if reduced
+             else "the real LIBERO shapes")
           + f"; matmul throughput {flops_per_s / 1e12:.2f} TFLOP/s; median of {cfg.bench_runs} runs")
     v = model.video.cfg
     print(f"  video DiT {sum(p.numel() for p in model.video.parameters()) / 1e6:.1f}M ({v.num_blocks} blocks, width "
-          f"{v.model_channels}, tap block {model.cfg.tap_block}), decoder {sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M, "
-          f"latent {latent}, text {text}")
+          f"{v.model_channels}, tap block {model.cfg.tap_block}), decoder "
+          f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M, latent {latent}, text {text}")
     latents, cond = model.window(x["context"], None)
     eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(device)
     rows = []
     with torch.no_grad():
-        hidden, sigma = mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0, hidden_block=model.cfg.tap_block)
+        hidden, sigma = mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0,
+                                         hidden_block=model.cfg.tap_block)
         ctx = hidden.flatten(1, 3)
         noise = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
         kv_ms = median_ms(lambda: model.decoder.context_kv(ctx), device, cfg.bench_runs)
@@ -412,11 +425,13 @@ def benchmark(cfg, device):
             runs = cfg.bench_runs if k <= 5 or not reduced else max(2, cfg.bench_runs // 3)
 
             def row(k=k, runs=runs):
-                total = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k),
+                total = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"],
+                                                               stop_after_step=k),
                                   device, runs)
                 flops = query_flops(model, latent, text, k)
                 return {"k": k, "ms": total, "video steps": total - truncated_ms - sample_ms if k else 0.0,
-                        "truncated forward": truncated_ms, "decoder keys/values": kv_ms, "decoder steps": sample_ms - kv_ms,
+                        "truncated forward": truncated_ms, "decoder keys/values": kv_ms,
+                        "decoder steps": sample_ms - kv_ms,
                         "peak GiB": peak_memory(device), "TFLOP": sum(flops.values()) / 1e12,
                         "floor ms": 1000 * sum(flops.values()) / flops_per_s}
             rows.append(run_phase(f"query k = {k}", row, device) or {"k": k, "failed": True})
@@ -426,16 +441,19 @@ def benchmark(cfg, device):
         if r.get("failed"):
             print(f"{r['k']:>3} FAILED (above)")
             continue
-        print(f"{r['k']:>3} {r['ms']:>9.1f} {r['video steps']:>11.1f} {r['truncated forward']:>9.1f} {r['decoder keys/values']:>8.1f} "
-              f"{r['decoder steps']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} {r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
+        print(f"{r['k']:>3} {r['ms']:>9.1f} {r['video steps']:>11.1f} {r['truncated forward']:>9.1f} "
+              f"{r['decoder keys/values']:>8.1f} {r['decoder steps']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} "
+              f"{r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
     if not (rows[1].get("failed") or rows[2].get("failed")):
         print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)"
-              + ("" if not reduced else "; the context encode (Wan VAE, 5 frames) is timed below when diffusers is installed"))
+              + ("" if not reduced else "; the context encode (Wan VAE, 5 frames) is timed below when "
+                                        "diffusers is installed"))
     run_phase("noise", lambda: bench_noise(model, x, device, cfg.bench_runs), device)
     if reduced:  # before the training steps, which inject LoRA into the video model
         run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
                                                                           cfg.bench_runs), device)
-        run_phase("decoder cache", lambda: bench_decoder_cache(model, x, ctx, sigma, noise, device, cfg.bench_runs), device)
+        run_phase("decoder cache", lambda: bench_decoder_cache(model, x, ctx, sigma, noise, device, cfg.bench_runs),
+                  device)
     bench_training(model, x, latent, device, cfg)
     run_phase("context encode", lambda: bench_vae(device, shapes, cfg.bench_runs), device)
     if shapes != "tiny":  # a smoke run skips it (it builds real-width blocks)
@@ -448,7 +466,8 @@ def run_phase(name, fn, device):
     try:
         return fn()
     except Exception as e:  # torch.OutOfMemoryError is one
-        print(f"  {name}: FAILED ({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})")
+        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        print(f"  {name}: FAILED ({type(e).__name__}: {first_line})")
         gc.collect()  # the failed phase's tensors, before the next phase allocates
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -474,7 +493,8 @@ def bench_noise(model, x, device, runs):
 
 def bench_training(model, x, latent, device, cfg):
     """One training step of each stage at the benchmark's shapes (batch 1), with peak memory: stage 1 (LoRA rank 256,
-    alpha 32, adaLN trained) with and without activation checkpointing, and stage 2 (the decoder on the frozen video)."""
+    alpha 32, adaLN trained) with and without activation checkpointing, and stage 2 (the decoder on the frozen
+    video)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     C, T, H, W = latent
     Tc = model.cfg.context_latents
@@ -524,7 +544,8 @@ def bench_training(model, x, latent, device, cfg):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ms = median_ms(step, device, max(2, cfg.bench_runs // 3), warmup=1)
-        print(f"  training step, batch 1, stage 2 (decoder, frozen video): {ms:.0f} ms, peak {peak_memory(device):.2f} GiB")
+        print(f"  training step, batch 1, stage 2 (decoder, frozen video): {ms:.0f} ms, peak "
+              f"{peak_memory(device):.2f} GiB")
 
     run_phase("training step, batch 1, stage 2 (decoder, frozen video)", stage2, device)
 
@@ -542,7 +563,8 @@ def stage1_memory(device=torch.device("cpu")):
     fixed_gb = (2 * n_frozen + 16 * n_train) / 2**30
 
     torch.manual_seed(0)
-    models = {n: mv.fp32_trainable(mv.inject_lora(mv.VideoDiT(mv.replace(cfg, num_blocks=n)), lora)).to(device) for n in (1, 2)}
+    models = {n: mv.fp32_trainable(mv.inject_lora(mv.VideoDiT(mv.replace(cfg, num_blocks=n)), lora)).to(device)
+              for n in (1, 2)}
 
     def saved_bytes(blocks, tokens_hw, checkpointing):
         video = models[blocks]
@@ -555,8 +577,10 @@ def stage1_memory(device=torch.device("cpu")):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type, dtype=torch.bfloat16):
-            video(x, torch.full((1, 1), 0.5, device=device), torch.randn(1, 512, cfg.crossattn_emb_channels, device=device),
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type,
+                                                                                         dtype=torch.bfloat16):
+            video(x, torch.full((1, 1), 0.5, device=device),
+                  torch.randn(1, 512, cfg.crossattn_emb_channels, device=device),
                   torch.zeros(1, 1, 1, 2 * H, 2 * W, device=device))
         return sum(storages.values())
 
@@ -567,9 +591,9 @@ def stage1_memory(device=torch.device("cpu")):
         per_token[ckpt] = ((d - c) - (b - a)) / 64  # one block's bytes per token
         per_block[ckpt] = (c - a) - per_token[ckpt] * 64  # one block's bytes per sample, whatever the tokens (the text)
     tokens, blocks = 16 * 30 * 40, cfg.num_blocks
-    print(f"  stage 1 memory at the real shapes (estimate; {n_frozen / 1e9:.2f}B frozen params in bf16, {n_train / 1e6:.0f}M "
-          f"trained in fp32 with AdamW: {fixed_gb:.1f} GiB; activations saved per token per block: "
-          f"{per_token[False] / 1024:.0f} KiB, with activation checkpointing {per_token[True] / 1024:.1f} KiB)")
+    print(f"  stage 1 memory at the real shapes (estimate; {n_frozen / 1e9:.2f}B frozen params in bf16, "
+          f"{n_train / 1e6:.0f}M trained in fp32 with AdamW: {fixed_gb:.1f} GiB; activations saved per token per "
+          f"block: {per_token[False] / 1024:.0f} KiB, with activation checkpointing {per_token[True] / 1024:.1f} KiB)")
     print(f"  {'batch per GPU':>14} {'checkpointing':>14} {'GiB':>6}  fits in")
     for batch in (1, 4):
         for ckpt in (False, True):
@@ -577,8 +601,10 @@ def stage1_memory(device=torch.device("cpu")):
             if ckpt:  # the backward pass recomputes one block at a time and keeps its activations meanwhile
                 act += batch * (per_token[False] * tokens + per_block[False])
             gib = fixed_gb + act / 2**30
-            fits = [f"{g} GB" for g in (24, 40, 80) if gib * 1.1 + 1 <= g * 1e9 / 2**30]  # 10% allocator slack + context
-            print(f"  {batch:>14} {'on' if ckpt else 'off':>14} {gib:>6.1f}  {', '.join(fits) or 'none of 24/40/80 GB'}")
+            # 10% allocator slack + context
+            fits = [f"{g} GB" for g in (24, 40, 80) if gib * 1.1 + 1 <= g * 1e9 / 2**30]
+            fits = ", ".join(fits) or "none of 24/40/80 GB"
+            print(f"  {batch:>14} {'on' if ckpt else 'off':>14} {gib:>6.1f}  {fits}")
 
 
 def bench_against_diffusers(video, latents, text, cond, device, runs):
@@ -591,15 +617,19 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     import diffusers.models.transformers.transformer_cosmos as cosmos_module
     if not hasattr(cosmos_module, "transforms"):  # torchvision is missing; it only resizes the padding mask, which is
         # already at latent resolution: nearest-neighbour interpolation to the same size is the identity
-        resize = lambda m, size, interpolation=None: torch.nn.functional.interpolate(m, size=size, mode="nearest")  # noqa: E731
+        resize = lambda m, size, interpolation=None: torch.nn.functional.interpolate(m, size=size,
+                                                                                     mode="nearest")  # noqa: E731
         cosmos_module.transforms = SimpleNamespace(functional=SimpleNamespace(resize=resize),
                                                    InterpolationMode=SimpleNamespace(NEAREST="nearest"))
     v = video.cfg
-    ref = CosmosTransformer3DModel(in_channels=v.in_channels + 1, out_channels=v.out_channels, num_attention_heads=v.num_heads,
-                                   attention_head_dim=v.model_channels // v.num_heads, num_layers=v.num_blocks,
-                                   mlp_ratio=v.mlp_ratio, text_embed_dim=v.crossattn_emb_channels, adaln_lora_dim=v.adaln_lora_dim,
-                                   max_size=(v.max_frames, v.max_img_h, v.max_img_w), patch_size=(v.patch_temporal, v.patch_spatial, v.patch_spatial),
-                                   rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio, v.rope_w_extrapolation_ratio),
+    ref = CosmosTransformer3DModel(in_channels=v.in_channels + 1, out_channels=v.out_channels,
+                                   num_attention_heads=v.num_heads, attention_head_dim=v.model_channels // v.num_heads,
+                                   num_layers=v.num_blocks, mlp_ratio=v.mlp_ratio,
+                                   text_embed_dim=v.crossattn_emb_channels,
+                                   adaln_lora_dim=v.adaln_lora_dim, max_size=(v.max_frames, v.max_img_h, v.max_img_w),
+                                   patch_size=(v.patch_temporal, v.patch_spatial, v.patch_spatial),
+                                   rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio,
+                                               v.rope_w_extrapolation_ratio),
                                    concat_padding_mask=True, extra_pos_embed_type=None).to(device).eval()
     sd = {mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k}
     ref.load_state_dict(sd, strict=True)
@@ -611,11 +641,12 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     pad = torch.zeros(latents.shape[0], 1, latents.shape[3], latents.shape[4], device=device)
     with torch.no_grad():
         ours = lambda: video(net_in, tau_BT, text, mask)  # noqa: E731
-        theirs = lambda: ref(net_in, tau_BT[:, None, :, None, None], text, condition_mask=mask, padding_mask=pad, return_dict=False)[0]  # noqa: E731
+        theirs = lambda: ref(net_in, tau_BT[:, None, :, None, None], text, condition_mask=mask, padding_mask=pad,
+                             return_dict=False)[0]  # noqa: E731
         diff = (ours() - theirs()).abs().max().item()
         a, b = median_ms(ours, device, runs), median_ms(theirs, device, runs)
-    print(f"  our VideoDiT forward {a:.1f} ms vs diffusers CosmosTransformer3DModel {b:.1f} ms, same weights and inputs: "
-          f"ratio {a / b:.2f} ({'not slower' if a <= b else 'SLOWER'}); outputs agree to {diff:.1e}")
+    print(f"  our VideoDiT forward {a:.1f} ms vs diffusers CosmosTransformer3DModel {b:.1f} ms, same weights and "
+          f"inputs: ratio {a / b:.2f} ({'not slower' if a <= b else 'SLOWER'}); outputs agree to {diff:.1e}")
 
 
 def bench_decoder_cache(model, x, ctx, sigma, noise, device, runs):
@@ -623,8 +654,10 @@ def bench_decoder_cache(model, x, ctx, sigma, noise, device, runs):
     d = model.decoder
     with torch.no_grad():
         cached = median_ms(lambda: d.sample(x["proprio"], ctx, sigma, noise), device, runs)
-        recomputed = median_ms(lambda: mv.euler_integrate(lambda a, t: d.denoise(a, t, x["proprio"], ctx, sigma), noise), device, runs)
-    print(f"  decoder, 10 steps: context keys/values once {cached:.1f} ms vs every step {recomputed:.1f} ms ({recomputed / cached:.1f}x)")
+        recomputed = median_ms(lambda: mv.euler_integrate(lambda a, t: d.denoise(a, t, x["proprio"], ctx, sigma),
+                                                          noise), device, runs)
+    print(f"  decoder, 10 steps: context keys/values once {cached:.1f} ms vs every step {recomputed:.1f} ms "
+          f"({recomputed / cached:.1f}x)")
 
 
 def bench_vae(device, shapes, runs):
@@ -656,7 +689,8 @@ def latency_side_by_side(cfg, device, rounds=30):
 
 def main(argv):
     cfg = mv.parse_config(argv, SampleConfig)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.benchmark:
         return benchmark(cfg, device)
     if cfg.latency:
@@ -665,7 +699,8 @@ def main(argv):
     policy = mv.load_policy(cfg.policy, device=device, dtype=dtype)
     if cfg.env == "libero":
         for name, value in cfg.settings():
-            policy.config.stop_after_step, policy.config.tau_v = (value, None) if name == "stop_after_step" else (0, value)
+            k_and_tau = (value, None) if name == "stop_after_step" else (0, value)
+            policy.config.stop_after_step, policy.config.tau_v = k_and_tau
             print(f"{cfg.suite}, {name}={value}:")
             libero_eval(policy, cfg.suite, cfg.trials)
         return

@@ -63,7 +63,8 @@ class TrainConfig:
     camera: str = ""  # the camera to read (e.g. "image" for observation.images.image; needed when there are several)
     state_key: str = "observation.state"
     action_key: str = "action"
-    timing: str = "small"  # window timing: "small" (toy-like: 1 frame, 4 future frames, 8 actions), "libero" (official), "bridge"
+    # window timing: "small" (toy-like: 1 frame, 4 future frames, 8 actions), "libero" (official), "bridge"
+    timing: str = "small"
     image_size: str = "32x32"  # HxW every frame is resized to (the official LIBERO data: 480x640)
     video_encoder: str = "pixels"  # "pixels" (space-to-depth stand-in, CPU) or "wan" (the Wan2.1 VAE, --vae_source)
     pixel_patch: int = 4  # pixels: space-to-depth factor (32x32 frames -> 8x8 latents of 50 channels)
@@ -78,7 +79,8 @@ class TrainConfig:
     anchor_stride: int = 1  # a training window at every this-many frames of each episode
     cache_dtype: str = "float32"  # latents in the cache: float32, or float16 / bfloat16 for big datasets
     video_init: str = ""  # a pretrained backbone to start stage 1 from (file, folder or Hub repo id); empty: pretrain
-    video_init_file: str = ""  # with a Hub repo id: the file in it (e.g. model-480p-10fps.pt, what mimic-video started from)
+    # with a Hub repo id: the file in it (e.g. model-480p-10fps.pt, what mimic-video started from)
+    video_init_file: str = ""
     n_action_steps: int = 0  # actions executed per query by the trained policy (0: half the chunk; official 5 of 60)
     # models: presets of mimic_video.py
     video_preset: str = "toy"
@@ -88,7 +90,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     # optimisation
     batch_size: int = 64  # global batch (split across DDP ranks)
-    grad_accum: int = 1  # micro-batches per step on each rank (the same update in less memory: batch_size / (ranks x this))
+    # micro-batches per step on each rank (the same update in less memory: batch_size / (ranks x this))
+    grad_accum: int = 1
     pretrain_steps: int = 4000
     pretrain_lr: float = 1e-3  # cosine decay to 0.1 x (stands in for Cosmos' own pretraining)
     pretrain_data: str = "expert"  # "expert": the expert in other episodes; "play": the expert at random speeds
@@ -99,7 +102,8 @@ class TrainConfig:
     stage2_warmup: int = 100  # linear warmup, then linear decay to 0.2 x peak (official LambdaLinearScheduler)
     weight_decay: float = 0.1
     grad_clip: float = 10.0
-    activation_checkpointing: bool = False  # every stage that trains the video DiT: recompute its blocks in the backward
+    # every stage that trains the video DiT: recompute its blocks in the backward
+    activation_checkpointing: bool = False
     # logging, evaluation, checkpoints
     log_every: int = 100
     ckpt_every: int = 500  # checkpoint (and, in stage 2, a quick closed-loop eval) every this many steps
@@ -112,7 +116,8 @@ class TrainConfig:
     experiment_demos: str = "25,50,100,250,500,2000"
     experiment_seeds: int = 2
     experiment_workers: int = 2  # training processes at once, one thread each
-    experiment_steps: int = 2000  # stage-2 steps of each efficiency run (vla and joint: stage1_steps + this, all on the demos)
+    # stage-2 steps of each efficiency run (vla and joint: stage1_steps + this, all on the demos)
+    experiment_steps: int = 2000
     experiment_convergence: int = 250  # convergence: mimic-video and vla at this many demonstrations (seed 0) ...
     experiment_convergence_steps: int = 6000  # ... for this many stage-2 steps, evaluated every experiment_eval_every
     experiment_eval_every: int = 500
@@ -122,11 +127,14 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.data and self.stage in ("eval", "export", "experiment"):
-            raise ValueError(f"--stage={self.stage} is for the toy world; with --data there is no simulator to evaluate in "
-                             f"(load the policy folder with mv.load_policy and run it on your robot or simulator)")
+            raise ValueError(f"--stage={self.stage} is for the toy world; with --data there is no simulator to "
+                             f"evaluate in (load the policy folder with mv.load_policy and run it on your robot "
+                             "or simulator)")
         if self.data and self.video_preset == "toy" and self.video_encoder == "wan":
-            raise ValueError("--video_encoder=wan makes 16-channel latents for the real video DiT: use --video_preset=cosmos-predict2-2b")
-        choices = {"timing": ("small", "libero", "bridge"), "video_encoder": ("pixels", "wan"), "text_encoder": ("hashed", "t5"),
+            raise ValueError("--video_encoder=wan makes 16-channel latents for the real video DiT: use "
+                             "--video_preset=cosmos-predict2-2b")
+        choices = {"timing": ("small", "libero", "bridge"), "video_encoder": ("pixels", "wan"),
+                   "text_encoder": ("hashed", "t5"),
                    "representation": ("identity", "libero"), "cache_dtype": ("float32", "float16", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -134,9 +142,10 @@ class TrainConfig:
         self.image_hw()
         if self.pixel_std <= 0:
             raise ValueError(f"--pixel_std must be positive, got {self.pixel_std}")
-        if not 0 <= self.val_fraction < 1 or min(self.anchor_stride, self.pixel_patch, self.text_tokens) < 1 or self.n_action_steps < 0:
-            raise ValueError("--val_fraction must be in [0, 1), --anchor_stride, --pixel_patch and --text_tokens at least 1, "
-                             "--n_action_steps at least 0")
+        small = min(self.anchor_stride, self.pixel_patch, self.text_tokens)
+        if not 0 <= self.val_fraction < 1 or small < 1 or self.n_action_steps < 0:
+            raise ValueError("--val_fraction must be in [0, 1), --anchor_stride, --pixel_patch and --text_tokens at "
+                             "least 1, --n_action_steps at least 0")
         if self.data and not (Path(self.data).is_dir() or self.data.count("/") == 1):
             raise ValueError(f"--data={self.data}: no such folder (and not a Hub dataset id owner/name)")
         if self.pretrain_videos and not Path(self.pretrain_videos).is_dir():
@@ -146,7 +155,8 @@ class TrainConfig:
         if self.method not in ("mimic-video", "vla", "joint"):
             raise ValueError(f"--method must be mimic-video, vla or joint, got {self.method!r}")
         if self.method == "joint" and self.data:
-            raise ValueError("--method=joint is a toy-world comparison (without --data); --method=vla works on a dataset")
+            raise ValueError("--method=joint is a toy-world comparison (without --data); --method=vla "
+                             "works on a dataset")
         if not self.out_dir.strip():
             raise ValueError("--out_dir must not be empty")
         check_device(self.device)
@@ -154,7 +164,8 @@ class TrainConfig:
                               ("model_preset", mv.VIDEO_ACTION_PRESETS)):
             if getattr(self, name) not in presets:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not a preset; choose from {sorted(presets)}")
-        for name in ("num_demos", "num_pretrain", "eval_episodes", "lora_rank", "batch_size", "grad_accum", "pretrain_steps",
+        for name in ("num_demos", "num_pretrain", "eval_episodes", "lora_rank", "batch_size", "grad_accum",
+                     "pretrain_steps",
                      "stage1_steps", "stage2_steps", "log_every", "ckpt_every", "quick_eval_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -169,9 +180,11 @@ class TrainConfig:
             ok = all(int(n) >= 1 for n in self.experiment_demos.split(","))
         except ValueError:
             ok = False
-        if not ok or min(self.experiment_seeds, self.experiment_workers, self.experiment_eval_every, self.experiment_convergence,
+        if not ok or min(self.experiment_seeds, self.experiment_workers, self.experiment_eval_every,
+                         self.experiment_convergence,
                          self.experiment_steps, self.experiment_convergence_steps) < 1:
-            raise ValueError("--experiment_demos must be comma-separated counts >= 1; the other --experiment_* values at least 1")
+            raise ValueError("--experiment_demos must be comma-separated counts >= 1; the other --experiment_* "
+                             "values at least 1")
         if self.resume and self.overwrite:
             raise ValueError("--resume=true and --overwrite=true contradict each other: choose one")
         unknown = set(self.changeable()) - {f for f in TrainConfig.__dataclass_fields__} - {"all"}
@@ -292,8 +305,9 @@ class RunLock:
                     owner = {}
                 if owner and self._alive(owner):
                     sys.exit(f"error: {self.path.parent} is in use by another run (pid {owner.get('pid')} on "
-                             f"{owner.get('host')}, since {owner.get('since')}: {owner.get('command', '?')}); wait for it "
-                             f"to finish or choose another --out_dir (if that run is surely gone, delete {self.path})")
+                             f"{owner.get('host')}, since {owner.get('since')}: {owner.get('command', '?')}); wait for "
+                             f"it to finish or choose another --out_dir (if that run is surely gone, delete "
+                             f"{self.path})")
                 log_fn(f"taking over a stale lock of pid {owner.get('pid')} (no such process any more): {self.path}")
                 self.path.unlink(missing_ok=True)
                 continue
@@ -313,7 +327,8 @@ CHECKPOINT = "checkpoint"  # <out_dir>/<stage>/checkpoint/: model.safetensors, o
 
 # The fields each stage's result depends on: changing one makes a continuation from its checkpoint inexact.
 DATA_FIELDS = ("data", "pretrain_videos", "camera", "state_key", "action_key", "timing", "image_size", "video_encoder",
-               "pixel_patch", "pixel_mean", "pixel_std", "text_encoder", "text_tokens", "representation", "val_fraction", "anchor_stride", "cache_dtype")
+               "pixel_patch", "pixel_mean", "pixel_std", "text_encoder", "text_tokens", "representation",
+               "val_fraction", "anchor_stride", "cache_dtype")
 EXACT_FIELDS = {
     "pretrain": ("seed", "batch_size", "weight_decay", "grad_clip", "video_preset", "model_preset", "num_pretrain",
                  "pretrain_data", "pretrain_steps", "pretrain_lr"),
@@ -356,7 +371,8 @@ def save_checkpoint(directory, model, opt, step, meta):
     try:
         mv.atomic_write_dir(directory / CHECKPOINT, write)
     except OSError as e:
-        raise CheckpointWriteError(f"could not write the step {step} checkpoint to {directory / CHECKPOINT}: {e}") from e
+        raise CheckpointWriteError(f"could not write the step {step} checkpoint to {directory / CHECKPOINT}: "
+                                   f"{e}") from e
 
 
 class CheckpointWriteError(RuntimeError):
@@ -373,18 +389,20 @@ def read_train_state(directory):
 def check_resume(name, saved, cfg, steps, inputs, log_fn):
     """Refuse a continuation that would not be exact: a changed field this stage depends on, or a changed input
     file; a field named in --allow_config_change is let through, and the log says so."""
-    changed = {f: (saved["train"].get(f), getattr(cfg, f)) for f in EXACT_FIELDS[name] if saved["train"].get(f) != getattr(cfg, f)}
-    changed.update({f"input {k}": (saved["inputs"].get(k), v) for k, v in inputs.items() if saved["inputs"].get(k) != v})
+    changed = {f: (saved["train"].get(f), getattr(cfg, f)) for f in EXACT_FIELDS[name]
+               if saved["train"].get(f) != getattr(cfg, f)}
+    changed.update({f"input {k}": (saved["inputs"].get(k), v) for k, v in inputs.items()
+                    if saved["inputs"].get(k) != v})
     allowed = set(cfg.changeable())
     refused = {f: v for f, v in changed.items() if "all" not in allowed and f not in allowed}
     if refused:
         what = ", ".join(f"{f} (checkpoint {a!r}, now {b!r})" for f, (a, b) in refused.items())
-        sys.exit(f"error: cannot resume {name} exactly from its step {saved['step']} checkpoint: changed {what}. Restore "
-                 f"the values, or allow the change with --allow_config_change={','.join(refused)} (the continuation will "
-                 f"not equal an uninterrupted run), or start over with --overwrite=true")
+        sys.exit(f"error: cannot resume {name} exactly from its step {saved['step']} checkpoint: changed {what}. "
+                 f"Restore the values, or allow the change with --allow_config_change={','.join(refused)} (the "
+                 f"continuation will not equal an uninterrupted run), or start over with --overwrite=true")
     if changed:
-        log_fn(f"{name}: resuming with changed {', '.join(changed)} (allowed by --allow_config_change): the continuation "
-               f"is not the run the checkpoint began")
+        log_fn(f"{name}: resuming with changed {', '.join(changed)} (allowed by --allow_config_change): the "
+               f"continuation is not the run the checkpoint began")
     if saved["step"] > steps:
         sys.exit(f"error: the {name} checkpoint is at step {saved['step']}, beyond the requested {steps} steps")
 
@@ -437,7 +455,8 @@ class ToyData:
         chunk = self.world_cfg.chunk
         chunks = np.concatenate([mv.episode_chunks(self.demos["actions"][e], np.arange(n), chunk, pad="zero")
                                  for e, n in enumerate(self.lengths)])  # (samples, chunk, 2)
-        states = np.concatenate([self.demos["agent"][e, :n] for e, n in enumerate(self.lengths)])[:, None]  # (samples, 1, 2)
+        # (samples, 1, 2)
+        states = np.concatenate([self.demos["agent"][e, :n] for e, n in enumerate(self.lengths)])[:, None]
         return self.representation.stats(states, chunks)
 
     def batch(self, g, B, shard, model):
@@ -501,8 +520,8 @@ def text_width(cfg):
     try:
         return transformers.AutoConfig.from_pretrained(cfg.t5_source).d_model
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"--t5_source={cfg.t5_source}: cannot read its config ({type(e).__name__}); pass a local "
-                                f"folder, or download it first (`hf download {cfg.t5_source}`)") from e
+        raise FileNotFoundError(f"--t5_source={cfg.t5_source}: cannot read its config ({type(e).__name__}); pass a "
+                                f"local folder, or download it first (`hf download {cfg.t5_source}`)") from e
 
 
 def check_timing(timing, fps):
@@ -510,12 +529,12 @@ def check_timing(timing, fps):
     frames a whole number of control steps apart."""
     stride = fps / timing.context_hz
     if timing.context_frames > 1 and abs(stride - round(stride)) > 1e-6:
-        raise ValueError(f"the context frames at {timing.context_hz:g} Hz are not a whole number of control steps at the "
-                         f"dataset's {fps:g} fps: choose --timing to match (small fits any fps)")
+        raise ValueError(f"the context frames at {timing.context_hz:g} Hz are not a whole number of control steps at "
+                         f"the dataset's {fps:g} fps: choose --timing to match (small fits any fps)")
     if abs(timing.chunk_hz - fps) > 1e-6:
-        raise ValueError(f"the action chunk at {timing.chunk_hz:g} Hz is not at the dataset's control rate ({fps:g} fps): "
-                         f"the policy executes one action per control step; choose --timing to match (small fits any fps, "
-                         f"libero is 20 fps, bridge 5 fps)")
+        raise ValueError(f"the action chunk at {timing.chunk_hz:g} Hz is not at the dataset's control rate ({fps:g} "
+                         f"fps): the policy executes one action per control step; choose --timing to match (small fits "
+                         f"any fps, libero is 20 fps, bridge 5 fps)")
     return max(1, round(stride))
 
 
@@ -529,14 +548,15 @@ def check_dataset(cfg, stages):
     wan = cfg.video_encoder == "wan"
     factor, channels = (8, 16) if wan else (cfg.pixel_patch, 3 * cfg.pixel_patch ** 2 + 2)
     if H % factor or W % factor or (H // factor) % video.patch_spatial or (W // factor) % video.patch_spatial:
-        raise ValueError(f"--image_size={cfg.image_size}: the {cfg.video_encoder} encoder divides frames by {factor} and the "
-                         f"video DiT's patches by {video.patch_spatial}: height and width must be multiples of "
+        raise ValueError(f"--image_size={cfg.image_size}: the {cfg.video_encoder} encoder divides frames by {factor} "
+                         f"and the video DiT's patches by {video.patch_spatial}: height and width must be multiples of "
                          f"{factor * video.patch_spatial}")
     if "encode" in stages:
         width = text_width(cfg)
         if width != video.crossattn_emb_channels:
             raise ValueError(f"--text_encoder={cfg.text_encoder} gives {width}-wide embeddings; --video_preset="
-                             f"{cfg.video_preset} reads {video.crossattn_emb_channels} (hashed: toy, t5-11b: cosmos-predict2-2b)")
+                             f"{cfg.video_preset} reads {video.crossattn_emb_channels} (hashed: toy, t5-11b: "
+                             "cosmos-predict2-2b)")
         if cfg.pretrain_videos:
             mv.LeRobotDataset(cfg.pretrain_videos, cfg.camera, cfg.state_key, cfg.action_key)
         ds = mv.LeRobotDataset(cfg.data, cfg.camera, cfg.state_key, cfg.action_key)  # the camera, keys and episodes
@@ -547,25 +567,29 @@ def check_dataset(cfg, stages):
                 if (n - 1) % 4:
                     raise ValueError(f"--timing={cfg.timing}: the Wan VAE encodes 1 + 4k frames, the window has {n}")
         if cfg.n_action_steps > timing.chunk:
-            raise ValueError(f"--n_action_steps={cfg.n_action_steps} is more than the {timing.chunk} actions of a chunk "
-                             f"(--timing={cfg.timing})")
+            raise ValueError(f"--n_action_steps={cfg.n_action_steps} is more than the {timing.chunk} actions of a "
+                             f"chunk (--timing={cfg.timing})")
         if cfg.representation == "libero" and (ds.state_dim, ds.action_dim) != (8, 7):
-            raise ValueError(f"--representation=libero takes 8-D states and 7-D actions; {cfg.data} has {ds.state_dim}-D "
-                             f"{cfg.state_key} and {ds.action_dim}-D {cfg.action_key} (use --representation=identity)")
+            raise ValueError(f"--representation=libero takes 8-D states and 7-D actions; {cfg.data} has "
+                             f"{ds.state_dim}-D {cfg.state_key} and {ds.action_dim}-D {cfg.action_key} (use "
+                             "--representation=identity)")
     if cfg.video_init and "1" in stages:
         path = Path(cfg.video_init)
         if path.is_dir():
-            if not (cfg.video_init_file and (path / cfg.video_init_file).is_file()) and not mv.is_diffusers_folder(path):
-                raise ValueError(f"--video_init={path} holds neither --video_init_file={cfg.video_init_file!r} nor diffusers "
-                                 f"weights ({mv.DIFFUSERS_WEIGHTS})")
+            has_file = cfg.video_init_file and (path / cfg.video_init_file).is_file()
+            if not has_file and not mv.is_diffusers_folder(path):
+                raise ValueError(f"--video_init={path} holds neither --video_init_file={cfg.video_init_file!r} nor "
+                                 f"diffusers weights ({mv.DIFFUSERS_WEIGHTS})")
         elif not path.is_file():
             if not cfg.video_init_file:
                 raise ValueError(f"--video_init={cfg.video_init} is no local file or folder; a Hub repo id needs "
                                  f"--video_init_file (e.g. {mv.COSMOS_DEFAULT_FILE})")
-            mv.resolve_file(cfg.video_init, cfg.video_init_file)  # downloaded now (or found in the cache), not hours later
+            # downloaded now (or found in the cache), not hours later
+            mv.resolve_file(cfg.video_init, cfg.video_init_file)
         if cfg.video_preset != "toy" and channels != video.in_channels:  # the toy preset takes the encoder's channels
-            raise ValueError(f"--video_init: the {cfg.video_encoder} encoder makes {channels}-channel latents; --video_preset="
-                             f"{cfg.video_preset} reads {video.in_channels} (a pretrained Cosmos backbone: --video_encoder=wan)")
+            raise ValueError(f"--video_init: the {cfg.video_encoder} encoder makes {channels}-channel latents; "
+                             f"--video_preset={cfg.video_preset} reads {video.in_channels} (a pretrained Cosmos "
+                             f"backbone: --video_encoder=wan)")
 
 
 def cache_plan(cfg, ds, timing, video_spec, text_spec, representation):
@@ -618,13 +642,16 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
             ctx, fut = zip(*(ds.window_indices(low["timestamp"], t, timing) for t in anchors[i:i + 16]))
             pix = frames[np.concatenate([np.stack(ctx), np.stack(fut)], axis=1)]  # (b, Tc + Tf, H, W, 3)
             pix = mv.resize_frames(mv.images_to_frames(torch.from_numpy(pix)), cfg.image_hw())  # (b, T, 3, h, w)
-            latents.append(video_encoder.encode(pix.transpose(1, 2).to(device)).cpu().to(getattr(torch, cfg.cache_dtype)))
+            z = video_encoder.encode(pix.transpose(1, 2).to(device))  # (b, C, T', h', w')
+            latents.append(z.cpu().to(getattr(torch, cfg.cache_dtype)))
         state = representation.state_to_model(torch.from_numpy(mv.interpolate_lowdim(
             low["timestamp"], low["state"], anchors, state_rot)).float())  # (n, d_s)
         times = np.concatenate([timing.action_times(t) for t in anchors])
         actions = mv.interpolate_lowdim(low["timestamp"], low["action"], times, action_rot)  # (n * H, d_a)
-        actions = representation.action_to_model(torch.from_numpy(actions).float()).reshape(len(anchors), timing.chunk, -1)
-        tensors = {"latents": torch.cat(latents).contiguous(), "state": state.contiguous(), "actions": actions.contiguous()}
+        actions = representation.action_to_model(torch.from_numpy(actions).float())
+        actions = actions.reshape(len(anchors), timing.chunk, -1)  # (n, H, d_a)
+        tensors = {"latents": torch.cat(latents).contiguous(), "state": state.contiguous(),
+                   "actions": actions.contiguous()}
         mv.atomic_write(files[n], lambda p, t=tensors: save_file(t, p, metadata={"task": low["task"]}))
     if world > 1:
         print(f"rank {rank} encoded {len(mine)} episodes", flush=True)
@@ -656,13 +683,14 @@ def write_cache_meta(cfg, cache, plan, files, context_latents, device, dtype, lo
     rng = np.random.RandomState(cfg.seed)  # a validation split by episode, fixed by the seed
     n_val = int(round(cfg.val_fraction * len(episodes))) if len(episodes) > 1 else 0
     val = set(rng.permutation(len(episodes))[:n_val].tolist())
-    meta = {"plan": plan, "episodes": episodes, "texts": names, "train": [i for i in range(len(episodes)) if i not in val],
+    meta = {"plan": plan, "episodes": episodes, "texts": names,
+            "train": [i for i in range(len(episodes)) if i not in val],
             "val": sorted(val), "context_latents": context_latents}
     data = CachedData(cache, meta=meta)
     meta["stats"] = mv.Representation.from_config(plan["representation"]).stats(*data.all_states_and_actions("train"))
     mv.atomic_write(cache / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
-    log_fn(f"encoded {len(episodes)} episodes ({sum(e['anchors'] for e in episodes)} windows, {len(names)} instructions) "
-           f"into {cache}: {len(meta['train'])} train, {len(meta['val'])} validation episodes")
+    log_fn(f"encoded {len(episodes)} episodes ({sum(e['anchors'] for e in episodes)} windows, {len(names)} "
+           f"instructions) into {cache}: {len(meta['train'])} train, {len(meta['val'])} validation episodes")
     return meta
 
 
@@ -760,7 +788,8 @@ def export_toy(cfg, world_cfg, out, log_fn=print):
     """The toy world's demonstrations (and its pretraining videos) as LeRobot v3.0 datasets: what a real robot's
     recordings look like. Frames from the toy camera (uint8), state = agent position, action = the motion, each
     episode up to the step it arrives (with the zero action it then sends), at 10 fps."""
-    for kind, n, seed, name in (("demos", cfg.num_demos, cfg.seed, "demos"), (cfg.pretrain_data, cfg.num_pretrain, cfg.seed + 1, "videos")):
+    for kind, n, seed, name in (("demos", cfg.num_demos, cfg.seed, "demos"),
+                                (cfg.pretrain_data, cfg.num_pretrain, cfg.seed + 1, "videos")):
         speeds = (0.3 * world_cfg.max_speed, world_cfg.max_speed) if kind == "play" else None
         demos = mv.make_toy_demos(n, seed, world_cfg, speeds)
         lengths = mv.toy_demo_lengths(demos)
@@ -769,7 +798,8 @@ def export_toy(cfg, world_cfg, out, log_fn=print):
             L = int(lengths[e])  # states 0..L-1, the last on the goal
             images = mv.toy_render(demos["agent"][e, :L], np.repeat(demos["targets"][e:e + 1], L, 0),
                                    np.repeat(demos["colours"][e:e + 1], L, 0), world_cfg)
-            episodes.append({"frames": mv.toy_camera(images), "state": demos["agent"][e, :L], "action": demos["actions"][e, :L],
+            episodes.append({"frames": mv.toy_camera(images), "state": demos["agent"][e, :L],
+                             "action": demos["actions"][e, :L],
                              "task": mv.toy_instruction(demos["goal_colour"][e], demos["template"][e])})
         mv.write_lerobot_dataset(out / name, episodes, fps=TOY_FPS, camera="observation.images.top", robot_type="toy")
         log_fn(f"wrote {n} episodes ({sum(len(e['frames']) for e in episodes)} frames) to {out / name}")
@@ -782,7 +812,8 @@ TOY_FPS = 10
 # models
 
 def build_model(cfg, device, video=None, stats=None, representation=None):
-    video = video if video is not None else mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS))
+    video = video if video is not None else mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset,
+                                                                       mv.VIDEO_DIT_PRESETS))
     if video.cfg.in_channels != 5:
         sys.exit("error: the toy world's frames become 5-channel latents (RGB + x, y); the real presets need a latent "
                  "dataset")
@@ -817,13 +848,15 @@ def validation_loss(model, data, loss, cfg, env, batches=4):
         for k in range(batches):
             g = torch.Generator().manual_seed(999_983 + k)
             batch = data.batch(g, B, shard, model)
-            noise = {key: v[shard].to(device) for key, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
+            noise = {key: v[shard].to(device)
+                     for key, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
             if shard.stop == shard.start:  # more ranks than windows: this rank has none
                 continue
             if loss == "video":
                 batch = {key: batch[key] for key in ("context", "future", "text")}
             with autocast:
-                total += model(loss, **{key: v.to(device) for key, v in batch.items()}, noise=noise)["per_sample"].double().sum()
+                total += model(loss, **{key: v.to(device) for key, v in batch.items()},
+                               noise=noise)["per_sample"].double().sum()
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
@@ -845,7 +878,9 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
     if saved is not None and cfg.resume:
         check_resume(name, saved, cfg, steps, inputs, lambda *a: log(rank, *a))
         start = restore(directory, model, opt, device)
-        log(rank, f"{name}: complete at step {start}, nothing to train" if start == steps else f"{name}: resuming at step {start}")
+        log(rank,
+            f"{name}: complete at step {start}, nothing to train" if start == steps
+            else f"{name}: resuming at step {start}")
     elif cfg.resume:
         log(rank, f"{name}: no checkpoint in {directory}, starting at step 0")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -874,13 +909,15 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
             sync = nullcontext() if world == 1 or i + 1 == cfg.grad_accum else net.no_sync()  # all-reduce once
             with sync:
                 with autocast:
-                    out = net(loss, **{k: v[part] for k, v in batch.items()}, noise={k: v[part] for k, v in noise.items()})
+                    out = net(loss, **{k: v[part] for k, v in batch.items()},
+                              noise={k: v[part] for k, v in noise.items()})
                 if not torch.isfinite(out["loss"]):
                     raise FloatingPointError(f"{name} step {step}: loss is {out['loss'].item()} (NaN/inf); lower the "
                                              f"learning rate")
                 (out["loss"] / cfg.grad_accum).backward()
             outs.append(out)
-        out = {k: torch.cat([o[k].detach().reshape(-1) for o in outs]) for k in ("per_sample", "tau_a" if stage == 2 else "tau_v")}
+        out = {k: torch.cat([o[k].detach().reshape(-1) for o in outs])
+               for k in ("per_sample", "tau_a" if stage == 2 else "tau_v")}
         out["loss"] = out["per_sample"].mean()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -891,17 +928,21 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
         if (step + 1) % cfg.log_every == 0 or last:
             taus, losses = map(np.concatenate, zip(*window))
             which = np.clip(np.digitize(taus, bins) - 1, 0, len(bins) - 2)
-            binned = " ".join(f"{losses[which == i].mean():.3f}" if (which == i).any() else "-" for i in range(len(bins) - 1))
+            binned = " ".join(f"{losses[which == i].mean():.3f}" if (which == i).any() else "-"
+                              for i in range(len(bins) - 1))
             ms = 1000 * (time.perf_counter() - t0) / len(window)
-            log(rank, f"{name} step {step + 1}/{steps} | loss {losses.mean():.4f} | by {'tau_a' if stage == 2 else 'tau_v'} "
-                      f"[0,.25,.5,.75,1]: {binned} | lr {lr * sched(step):.2e} | {ms:.0f} ms/step")
+            log(rank, f"{name} step {step + 1}/{steps} | loss {losses.mean():.4f} | by "
+                      f"{'tau_a' if stage == 2 else 'tau_v'} [0,.25,.5,.75,1]: {binned} | lr {lr * sched(step):.2e} | "
+                      f"{ms:.0f} ms/step")
             window, t0 = [], time.perf_counter()
         if (step + 1) % cfg.ckpt_every == 0 or last:  # eval + checkpoint, in one block
             if val_data is not None:
-                log(rank, f"{name} step {step + 1}: validation loss {validation_loss(model, val_data, loss, cfg, env):.4f} "
-                          f"({len(val_data.meta['val'])} held-out episodes)")
+                log(rank, f"{name} step {step + 1}: validation loss "
+                          f"{validation_loss(model, val_data, loss, cfg, env):.4f} ({len(val_data.meta['val'])} "
+                          "held-out episodes)")
             if rank == 0:
-                head = {"joint": asdict(model.joint)} if hasattr(model, "joint") else {"decoder": asdict(model.decoder.cfg)}
+                joint = hasattr(model, "joint")
+                head = {"joint": asdict(model.joint)} if joint else {"decoder": asdict(model.decoder.cfg)}
                 meta = {"stage": name, "train": asdict(cfg), "inputs": inputs, "video": asdict(model.video.cfg),
                         "model": asdict(model.cfg), **head}
                 save_checkpoint(directory, model, opt, step + 1, meta)
@@ -984,7 +1025,8 @@ def run_experiment(cfg, env):
                 shutil.copytree(out / f"seed{seed}" / "pretrain" / "pretrain", run / "pretrain", dirs_exist_ok=True)
             args = [*common, f"--seed={seed}", f"--num_demos={n}", f"--stage2_steps={cfg.experiment_steps}",
                     "--ckpt_every=1000000", *extra]  # one checkpoint, at the end; `extra` (convergence) overrides both
-            jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed, name)
+            job = pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)
+            jobs[job] = (kind, n, seed, name)
 
         pre = {}
         for s in seeds:
@@ -1010,7 +1052,8 @@ def run_experiment(cfg, env):
             kind, n, seed, name = jobs[done]
             r = done.result()
             if name is None:
-                rows.append({"method": kind, "demos": n, "seed": seed, "success": r["success"], "train_seconds": round(r["seconds"])})
+                rows.append({"method": kind, "demos": n, "seed": seed, "success": r["success"],
+                             "train_seconds": round(r["seconds"])})
             log(0, f"experiment: {kind:12s} {n:5d} demos, seed {seed}{' (convergence)' if name else ''}: "
                    f"{r['success']:6.1%} ({r['seconds']:.0f} s)")
     wall = time.perf_counter() - t_start
@@ -1030,7 +1073,8 @@ def run_experiment(cfg, env):
            f"expert {expert:.1%}), {wall / 60:.0f} min for the whole experiment on this machine:")
     log(0, f"{'demos':>8} " + " ".join(f"{m:>12}" for m in EXPERIMENT_METHODS))
     for n in demos:
-        cells = [np.mean([r["success"] for r in rows if r["method"] == m and r["demos"] == n]) for m in EXPERIMENT_METHODS]
+        cells = [np.mean([r["success"] for r in rows if r["method"] == m and r["demos"] == n])
+                 for m in EXPERIMENT_METHODS]
         log(0, f"{n:>8} " + " ".join(f"{c:>12.1%}" for c in cells))
     for r in latency:
         log(0, f"latency {r['method']:>12}: {r['ms_per_query']:.1f} ms per query of one environment ({r['what']})")
@@ -1052,12 +1096,14 @@ def experiment_latency(out, n, seed, rounds=30):
     """Milliseconds per policy query of one environment, all three methods on this CPU in this run, interleaved
     (`mv.query_latency`): mimic-video at k = 0 (one truncated forward, 10 decoder steps), the VLA-style baseline (the
     same computation), the joint model's full denoising."""
-    policies = {kind: mv.load_policy(out / f"seed{seed}" / f"{n}demos" / kind / "policy") for kind in EXPERIMENT_METHODS}
+    policies = {kind: mv.load_policy(out / f"seed{seed}" / f"{n}demos" / kind / "policy")
+                for kind in EXPERIMENT_METHODS}
     ms = mv.query_latency(policies, mv.toy_probe_observation(), rounds)
     rows = []
     for kind, policy in policies.items():
         what = (f"{policy.model.joint.num_steps} joint denoising steps of the full DiT" if kind == "joint" else
-                f"k = 0: one forward to block {policy.model.cfg.tap_block}, {policy.model.cfg.num_action_steps} decoder steps")
+                f"k = 0: one forward to block {policy.model.cfg.tap_block}, {policy.model.cfg.num_action_steps} "
+                "decoder steps")
         rows.append({"method": kind, "ms_per_query": round(ms[kind], 2), "what": what})
     return rows
 
@@ -1112,7 +1158,8 @@ def stages_of(cfg):
     if cfg.stage != "all":
         return (cfg.stage,)
     if not cfg.data:  # the VLA baseline has no video pretraining; the joint model no separate LoRA stage
-        return {"mimic-video": ("pretrain", "1", "2", "eval"), "vla": ("2", "eval"), "joint": ("pretrain", "2", "eval")}[cfg.method]
+        return {"mimic-video": ("pretrain", "1", "2", "eval"), "vla": ("2", "eval"),
+                "joint": ("pretrain", "2", "eval")}[cfg.method]
     if cfg.method == "vla":  # the behaviour-cloning check: the same network, end to end, no video model
         return ("encode", "2")
     return ("encode", "1", "2") if cfg.video_init else ("encode", "pretrain", "1", "2")
@@ -1128,9 +1175,10 @@ def check_out_dir(cfg, stages):
         sys.exit(f"error: --resume=true but {out} holds no checkpoint of {', '.join(training)} (is --out_dir right?)")
     if found and not cfg.resume and not cfg.overwrite:
         held = ", ".join(f"{d} (step {n})" for d, n in found.items())
-        sys.exit(f"error: {out} already holds checkpoints: {held}. Continue them with --resume=true, or start over with "
-                 f"--overwrite=true (they will be replaced), or choose another --out_dir")
-    needs = {"1": ("pretrain", out / "pretrain" / "video.safetensors"), "2": ("1", out / "stage1" / "video_fused.safetensors"),
+        sys.exit(f"error: {out} already holds checkpoints: {held}. Continue them with --resume=true, or start over "
+                 f"with --overwrite=true (they will be replaced), or choose another --out_dir")
+    needs = {"1": ("pretrain", out / "pretrain" / "video.safetensors"),
+             "2": ("1", out / "stage1" / "video_fused.safetensors"),
              "eval": ("2", out / "policy" / "config.json")}
     if cfg.method != "mimic-video":  # vla: a fresh network; joint: starts from the pretrained video model
         needs["2"] = ("pretrain", out / "pretrain" / "video.safetensors") if cfg.method == "joint" else ("2", out)
@@ -1142,8 +1190,8 @@ def check_out_dir(cfg, stages):
             needs.pop("1")
     for stage in stages:
         if stage in needs and needs[stage][0] not in stages and not needs[stage][1].exists():
-            sys.exit(f"error: --stage={stage} reads {needs[stage][1]}, which does not exist: run --stage={needs[stage][0]} "
-                     f"first (or check --out_dir)")
+            sys.exit(f"error: --stage={stage} reads {needs[stage][1]}, which does not exist: run "
+                     f"--stage={needs[stage][0]} first (or check --out_dir)")
 
 
 def main(argv):
@@ -1218,11 +1266,13 @@ def run_toy(cfg, stages, env):
     out = Path(cfg.out_dir)
     # the policy around the model: the toy world's camera, encoders (pixels, hashed words) and representation
     policy_cfg = mv.make_config(mv.PolicyConfig, "toy", mv.POLICY_PRESETS, stop_after_step=cfg.stop_after_step)
-    encoders = (mv.build_video_encoder(policy_cfg.video_encoder, device), mv.build_text_encoder(policy_cfg.text_encoder))
+    encoders = (mv.build_video_encoder(policy_cfg.video_encoder, device),
+                mv.build_text_encoder(policy_cfg.text_encoder))
     representation = mv.Representation.from_config(policy_cfg.representation)
 
     if "pretrain" in stages:
-        videos = ToyData(load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world), world_cfg, encoders, representation)
+        videos = ToyData(load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world), world_cfg, encoders,
+                         representation)
         model = build_model(cfg, device)
         model.decoder.requires_grad_(False)
         train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env)
@@ -1237,7 +1287,8 @@ def run_toy(cfg, stages, env):
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
         model = build_model(cfg, device, video)
         model.decoder.requires_grad_(False)
-        train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, env, {"video": fingerprint(source)})
+        train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, env,
+                    {"video": fingerprint(source)})
         if rank == 0:  # the released-backbone layout (LoRA fused, `net.` keys) and a PEFT adapter
             mv.save_video_dit_checkpoint(model.video, out / "stage1" / "video_fused.safetensors")
             mv.save_lora_adapter(model.video, out / "stage1" / "adapter")
@@ -1254,7 +1305,8 @@ def run_toy(cfg, stages, env):
             return benchmark_data("toy world", freeze_video(model), demos, cfg, env)
         policy = mv.Policy(model, policy_cfg, *encoders)
 
-        train_stage("stage2", 2, model, demos, cfg.stage2_steps, cfg.stage2_lr, cfg, env, {"video": fingerprint(source)},
+        train_stage("stage2", 2, model, demos, cfg.stage2_steps, cfg.stage2_lr, cfg, env,
+                    {"video": fingerprint(source)},
                     on_checkpoint=quick_eval(policy, model, cfg, rank, offset=cfg.stage1_steps))
         if rank == 0:  # the policy folder: what mv.load_policy and sample.py read
             model.requires_grad_(False)
@@ -1269,7 +1321,8 @@ def run_toy(cfg, stages, env):
         rate = evaluate(policy, cfg.eval_episodes, world_cfg)
         tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
         how = (f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}" if cfg.method == "mimic-video" else
-               "the same network, end to end" if cfg.method == "vla" else f"{policy.model.joint.num_steps} joint denoising steps")
+               "the same network, end to end" if cfg.method == "vla"
+               else f"{policy.model.joint.num_steps} joint denoising steps")
         print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
         print(f"  random policy     {random:6.1%}")
         print(f"  scripted expert   {expert:6.1%}")
@@ -1296,13 +1349,15 @@ def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
         source = out / "pretrain" / "video.safetensors"
         chunk, action_dim = world_cfg.chunk, representation.model_action_dim
         jcfg = mv.JointConfig(state_dim=representation.model_state_dim, action_dim=action_dim, chunk=chunk)
-        model = mv.JointVideoActionModel(mv.load_video_dit(source, None, device=device), jcfg, va_cfg, *norms).to(device)
+        model = mv.JointVideoActionModel(mv.load_video_dit(source, None, device=device), jcfg, va_cfg,
+                                         *norms).to(device)
         inputs = {"video": fingerprint(source)}
     if "benchmark" in stages:
         return benchmark_data(f"toy world ({cfg.method})", model, demos, cfg, env)
     policy = mv.Policy(model, policy_cfg, *encoders, method=cfg.method)
 
-    train_stage("stage2", 2, model, demos, steps, cfg.stage2_lr, cfg, env, inputs, on_checkpoint=quick_eval(policy, model, cfg, rank))
+    train_stage("stage2", 2, model, demos, steps, cfg.stage2_lr, cfg, env, inputs,
+                on_checkpoint=quick_eval(policy, model, cfg, rank))
     if rank == 0:
         model.requires_grad_(False)
         policy.save(out / "policy")
@@ -1338,7 +1393,7 @@ def run_dataset(cfg, stages, env):
     log_fn = lambda *a: log(rank, *a)  # noqa: E731
 
     if "encode" in stages:
-        # the other ranks wait for rank 0's share on gloo, whose timeout we set: NCCL's 10 minutes would abort a long encode
+        # the ranks wait for each other on gloo, whose timeout we set: NCCL's 10 minutes would abort a long encode
         group = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if world > 1 else None
         for source, folder in ((cfg.pretrain_videos, out / "cache_videos"), (cfg.data, cache)):
             if source:
@@ -1347,7 +1402,8 @@ def run_dataset(cfg, stages, env):
                                   mv.Representation("identity", ds.state_dim, ds.action_dim))
                 log_fn(f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
                        f"state {ds.state_dim}-D, action {ds.action_dim}-D")
-                encode_dataset(cfg, ds, folder, mv.timing_preset(cfg.timing, ds.fps), representation, env, group, log_fn)
+                encode_dataset(cfg, ds, folder, mv.timing_preset(cfg.timing, ds.fps), representation, env, group,
+                               log_fn)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the encoders are gone: give their memory back before training
     if not set(stages) & {"pretrain", "1", "2", "benchmark"}:
@@ -1378,12 +1434,14 @@ def run_dataset(cfg, stages, env):
                                       dtype=frozen_dtype(autocast))
             source = {"video": f"{cfg.video_init}:{cfg.video_init_file}"}
         else:
-            video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device, dtype=frozen_dtype(autocast))
+            video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device,
+                                      dtype=frozen_dtype(autocast))
             source = {"video": fingerprint(out / "pretrain" / "video.safetensors")}
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
         model = model_with(video)
         model.decoder.requires_grad_(False)
-        train_stage("stage1", 1, model, data, cfg.stage1_steps, cfg.stage1_lr, cfg, env, {**inputs, **source}, val_data=val)
+        train_stage("stage1", 1, model, data, cfg.stage1_steps, cfg.stage1_lr, cfg, env, {**inputs, **source},
+                    val_data=val)
         if rank == 0:
             mv.save_video_dit_checkpoint(model.video, out / "stage1" / "video_fused.safetensors")
             mv.save_lora_adapter(model.video, out / "stage1" / "adapter")
@@ -1393,7 +1451,8 @@ def run_dataset(cfg, stages, env):
         model = vla_model(video_cfg, decoder_cfg, model_cfg, representation.normalizers(data.stats()), device)
         if "benchmark" in stages:
             return benchmark_data(f"cache {cache} (vla)", model, data, cfg, env)
-        train_stage("stage2", 2, model, data, cfg.stage1_steps + cfg.stage2_steps, cfg.stage2_lr, cfg, env, inputs, val_data=val)
+        train_stage("stage2", 2, model, data, cfg.stage1_steps + cfg.stage2_steps, cfg.stage2_lr, cfg, env, inputs,
+                    val_data=val)
         if rank == 0:
             model.requires_grad_(False)
             mv.save_policy_folder(out / "policy", model, dataset_policy_config(cfg, plan, representation), "vla")

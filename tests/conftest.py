@@ -29,7 +29,8 @@ def make_stats(H, keys, seed=0):
     g = torch.Generator().manual_seed(seed)
     stats = {}
     for key, d in zip(keys, (3, 6, 1)):
-        data = torch.randn(500, H, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, H)[None, :, None] + 0.3
+        data = torch.randn(500, H, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, H)[None, :,
+                                                                                                      None] + 0.3
         if "gripper" in key:
             data[:, 0] = 1.0  # a constant column: std 0 -> scale 1
         pct = torch.quantile(data, torch.linspace(0, 1, 1001, dtype=torch.float64), dim=0)
@@ -38,7 +39,8 @@ def make_stats(H, keys, seed=0):
         clamped = torch.maximum(torch.minimum(data, hi), lo)
         stats[key] = {"min": data.min(0).values.tolist(), "max": data.max(0).values.tolist(), "mean": mean.tolist(),
                       "std": data.std(0).tolist(), "percentiles": pct.tolist(), "clamp_min": lo.tolist(),
-                      "clamp_max": hi.tolist(), "mean_clamped": clamped.mean(0).tolist(), "std_clamped": clamped.std(0).tolist()}
+                      "clamp_max": hi.tolist(), "mean_clamped": clamped.mean(0).tolist(),
+                      "std_clamped": clamped.std(0).tolist()}
     return stats
 
 
@@ -71,7 +73,8 @@ def tiny_t5(d_model=24, seed=0):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
     torch.manual_seed(seed)
     cfg = transformers.T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=48, num_layers=2, num_heads=3)
     return transformers.T5EncoderModel(cfg).eval(), tokenizer

@@ -36,7 +36,8 @@ def test_bf16_sinusoid_rounding_is_what_the_fixture_needs(decoder, io):
 
 def test_masked_proprio_output(decoder, io):
     with torch.no_grad():
-        out = decoder(io["state"], io["xt_scaled"], io["timesteps"], io["context_sigma"], io["crossattn_emb"], obs_dropout=1.0)
+        out = decoder(io["state"], io["xt_scaled"], io["timesteps"], io["context_sigma"], io["crossattn_emb"],
+                      obs_dropout=1.0)
     assert_close_to_ref(out, io["dit_out_obs_masked"], TOL, "dit_out_obs_masked")
 
 
@@ -87,7 +88,8 @@ def test_chained_video_sampler_to_decoder(decoder, io):
     assert_close_to_ref(actions, io["e2e_sampled_actions"], TOL, "e2e_sampled_actions")
 
 
-@pytest.mark.parametrize("preset,file", [("libero", "arch_decoder_libero_keys.json"), ("bridge", "arch_decoder_bridge_keys.json")])
+@pytest.mark.parametrize("preset,file",
+                         [("libero", "arch_decoder_libero_keys.json"), ("bridge", "arch_decoder_bridge_keys.json")])
 def test_real_size_keys_and_shapes(preset, file):
     ref = json.loads((FIXTURES / file).read_text())
     with torch.device("meta"):

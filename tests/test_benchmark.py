@@ -101,4 +101,5 @@ def test_the_stage1_memory_estimate(capsys):
     rows = re.findall(r"^\s+([14])\s+(on|off)\s+([0-9.]+)  (.*)$", out, re.M)
     gib = {(int(b), c): float(g) for b, c, g, _ in rows}
     assert len(gib) == 4 and gib[(1, "on")] < gib[(1, "off")] and gib[(4, "on")] < gib[(4, "off")]
-    assert 3.9 < gib[(1, "on")] and gib[(4, "off")] > 3 * (gib[(1, "off")] - 4)  # at least the bf16 weights; activations scale
+    # at least the bf16 weights; activations scale
+    assert 3.9 < gib[(1, "on")] and gib[(4, "off")] > 3 * (gib[(1, "off")] - 4)

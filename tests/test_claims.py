@@ -27,12 +27,14 @@ def toy_batch():
 
 def vla_model():
     cfg = mv.replace(mv.VIDEO_ACTION_PRESETS["toy"], video_time="max", train_backbone=True)
-    return mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), cfg)
+    return mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]),
+                               mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), cfg)
 
 
 def test_the_vla_baseline_is_the_same_network_trained_end_to_end_without_the_future():
     vla = vla_model()
-    mimic = mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
+    mimic = mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]),
+                                mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
                                 mv.VIDEO_ACTION_PRESETS["toy"])
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(vla) == count(mimic)  # the same parameters (within 10% is the bar; it is exact)
@@ -81,7 +83,8 @@ def test_a_shortened_experiment_writes_every_result(tmp_path, capsys):
     train.main(["--stage=experiment", f"--out_dir={out}", "--experiment_demos=6", "--experiment_seeds=1",
                 "--experiment_convergence=6", "--experiment_convergence_steps=4", "--experiment_eval_every=2",
                 "--pretrain_steps=2", "--num_pretrain=8",
-                "--stage1_steps=2", "--experiment_steps=4", "--batch_size=8", "--eval_episodes=4", "--experiment_workers=1"])
+                "--stage1_steps=2", "--experiment_steps=4", "--batch_size=8", "--eval_episodes=4",
+                "--experiment_workers=1"])
     rows = list(csv.DictReader(open(out / "efficiency.csv")))
     assert sorted(r["method"] for r in rows) == ["joint", "mimic-video", "vla"]
     assert all(0 <= float(r["success"]) <= 1 and r["demos"] == "6" for r in rows)

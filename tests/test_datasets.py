@@ -40,7 +40,8 @@ def episodes(lengths=(9, 6), size=16, state_dim=3, action_dim=2):
         frames = np.stack([np.broadcast_to(colour(e, k), (size, size, 3)) for k in range(n)])
         state = np.stack([np.arange(state_dim) + 10 * e + k for k in range(n)]).astype(np.float32)  # linear in k
         action = np.stack([np.full(action_dim, 100 * e + k) for k in range(n)]).astype(np.float32)
-        out.append({"frames": frames, "state": state, "action": action, "task": ["pick the cube", "open the drawer"][e % 2]})
+        out.append({"frames": frames, "state": state, "action": action,
+                    "task": ["pick the cube", "open the drawer"][e % 2]})
     return out
 
 
@@ -150,7 +151,8 @@ SMALL = ["--batch_size=8", "--log_every=1", "--image_size=16x16", "--pixel_patch
 def encoded(tmp_path_factory):
     base = tmp_path_factory.mktemp("enc")
     mv.write_lerobot_dataset(base / "data", episodes(lengths=(9, 6, 7, 8)), fps=FPS)
-    train.main([f"--data={base / 'data'}", f"--out_dir={base / 'out'}", "--stage=encode", "--val_fraction=0.25", *SMALL])
+    train.main([f"--data={base / 'data'}", f"--out_dir={base / 'out'}", "--stage=encode", "--val_fraction=0.25",
+                *SMALL])
     return base
 
 
@@ -191,7 +193,8 @@ def test_encoding_resumes_and_refuses_other_settings(encoded, capsys):
 
 def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
     out = encoded / "out"
-    train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=pretrain", "--pretrain_steps=2", "--ckpt_every=2", *SMALL])
+    train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=pretrain", "--pretrain_steps=2",
+                "--ckpt_every=2", *SMALL])
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=1", "--stage1_steps=2", *SMALL])
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=2", "--stage2_steps=2", *SMALL])
     log = capsys.readouterr().out
@@ -233,7 +236,8 @@ def bad_startup_args(tmp_path):
         (["--text_encoder=t5", f"--t5_source={t5}"], "gives 48-wide embeddings; --video_preset=toy reads 32"),
         (["--video_init=no/such/file.pt"], "no local file or folder; a Hub repo id needs --video_init_file"),
         (["--video_init=nobody/nothing", "--video_init_file=model.pt"], "could not get 'model.pt' from the Hub repo"),
-        ([f"--video_init={weights}", "--video_preset=cosmos-predict2-2b", "--stage=1"], "14-channel latents; .* reads 16"),
+        ([f"--video_init={weights}", "--video_preset=cosmos-predict2-2b", "--stage=1"],
+         "14-channel latents; .* reads 16"),
     ]
 
 
@@ -271,7 +275,8 @@ def test_the_encode_is_shared_by_the_ranks(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *args], cwd=ROOT, env=env,
                    check=True, capture_output=True)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py",
                           f"--out_dir={tmp_path / 'ddp'}", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "rank 0 encoded 3 episodes" in res.stdout and "rank 1 encoded 2 episodes" in res.stdout
@@ -328,14 +333,16 @@ def test_the_toy_world_round_trip_is_the_same_data(tmp_path):
     demos = mv.make_toy_demos(6, 0, world)
     lengths = mv.toy_demo_lengths(demos)
     assert [e["anchors"] for e in data.meta["episodes"]] == lengths.tolist()  # each episode up to its arrival
-    toy = train.ToyData(demos, world, (mv.PixelEncoder(1), mv.HashedWordEncoder(32, 6)), mv.Representation("identity", 2, 2))
+    toy = train.ToyData(demos, world, (mv.PixelEncoder(1), mv.HashedWordEncoder(32, 6)),
+                        mv.Representation("identity", 2, 2))
     for e in range(6):
         for t in range(lengths[e]):
             raw = mv.toy_batch(demos, np.array([e]), np.array([t]), world)
             built_in = toy.encoders[0].encode(torch.cat([raw["context"], raw["future"]], dim=2))[0]
             w = data.windows(np.array([sum(lengths[:e]) + t]))
             assert torch.allclose(w["latents"][0], built_in, atol=2.5 / 255 * 2), (e, t)  # the codec's rounding only
-            assert torch.allclose(w["actions"][0], raw["actions"][0], atol=1e-6) and torch.allclose(w["state"][0], raw["state"][0])
+            assert torch.allclose(w["actions"][0], raw["actions"][0], atol=1e-6) and torch.allclose(w["state"][0],
+                                                                                                    raw["state"][0])
             assert torch.equal(w["text"][0], toy.encoders[1](raw["task"])[0])
 
 
@@ -344,7 +351,8 @@ def dataset_model(cache, args=()):
     data = train.CachedData(cache, "all")
     rep = mv.Representation.from_config(data.meta["plan"]["representation"])
     video_cfg, decoder_cfg, model_cfg = train.dataset_models(cfg, data, rep)
-    model = mv.VideoActionModel(mv.VideoDiT(video_cfg), mv.ActionDecoder(decoder_cfg), model_cfg, *rep.normalizers(data.stats()))
+    model = mv.VideoActionModel(mv.VideoDiT(video_cfg), mv.ActionDecoder(decoder_cfg), model_cfg,
+                                *rep.normalizers(data.stats()))
     return cfg, model
 
 
@@ -372,12 +380,14 @@ def test_bf16_weights_train_with_fp32_master_weights(encoded, tmp_path, monkeypa
     shutil.copytree(encoded / "out" / "cache", out / "cache")
     _, model = dataset_model(out / "cache")
     mv.save_video_dit_checkpoint(model.video.to(torch.bfloat16), tmp_path / "bf16.safetensors")
-    monkeypatch.setattr(train, "setup", lambda cfg: (0, 1, torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16)))
+    monkeypatch.setattr(train, "setup",
+                        lambda cfg: (0, 1, torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16)))
     trained = []
     train_stage = train.train_stage
     monkeypatch.setattr(train, "train_stage", lambda name, stage, model, *a, **k: trained.append(model) or
                         train_stage(name, stage, model, *a, **k))
-    train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=1", f"--video_init={tmp_path / 'bf16.safetensors'}",
+    train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=1",
+                f"--video_init={tmp_path / 'bf16.safetensors'}",
                 "--stage1_steps=2", *SMALL])
     video = trained[0].video
     dtypes = {(p.requires_grad, p.dtype) for p in video.parameters()}

@@ -83,7 +83,8 @@ def test_t5_shape_zeros_past_the_tokens_and_the_empty_string(t5):
 
 def test_t5_matches_the_model_and_caches_per_instruction(t5):
     model, tokenizer = t5.model, t5.tokenizer
-    enc = tokenizer(["go to the blue square"], padding="max_length", max_length=12, truncation=True, return_tensors="pt")
+    enc = tokenizer(["go to the blue square"], padding="max_length", max_length=12, truncation=True,
+                    return_tensors="pt")
     with torch.no_grad():
         ref = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
     ref = ref * enc.attention_mask[..., None]
@@ -114,9 +115,12 @@ def test_pixel_encoder_space_to_depth_and_coordinates():
     enc = mv.PixelEncoder(patch=2, coords=True)
     x = frames(2, 3, 8, 12)
     z = enc.encode(x)
-    assert z.shape == (2, 3 * 4 + 2, 3, 4, 6) and enc.channels == 14 and enc.latent_frames(3) == 3  # no temporal compression
-    assert torch.equal(z[:, 0, :, 1, 2], x[:, 0, :, 2, 4]) and torch.equal(z[:, 3, :, 1, 2], x[:, 0, :, 3, 5])  # (c, p, q)
-    assert torch.allclose(z[0, 12, 0, 0], torch.tensor([-5 / 6, -1 / 2, -1 / 6, 1 / 6, 1 / 2, 5 / 6]))  # x of token centres
+    # no temporal compression
+    assert z.shape == (2, 3 * 4 + 2, 3, 4, 6) and enc.channels == 14 and enc.latent_frames(3) == 3
+    # (c, p, q)
+    assert torch.equal(z[:, 0, :, 1, 2], x[:, 0, :, 2, 4]) and torch.equal(z[:, 3, :, 1, 2], x[:, 0, :, 3, 5])
+    # x of token centres
+    assert torch.allclose(z[0, 12, 0, 0], torch.tensor([-5 / 6, -1 / 2, -1 / 6, 1 / 6, 1 / 2, 5 / 6]))
     assert torch.allclose(z[0, 13, 0, :, 0], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # y
     assert torch.equal(enc.decode(z), x)
     assert mv.PixelEncoder(patch=1, coords=False).encode(x).shape == (2, 3, 3, 8, 12)

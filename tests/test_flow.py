@@ -85,7 +85,8 @@ def test_logit_normal_paper():
 
 
 def test_samplers_are_seeded():
-    for fn in (mv.sample_video_sigma, mv.sample_tau_action_uniform, mv.sample_tau_action_beta, mv.sample_tau_logit_normal):
+    for fn in (mv.sample_video_sigma, mv.sample_tau_action_uniform, mv.sample_tau_action_beta,
+               mv.sample_tau_logit_normal):
         a = fn(8, generator=torch.Generator().manual_seed(5))
         b = fn(8, generator=torch.Generator().manual_seed(5))
         assert torch.equal(a, b), fn.__name__
@@ -103,7 +104,8 @@ def test_euler_exact_on_straight_field(tau_stop, steps):
         return (x - x0) / tau[:, None].double()
 
     x = mv.euler_integrate(v, eps, num_steps=steps, tau_stop=tau_stop)
-    torch.testing.assert_close(x, mv.interpolate(x0, eps, torch.full((4,), tau_stop, dtype=torch.float64)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(x, mv.interpolate(x0, eps, torch.full((4,), tau_stop, dtype=torch.float64)), atol=1e-6,
+                               rtol=0)
     assert len(taus) == steps and taus[0][0] == 1.0
 
 

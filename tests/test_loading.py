@@ -47,7 +47,8 @@ def test_drops_rope_buffers_counters_and_te_extra_state(official_sd, io, tmp_pat
 
 def test_regular_weights_are_loaded_beside_ema_weights(official_sd, io, tmp_path):
     """A file with `net_ema.` beside `net.` loads `net.` (the official default); a file with only EMA weights, those."""
-    ema = {"net_ema." + k.removeprefix("net."): torch.zeros_like(v) if v.is_floating_point() else v for k, v in official_sd.items()}
+    ema = {"net_ema." + k.removeprefix("net."): torch.zeros_like(v) if v.is_floating_point() else v
+           for k, v in official_sd.items()}
     torch.save({**official_sd, **ema}, tmp_path / "both.pt")
     model = mv.load_video_dit(tmp_path / "both.pt", filename=None, config="tiny")
     torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
@@ -60,7 +61,8 @@ def test_bf16_checkpoint_like_the_released_files(official_sd, tmp_path):
     torch.save({k: v.bfloat16() if v.is_floating_point() else v for k, v in official_sd.items()}, tmp_path / "bf16.pt")
     model = mv.load_video_dit(tmp_path / "bf16.pt", filename=None, config="tiny")
     assert model.t_embedding_norm.weight.dtype == torch.bfloat16
-    assert mv.load_video_dit(tmp_path / "bf16.pt", filename=None, config="tiny", dtype=torch.float32).t_embedding_norm.weight.dtype == torch.float32
+    assert mv.load_video_dit(tmp_path / "bf16.pt", filename=None, config="tiny",
+                             dtype=torch.float32).t_embedding_norm.weight.dtype == torch.float32
 
 
 def test_diffusers_layout_sharded(official_sd, io, tmp_path):
@@ -76,7 +78,8 @@ def test_diffusers_layout_sharded(official_sd, io, tmp_path):
     halves = (keys[: len(keys) // 2], keys[len(keys) // 2:])
     for name, part in zip(names, halves):
         save_file({k: diff[k] for k in part}, folder / name)
-    index = {"weight_map": {k: name for name, part in zip(names, halves) for k in part}}  # what diffusers writes beside them
+    # what diffusers writes beside them
+    index = {"weight_map": {k: name for name, part in zip(names, halves) for k in part}}
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     model = mv.load_video_dit(tmp_path / "repo", filename=None, config="tiny")
     torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
@@ -94,21 +97,25 @@ def test_missing_key_is_named(official_sd, tmp_path):
 def test_unexpected_key_is_named(official_sd, tmp_path):
     sd = dict(official_sd, **{"net.blocks.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)})
     save_file(sd, tmp_path / "u.safetensors")
-    with pytest.raises(mv.CheckpointMismatchError, match=r"unexpected keys \(1\):\s+blocks.0.self_attn.q_proj.lora_A.weight"):
+    with pytest.raises(mv.CheckpointMismatchError,
+                       match=r"unexpected keys \(1\):\s+blocks.0.self_attn.q_proj.lora_A.weight"):
         mv.load_video_dit(tmp_path / "u.safetensors", filename=None, config="tiny")
 
 
 def test_wrong_shape_is_named(official_sd, tmp_path):
     sd = dict(official_sd, **{"net.x_embedder.proj.1.weight": torch.zeros(64, 68)})  # 17 input channels, say
     torch.save(sd, tmp_path / "w.pt")
-    with pytest.raises(mv.CheckpointMismatchError, match=r"mis-shaped keys \(1\):\s+x_embedder.proj.1.weight: checkpoint \(64, 68\) vs model \(64, 72\)"):
+    with pytest.raises(mv.CheckpointMismatchError,
+                       match=r"mis-shaped keys \(1\):\s+x_embedder.proj.1.weight: checkpoint \(64, 68\) vs "
+                             r"model \(64, 72\)"):
         mv.load_video_dit(tmp_path / "w.pt", filename=None, config="tiny")
 
 
 def test_long_mismatch_lists_are_capped(official_sd, tmp_path):
     torch.save(official_sd, tmp_path / "w.pt")
     with pytest.raises(mv.CheckpointMismatchError, match=r"mis-shaped keys \(67\):(.|\n)*and 47 more"):
-        mv.load_video_dit(tmp_path / "w.pt", filename=None, config=mv.replace(mv.VIDEO_DIT_PRESETS["tiny"], model_channels=32))
+        mv.load_video_dit(tmp_path / "w.pt", filename=None,
+                          config=mv.replace(mv.VIDEO_DIT_PRESETS["tiny"], model_channels=32))
 
 
 def test_missing_local_file():
@@ -117,7 +124,8 @@ def test_missing_local_file():
 
 
 def test_hub_offline_without_cache_says_how_to_get_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"hf download nvidia/Cosmos-Predict2-2B-Video2World model-480p-10fps.pt"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"hf download nvidia/Cosmos-Predict2-2B-Video2World model-480p-10fps.pt"):
         mv.load_video_dit(cache_dir=tmp_path, config="tiny")
 
 
@@ -129,7 +137,8 @@ def test_hub_repo_id_through_the_cache(tmp_path, io):
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
     shutil.copy(FIXTURES / "video_dit_weights.pt", repo / "snapshots" / commit / "model-480p-16fps.pt")
-    model = mv.load_video_dit("nvidia/Cosmos-Predict2-2B-Video2World", "model-480p-16fps.pt", config="tiny", cache_dir=tmp_path)
+    model = mv.load_video_dit("nvidia/Cosmos-Predict2-2B-Video2World", "model-480p-16fps.pt", config="tiny",
+                              cache_dir=tmp_path)
     torch.testing.assert_close(velocity(model, io), io["velocity"], atol=1e-5, rtol=0)
     model = mv.load_video_dit("nvidia/Cosmos-Predict2-2B-Video2World", "model-480p-16fps.pt", config="tiny",
                               cache_dir=tmp_path, revision=commit)

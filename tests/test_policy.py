@@ -37,7 +37,8 @@ def test_quaternion_axis_angle_and_6d_agree():
     torch.testing.assert_close(mv.matrix_to_axis_angle(R), v)  # and back to the rotation vector
     # a quarter turn about z by hand: x -> y
     Rz = mv.axis_angle_to_matrix(torch.tensor([0.0, 0.0, math.pi / 2], dtype=torch.float64))
-    torch.testing.assert_close(Rz @ torch.tensor([1.0, 0, 0], dtype=torch.float64), torch.tensor([0.0, 1, 0], dtype=torch.float64))
+    torch.testing.assert_close(Rz @ torch.tensor([1.0, 0, 0], dtype=torch.float64),
+                               torch.tensor([0.0, 1, 0], dtype=torch.float64))
     # near zero and near pi: no NaN, and the identity is the zero vector
     assert torch.equal(mv.matrix_to_axis_angle(torch.eye(3)[None]), torch.zeros(1, 3))
     flip = mv.matrix_to_axis_angle(mv.axis_angle_to_matrix(torch.tensor([[0.0, math.pi, 0.0]], dtype=torch.float64)))
@@ -49,7 +50,8 @@ def test_libero_representation_round_trip():
     rep = mv.Representation("libero")
     g = torch.Generator().manual_seed(0)
     gripper = torch.where(torch.rand(50, 1, generator=g) < 0.5, -1.0, 1.0)
-    a = torch.cat([torch.rand(50, 3, generator=g) * 2 - 1, random_axis_angles(50, 1).float(), gripper], dim=-1)  # (50, 7)
+    # (50, 7)
+    a = torch.cat([torch.rand(50, 3, generator=g) * 2 - 1, random_axis_angles(50, 1).float(), gripper], dim=-1)
     y = rep.action_to_model(a)
     assert y.shape == (50, 10)
     torch.testing.assert_close(y[:, 3:9], mv.rotation_to_6d(mv.axis_angle_to_matrix(a[:, 3:6].double())).float())
@@ -58,7 +60,8 @@ def test_libero_representation_round_trip():
     noisy = y + 0.05 * torch.randn(50, 10, generator=g)
     back = rep.action_from_model(noisy)
     assert torch.all(back[:, 6].abs() == 1) and torch.isfinite(back).all()
-    s = torch.cat([torch.rand(4, 3), random_axis_angles(4, 2).float(), torch.tensor([[0.03, -0.03]]).expand(4, 2)], dim=-1)
+    s = torch.cat([torch.rand(4, 3), random_axis_angles(4, 2).float(), torch.tensor([[0.03, -0.03]]).expand(4, 2)],
+                  dim=-1)
     m = rep.state_to_model(s)  # (4, 10): xyz, 6-D rows, first finger joint
     assert m.shape == (4, 10) and torch.equal(m[:, 9], s[:, 6]) and torch.equal(m[:, :3], s[:, :3])
     with pytest.raises(ValueError, match="observation.state must have 8 values"):
@@ -83,7 +86,8 @@ def test_identity_representation_any_dimension_and_explicit_modes():
 
 def test_normalizer_modes_are_explicit_and_it_saves_and_loads(tmp_path):
     stats = make_stats(3, ["action/a", "action/rotation_6d", "action/b"])
-    norm = mv.Normalizer(stats, [("action/a", "variance"), ("action/rotation_6d", "variance"), ("action/b", "identity")])
+    norm = mv.Normalizer(stats,
+                         [("action/a", "variance"), ("action/rotation_6d", "variance"), ("action/b", "identity")])
     assert not torch.all(norm.scale[:, 3:9] == 1)  # no name guessing: a "rot" key is normalized when it says variance
     assert torch.all(norm.scale[:, 9] == 1) and torch.isinf(norm.clamp_min[:, 9]).all()
     mv.save_stats(norm, tmp_path / "n.json")
@@ -128,10 +132,12 @@ def tiny_policy_parts(tmp_path):
     stats = rep.stats(g.randn(500, 1, 10) * 0.3, g.randn(500, 4, 10) * 0.2)
     obs_norm, act_norm = rep.normalizers(stats)
     # frozen, as a deployed policy is (mv.load_policy): parameters that require grad take other CPU kernel paths
-    va = mv.VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False), mv.VIDEO_ACTION_PRESETS["tiny"],
+    va = mv.VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False),
+                             mv.VIDEO_ACTION_PRESETS["tiny"],
                              obs_norm, act_norm)
     cfg = mv.make_config(mv.PolicyConfig, "libero", mv.POLICY_PRESETS, image_size=(H_IMG, H_IMG), n_action_steps=3,
-                         stop_after_step=2, video_encoder={"kind": "wan", "source": str(tmp_path / "vae"), "subfolder": None},
+                         stop_after_step=2,
+                         video_encoder={"kind": "wan", "source": str(tmp_path / "vae"), "subfolder": None},
                          text_encoder={"kind": "t5", "source": str(tmp_path / "t5"), "max_length": 12})
     return va, cfg
 
@@ -173,7 +179,8 @@ def test_history_is_padded_with_the_first_frame_and_strided(policy):
         policy.select_action(observation(t))
     ctx = policy.context_frames()  # every 4th frame, ending now: t = -11 (padding) .. 5
     assert ctx.shape == (B_ENV, 3, 5, H_IMG, H_IMG)
-    frame = lambda t: mv.resize_frames(mv.images_to_frames(observation(t)["observation.images.image"]), (H_IMG, H_IMG))  # noqa: E731
+    frame = lambda t: mv.resize_frames(mv.images_to_frames(observation(t)["observation.images.image"]),
+                                       (H_IMG, H_IMG))  # noqa: E731
     for i, t in enumerate((-11, -7, -3, 1, 5)):
         assert torch.equal(ctx[:, :, i], frame(max(t, 0))), (i, t)
 
@@ -236,7 +243,8 @@ def test_a_model_file_carries_its_config(tmp_path):
     video = mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"])
     mv.save_video_dit_checkpoint(video, tmp_path / "v.safetensors")
     assert mv.load_video_dit(tmp_path / "v.safetensors", None).cfg == video.cfg  # no config needed
-    with pytest.raises(mv.CheckpointMismatchError, match="holds 4 blocks of width 64; the config has 28 blocks of width 2048"):
+    with pytest.raises(mv.CheckpointMismatchError,
+                       match="holds 4 blocks of width 64; the config has 28 blocks of width 2048"):
         mv.load_video_dit(tmp_path / "v.safetensors", None, "cosmos-predict2-2b")
     torch.save(mv.fused_state_dict(video), tmp_path / "v.pt")  # an official-style .pt has no config
     with pytest.raises(mv.CheckpointMismatchError, match="carries no config"):
@@ -244,14 +252,17 @@ def test_a_model_file_carries_its_config(tmp_path):
     decoder = mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"])
     mv.save_action_decoder(decoder, tmp_path / "d.safetensors")
     back = mv.load_action_decoder(tmp_path / "d.safetensors")
-    assert back.cfg == decoder.cfg and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), decoder.state_dict().values()))
+    assert back.cfg == decoder.cfg and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
+                                                                             decoder.state_dict().values()))
 
 
 def test_window_and_normalizer_checks():
     video = mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"])
-    model = mv.VideoActionModel(video, mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), mv.VIDEO_ACTION_PRESETS["toy"])
+    model = mv.VideoActionModel(video, mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
+                                mv.VIDEO_ACTION_PRESETS["toy"])
     ctx, text = torch.zeros(1, 5, 1, 8, 8), torch.zeros(1, 3, 32)
-    with pytest.raises(ValueError, match="context has 2 latent frames; this model was configured for context_latents=1"):
+    with pytest.raises(ValueError,
+                       match="context has 2 latent frames; this model was configured for context_latents=1"):
         model.sample_actions(torch.zeros(1, 5, 2, 8, 8), text, torch.zeros(1, 1, 2), stop_after_step=0)
     with pytest.raises(ValueError, match=r"future must be \(1, 5, 4, 8, 8\)"):
         model.action_loss(ctx, torch.zeros(1, 5, 6, 8, 8), text, torch.zeros(1, 1, 2), torch.zeros(1, 8, 2))
@@ -271,7 +282,8 @@ def test_toy_policy_queries_once_per_execute_steps(tmp_path):
     cfg = mv.POLICY_PRESETS["toy"]
     rep = mv.Representation.from_config(cfg.representation)
     stats = rep.stats(np.random.rand(100, 1, 2), np.random.randn(100, 8, 2) * 0.05)
-    policy = mv.Policy(mv.VideoActionModel(video, decoder, mv.VIDEO_ACTION_PRESETS["toy"], *rep.normalizers(stats)), cfg,
+    policy = mv.Policy(mv.VideoActionModel(video, decoder, mv.VIDEO_ACTION_PRESETS["toy"], *rep.normalizers(stats)),
+                       cfg,
                        mv.build_video_encoder(cfg.video_encoder), mv.build_text_encoder(cfg.text_encoder))
     sample.timed(policy)
     result = mv.toy_rollout(policy, [1, 2, 3], mv.ToyWorldConfig())
@@ -339,7 +351,8 @@ def test_libero_eval_loop_on_a_stand_in_env(policy):
         return envs[-1]
 
     lines = []
-    rates = sample.libero_eval(policy, "libero_spatial", trials=2, tasks=[("pick up the bowl", make, [0, 1])], log=lines.append)
+    rates = sample.libero_eval(policy, "libero_spatial", trials=2, tasks=[("pick up the bowl", make, [0, 1])],
+                               log=lines.append)
     assert set(rates) == {"pick up the bowl"} and 0 <= rates["pick up the bowl"] <= 1
     assert "mean over 1 tasks" in lines[-1]
     assert envs[0].steps > sample.LIBERO_SETTLE_STEPS  # settled, then the policy acted
@@ -351,7 +364,8 @@ def test_libero_observation_keys():
     raw = env.obs()
     obs = sample.libero_observation(raw, "put the bowl on the plate")
     assert np.array_equal(obs["observation.images.image"], raw["agentview_image"][::-1, ::-1])  # upright
-    assert obs["observation.state"].shape == (8,) and np.allclose(obs["observation.state"][3:6], 0)  # identity quaternion
+    # identity quaternion
+    assert obs["observation.state"].shape == (8,) and np.allclose(obs["observation.state"][3:6], 0)
 
 
 def test_gif_of_a_vae_based_policy_in_the_toy_world(tmp_path):
@@ -419,7 +433,8 @@ def test_a_broken_policy_folder_names_the_file(policy, tmp_path):
     folder = tmp_path / "policy"
     for broken, error, message in (
             (lambda: (folder / "stats.json").unlink(), FileNotFoundError, "incomplete: stats.json missing"),
-            (lambda: (folder / "action_decoder.safetensors").unlink(), FileNotFoundError, "action_decoder.safetensors missing"),
+            (lambda: (folder / "action_decoder.safetensors").unlink(), FileNotFoundError,
+             "action_decoder.safetensors missing"),
             (lambda: (folder / "config.json").write_text('{"format": "mimic-vid'), mv.CheckpointReadError,
              "cannot read .*config.json"),
             (lambda: (folder / "video_backbone.safetensors").write_bytes(b"\x10\x00"), mv.CheckpointReadError,
@@ -448,7 +463,8 @@ def test_push_to_hub_then_load_by_repo_id(policy, tmp_path, monkeypatch):
         (repo / "refs" / "main").write_text("0" * 40)
         calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id,
+                        **kw: calls.append(("create", repo_id)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     policy.push_to_hub("someone/my-policy")
     assert calls == [("create", "someone/my-policy"), ("upload", "someone/my-policy", [

@@ -103,7 +103,8 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(stage1, tmp_path,
         return real(obj, f, *a, **k)
 
     monkeypatch.setattr(train.torch, "save", full_disk)
-    with pytest.raises(SystemExit, match=r"could not write the step 4 checkpoint to .*stage2/checkpoint: .*no space left on device"):
+    with pytest.raises(SystemExit,
+                       match=r"could not write the step 4 checkpoint to .*stage2/checkpoint: .*no space left on device"):
         train.main([f"--out_dir={out}", *STAGE2, "--stage2_steps=6"])
     monkeypatch.undo()
     assert train.read_train_state(out / "stage2")["step"] == 2  # intact and usable
@@ -162,7 +163,8 @@ def test_resume_refuses_a_changed_input_and_a_checkpoint_past_the_end(two_steps,
     out = tmp_path / "copy"
     shutil.copytree(two_steps, out)
     with pytest.raises(SystemExit, match="beyond the requested 3 steps"):
-        train.main([f"--out_dir={out}", *STAGE2, "--stage2_steps=3", "--resume=true", "--allow_config_change=stage2_steps"])
+        train.main([f"--out_dir={out}", *STAGE2, "--stage2_steps=3", "--resume=true",
+                    "--allow_config_change=stage2_steps"])
     video = mv.load_video_dit(out / "stage1" / "video_fused.safetensors", None)
     with torch.no_grad():
         video.final_layer.linear.weight.add_(1.0)
@@ -174,7 +176,8 @@ def test_resume_refuses_a_changed_input_and_a_checkpoint_past_the_end(two_steps,
 def test_resume_without_a_checkpoint_and_a_fresh_run_over_one(two_steps, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--resume=true but .*typo.* holds no checkpoint of stage2"):
         train.main([f"--out_dir={tmp_path / 'typo'}", *STAGE2, "--stage2_steps=4", "--resume=true"])
-    with pytest.raises(SystemExit, match=r"already holds checkpoints: stage2 \(step 4\).*--resume=true.*--overwrite=true"):
+    with pytest.raises(SystemExit,
+                       match=r"already holds checkpoints: stage2 \(step 4\).*--resume=true.*--overwrite=true"):
         train.main([f"--out_dir={two_steps}", *STAGE2, "--stage2_steps=4"])
     out = tmp_path / "copy"
     shutil.copytree(two_steps, out)
@@ -182,7 +185,8 @@ def test_resume_without_a_checkpoint_and_a_fresh_run_over_one(two_steps, tmp_pat
     assert "stage2: complete at step 4, nothing to train" in capsys.readouterr().out
     train.main([f"--out_dir={out}", *STAGE2, "--stage2_steps=2", "--overwrite=true"])
     assert train.read_train_state(out / "stage2")["step"] == 2
-    with pytest.raises(SystemExit, match="--stage=2 reads .*video_fused.safetensors, which does not exist: run --stage=1"):
+    with pytest.raises(SystemExit,
+                       match="--stage=2 reads .*video_fused.safetensors, which does not exist: run --stage=1"):
         train.main([f"--out_dir={tmp_path / 'empty'}", *STAGE2, "--stage2_steps=2"])
 
 
@@ -247,7 +251,8 @@ def test_a_key_in_two_files_and_index_mismatches_are_refused(diffusers_folder):
     key = sorted(diff)[0]
     part = load_file(folder / names[1])
     save_file({**part, key: diff[key]}, folder / names[1])
-    with pytest.raises(mv.CheckpointReadError, match=rf"'{key}' is defined twice: in .*00001-of-00002.* and in .*00002-of-00002"):
+    with pytest.raises(mv.CheckpointReadError,
+                       match=rf"'{key}' is defined twice: in .*00001-of-00002.* and in .*00002-of-00002"):
         mv.read_state_dict(folder.parent)
     save_file(part, folder / names[1])
     index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
@@ -272,16 +277,19 @@ def test_read_errors_name_the_file(diffusers_folder, tmp_path):
     sd = torch.load(FIXTURES / "video_dit_weights.pt", weights_only=True)
     mixed = dict(sd, **{"net.final_layer.linear.weight": sd["net.final_layer.linear.weight"].double()})
     torch.save(mixed, tmp_path / "mixed.pt")
-    with pytest.raises(mv.CheckpointReadError, match=r"mixed.pt: mixed parameter dtypes: .*torch.float64 \(e.g. 'final_layer"):
+    with pytest.raises(mv.CheckpointReadError,
+                       match=r"mixed.pt: mixed parameter dtypes: .*torch.float64 \(e.g. 'final_layer"):
         mv.load_video_dit(tmp_path / "mixed.pt", None, "tiny")
     ints = dict(sd, **{"net.final_layer.linear.weight": sd["net.final_layer.linear.weight"].long()})
     torch.save(ints, tmp_path / "ints.pt")
-    with pytest.raises(mv.CheckpointReadError, match="ints.pt: non-floating parameters, e.g. 'final_layer.linear.weight'"):
+    with pytest.raises(mv.CheckpointReadError,
+                       match="ints.pt: non-floating parameters, e.g. 'final_layer.linear.weight'"):
         mv.load_video_dit(tmp_path / "ints.pt", None, "tiny")
     shutil.rmtree(folder)
     folder.mkdir()
     save_file(diff, folder / "diffusion_pytorch_model.fp16.safetensors")  # only a variant: not guessed
-    with pytest.raises(FileNotFoundError, match=r"neither diffusion_pytorch_model.safetensors nor .*index.json \(found"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"neither diffusion_pytorch_model.safetensors nor .*index.json \(found"):
         mv.load_video_dit(folder.parent, None, "tiny")
 
 
@@ -290,10 +298,12 @@ def test_read_errors_name_the_file(diffusers_folder, tmp_path):
 
 @pytest.mark.parametrize("arg,message", [
     ("--lora_rank=0", "--lora_rank must be at least 1"), ("--batch_size=-2", "--batch_size must be at least 1"),
-    ("--stage2_steps=0", "--stage2_steps must be at least 1"), ("--eval_episodes=0", "--eval_episodes must be at least 1"),
+    ("--stage2_steps=0", "--stage2_steps must be at least 1"),
+    ("--eval_episodes=0", "--eval_episodes must be at least 1"),
     ("--num_demos=0", "--num_demos must be at least 1"), ("--stage2_lr=0", "--stage2_lr must be a positive number"),
     ("--stage2_lr=nan", "--stage2_lr must be a positive number"), ("--device=tpu", "--device must be auto, cpu, cuda"),
-    ("--stop_after_step=36", r"--stop_after_step must be in \[0, 35\]"), ("--video_preset=huge", "--video_preset='huge' is not a preset"),
+    ("--stop_after_step=36", r"--stop_after_step must be in \[0, 35\]"),
+    ("--video_preset=huge", "--video_preset='huge' is not a preset"),
     ("--allow_config_change=sed", "unknown fields"), ("--out_dir=", "--out_dir must not be empty")])
 def test_train_values_are_validated_before_any_work(arg, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -330,7 +340,8 @@ def toy_policy():
     cfg = mv.POLICY_PRESETS["toy"]
     rep = mv.Representation.from_config(cfg.representation)
     stats = rep.stats(np.random.rand(50, 1, 2), np.random.randn(50, 8, 2) * 0.05)
-    model = mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
+    model = mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]),
+                                mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
                                 mv.VIDEO_ACTION_PRESETS["toy"], *rep.normalizers(stats))
     return mv.Policy(model, cfg, mv.build_video_encoder(cfg.video_encoder), mv.build_text_encoder(cfg.text_encoder))
 
@@ -363,7 +374,8 @@ def test_shape_and_range_mistakes_name_the_argument():
     with pytest.raises(ValueError, match=r"stop_after_step must be in \[0, 35\]"):
         mv.partial_schedule(35, stop_after_step=40)
     with pytest.raises(ValueError, match="context_latents must be in"):
-        mv.VideoActionModel(video, mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), mv.VideoActionConfig(tap_block=2, latent_frames=5, context_latents=5))
+        mv.VideoActionModel(video, mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
+                            mv.VideoActionConfig(tap_block=2, latent_frames=5, context_latents=5))
 
 
 # ------------------------------ ordinary file modes ------------------------------

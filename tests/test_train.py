@@ -63,13 +63,16 @@ def test_help_lists_every_field(capsys):
 
 def test_smoke_run_writes_every_artifact(smoke, capsys):
     for f in ("pretrain/video.safetensors", "stage1/checkpoint/model.safetensors", "stage1/checkpoint/optim.pt",
-              "stage1/checkpoint/train_state.json", "stage1/video_fused.safetensors", "stage1/adapter/adapter_model.safetensors",
+              "stage1/checkpoint/train_state.json", "stage1/video_fused.safetensors",
+              "stage1/adapter/adapter_model.safetensors",
               "stage2/checkpoint/model.safetensors", "stage2/checkpoint/optim.pt", "stage2/checkpoint/train_state.json",
-              "policy/config.json", "policy/video_backbone.safetensors", "policy/action_decoder.safetensors", "policy/stats.json"):
+              "policy/config.json", "policy/video_backbone.safetensors", "policy/action_decoder.safetensors",
+              "policy/stats.json"):
         assert (smoke / f).exists(), f
     assert not list(smoke.rglob("*.tmp")) and not (smoke / ".lock").exists()  # no temp files; the lock released
     # stage 1 trained only adapters and adaLN; its fused export is the official backbone layout
-    assert all(".lora_" in k or "adaln_modulation" in k for k in load_file(smoke / "stage1" / "checkpoint" / "model.safetensors"))
+    assert all(".lora_" in k or "adaln_modulation" in k
+               for k in load_file(smoke / "stage1" / "checkpoint" / "model.safetensors"))
     fused = load_file(smoke / "stage1" / "video_fused.safetensors")
     assert all(k.startswith("net.") and "lora" not in k for k in fused)
     mv.load_video_dit(smoke / "stage1" / "video_fused.safetensors", None)  # the file carries its config
@@ -100,7 +103,8 @@ def test_gif_or_a_clear_install_hint(smoke, tmp_path):
     sample.main([f"--policy={smoke / 'policy'}", "--episodes=2", f"--gif={path}"])
     from PIL import Image
     gif = Image.open(path)
-    assert gif.n_frames == mv.ToyWorldConfig().episode_steps and gif.size == (4 * 8 * 8, 2 * 8 * 8)  # 4 episodes side by side, rollout over plan, 8x upscaled
+    # 4 episodes side by side, rollout over plan, 8x upscaled
+    assert gif.n_frames == mv.ToyWorldConfig().episode_steps and gif.size == (4 * 8 * 8, 2 * 8 * 8)
 
 
 def test_wrong_instruction_scores_the_named_square():
@@ -153,7 +157,8 @@ def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa, sb = (torch.load(tmp_path / r / name / "checkpoint" / "optim.pt", weights_only=True) for r in ("straight", "resumed"))
+    sa, sb = (torch.load(tmp_path / r / name / "checkpoint" / "optim.pt", weights_only=True)
+              for r in ("straight", "resumed"))
     assert [train.read_train_state(tmp_path / r / name)["step"] for r in ("straight", "resumed")] == [4, 4]
     for k, st in sa["optimizer"]["state"].items():
         assert torch.equal(st["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
@@ -171,11 +176,14 @@ def test_ddp_two_processes_equal_one(smoke, tmp_path, method):
             shutil.copy(f, tmp_path / run)
     args = [*SMALL, "--stage=2", f"--method={method}", "--stage1_steps=1", "--stage2_steps=2", "--stage2_warmup=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *args], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *args], cwd=ROOT, env=env,
+                   check=True,
                    capture_output=True)
     accum = ["--grad_accum=2"] if method == "mimic-video" else []  # and micro-batches (no_sync until the last)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                          f"--out_dir={tmp_path / 'ddp'}", *args, *accum], cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py",
+                          f"--out_dir={tmp_path / 'ddp'}", *args,
+                          *accum], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
     a, b = (load_file(tmp_path / r / "stage2" / "checkpoint" / "model.safetensors") for r in ("single", "ddp"))

@@ -186,7 +186,8 @@ def write_release(root, task="libero_spatial_full"):
         (root / files[kind]).parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}, root / files[kind])
     groups = mv.NORMALIZATION_GROUPS["libero"]
-    stats = {**make_stats(4, [k for k, _ in groups["action"]], seed=1), **make_stats(1, [k for k, _ in groups["obs"]], seed=2)}
+    stats = {**make_stats(4, [k for k, _ in groups["action"]], seed=1),
+             **make_stats(1, [k for k, _ in groups["obs"]], seed=2)}
     (root / files["statistics"]).parent.mkdir(parents=True, exist_ok=True)
     (root / files["statistics"]).write_text(json.dumps(stats))
     return files
@@ -205,7 +206,8 @@ def test_released_file_names():
 
 
 def tiny_policy(source, **kw):
-    return mv.load_released_model("libero_spatial_full", source, video_config="tiny", decoder_config="tiny", config="tiny", **kw)
+    return mv.load_released_model("libero_spatial_full", source, video_config="tiny", decoder_config="tiny",
+                                  config="tiny", **kw)
 
 
 def test_load_policy_from_a_local_folder(tmp_path, batch):

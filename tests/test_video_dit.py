@@ -144,7 +144,8 @@ def test_bf16_autocast_close_to_fp32(tiny_dit, io):
 
 
 def test_bf16_weights(io):
-    model = mv.load_video_dit(FIXTURES / "video_dit_weights.safetensors", filename=None, config="tiny", dtype=torch.bfloat16)
+    model = mv.load_video_dit(FIXTURES / "video_dit_weights.safetensors", filename=None, config="tiny",
+                              dtype=torch.bfloat16)
     with torch.no_grad():
         v = model(io["x"], io["timesteps"], io["crossattn_emb"], io["condition_mask"])
     assert v.dtype == torch.bfloat16
