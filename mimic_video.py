@@ -1456,10 +1456,8 @@ class VideoActionConfig:
     num_action_steps: int = 10  # Euler steps of the decoder from tau_a = 1 to 0
     loss_scale: float = 10.0  # stage-2 loss = loss_scale * velocity MSE
     obs_dropout: float = 0.2  # stage-2 probability of masking the proprio token
-    # "official": sigma = sqrt(latent_frames) exp(N(0,1)) + 5% tail; "paper": logit-normal tau_v; "max": sigma = 80
-    # and no future frames, what a k = 0 query sees (the VLA-style baseline)
-    video_time: str = "official"
-    train_backbone: bool = False  # the action loss also trains the video DiT (the end-to-end VLA-style baseline)
+    video_time: str = "official"  # stage 2: "official" sigma = sqrt(latent_frames) exp(N(0,1)) + 5% tail; "paper"
+    #                               logit-normal tau_v
     action_time: str = "official"  # "official": uniform on [0.001, 1]; "paper": Beta(1.5, 1)
 
     @property
@@ -1535,17 +1533,21 @@ class VideoActionModel(nn.Module):
     def video_features(self, context, future, text, sigma, eps=None, generator=None):
         """Decoder context from ground-truth future latents noised to sigma (training; the paper's oracle).
 
-        One video forward truncated after `tap_block`, no gradient to the backbone. Returns (B, T'H'W', D)
+        One video forward truncated after `tap_block`, no gradient to the frozen backbone. Returns (B, T'H'W', D)
         in (t, h, w) order; the clean context frames are among the tokens.
         """
+        with torch.no_grad():
+            return self.tapped_hidden(context, future, text, sigma, eps, generator)
+
+    def tapped_hidden(self, context, future, text, sigma, eps=None, generator=None):
+        """The output of block `tap_block` for the window with its future noised to sigma: (B, T'H'W', D)."""
         latents, cond = self.window(context, future)
         if eps is None:
             eps = torch.randn(latents.shape, generator=generator, device=latents.device)
         tau_v = sigma_to_tau(sigma.float())
         x_tau = interpolate(latents.float(), eps, tau_v)  # = (1 - tau_v) x_sigma
         net_in, tau_BT, condition_mask = video2world_inputs(x_tau, tau_v, latents, cond)
-        with torch.set_grad_enabled(self.cfg.train_backbone and torch.is_grad_enabled()):  # frozen, unless end to end
-            hidden = self.video(net_in, tau_BT, text, condition_mask, stop_after_block=self.cfg.tap_block)
+        hidden = self.video(net_in, tau_BT, text, condition_mask, stop_after_block=self.cfg.tap_block)
         return hidden.flatten(1, 3)  # (B, T, H', W', D) -> (B, L, D)
 
     def forward(self, loss, **batch):
@@ -1564,15 +1566,12 @@ class VideoActionModel(nn.Module):
         cfg = self.cfg
         if loss not in ("video", "action"):
             raise ValueError(f"loss must be 'video' or 'action', got {loss!r}")
-        if loss == "video" or cfg.video_time in ("official", "max"):
+        if loss == "video" or cfg.video_time == "official":
             sigma = sample_video_sigma(batch, generator, device, multiplier=cfg.video_sigma_multiplier)
         elif cfg.video_time == "paper":
             sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
         else:
-            raise ValueError(f"video_time must be 'official', 'paper' or 'max', got {cfg.video_time!r}")
-        # drawn all the same, so every mode consumes the same randomness
-        if loss == "action" and cfg.video_time == "max":
-            sigma = torch.full_like(sigma, 80.0)
+            raise ValueError(f"video_time must be 'official' or 'paper', got {cfg.video_time!r}")
         noise = {"sigma": sigma,
                  "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
         if loss == "video":
@@ -1598,8 +1597,6 @@ class VideoActionModel(nn.Module):
         if noise is None:
             noise = self.draw_noise("action", B, latent_shape, actions.shape[1:], generator, actions.device)
         sigma, tau_a = noise["sigma"], noise["tau_a"]
-        if self.cfg.video_time == "max":  # the backbone sees the current frames, the instruction and noise: no future
-            future = torch.zeros_like(future)
         ctx = self.video_features(context, future, text, sigma, eps=noise["eps_video"])
         x0, eps = actions.float(), noise["eps_action"]
         x_tau = interpolate(x0, eps, tau_a)
@@ -2359,7 +2356,7 @@ def build_text_encoder(spec, device="cpu", dtype=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. The comparison model: VideoVLA-style joint denoising
+# 11. The comparison models: VideoVLA-style joint denoising, the VLA-style baseline
 # ------------------------------------------------------------------------------------------------
 
 
@@ -2486,6 +2483,22 @@ class JointVideoActionModel(nn.Module):
     def head_state_dict(self):
         """What the joint model adds to the video DiT: its action embedders, positions and output head."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("video.")}
+
+
+class VLAModel(VideoActionModel):
+    """The VLA-style baseline: mimic-video's network (video DiT + decoder), trained end to end on the action loss
+    from random initialisation, seeing what a k = 0 query sees: the current frames and the instruction, the future
+    as noise at sigma = 80. Only what the backbone sees and that it trains differ from mimic-video's stage 2."""
+
+    def draw_noise(self, loss, batch, latent_shape, action_shape=None, generator=None, device=None):
+        noise = super().draw_noise(loss, batch, latent_shape, action_shape, generator, device)
+        if loss == "action":  # drawn all the same, so both models consume the same randomness
+            noise["sigma"] = torch.full_like(noise["sigma"], 80.0)
+        return noise
+
+    def video_features(self, context, future, text, sigma, eps=None, generator=None):
+        # the backbone trains with the decoder, and the future never reaches it
+        return self.tapped_hidden(context, torch.zeros_like(future), text, sigma, eps, generator)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2924,7 +2937,11 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
             raise FileNotFoundError(f"the policy folder {path} is incomplete: {', '.join(missing)} missing")
         video = load_video_dit(path / "video_backbone.safetensors", None, config["video"], device=device, dtype=dtype)
         obs_norm, act_norm = Representation.from_config(pcfg.representation).normalizers(stats, dtype or torch.float32)
-        va_cfg = make_config(VideoActionConfig, config["model"])
+        model_cfg = dict(config["model"])
+        model_cfg.pop("train_backbone", None)  # written before the VLA-style baseline had its own class (VLAModel)
+        if model_cfg.get("video_time") == "max":
+            model_cfg.pop("video_time")
+        va_cfg = make_config(VideoActionConfig, model_cfg)
         if "joint" in config:  # the VideoVLA-style joint model
             model = JointVideoActionModel(video, make_config(JointConfig, config["joint"]), va_cfg, obs_norm, act_norm)
             from safetensors.torch import load_file
@@ -2936,8 +2953,8 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
         else:
             decoder = load_action_decoder(path / "action_decoder.safetensors", None, config["decoder"], device=device,
                                           dtype=dtype)
-            model = VideoActionModel(video.requires_grad_(False), decoder.requires_grad_(False), va_cfg, obs_norm,
-                                     act_norm)
+            model_cls = VLAModel if config.get("method") == "vla" else VideoActionModel
+            model = model_cls(video.requires_grad_(False), decoder.requires_grad_(False), va_cfg, obs_norm, act_norm)
         method = config.get("method", "mimic-video")
     elif str(task_or_folder) in RELEASED_POLICIES:
         model = load_released_model(str(task_or_folder), source, revision, cache_dir, device, dtype, video_config,

@@ -1376,8 +1376,7 @@ def vla_model(video_cfg, decoder_cfg, model_cfg, norms, device):
     tap = model_cfg.tap_block
     video.blocks, video.cfg = video.blocks[:tap], mv.replace(video.cfg, num_blocks=tap)
     video.final_layer.requires_grad_(False)
-    cfg = mv.replace(model_cfg, video_time="max", train_backbone=True)
-    return mv.VideoActionModel(video, decoder, cfg, *norms).to(device)
+    return mv.VLAModel(video, decoder, model_cfg, *norms).to(device)
 
 
 def freeze_video(model):

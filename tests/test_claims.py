@@ -26,9 +26,8 @@ def toy_batch():
 
 
 def vla_model():
-    cfg = mv.replace(mv.VIDEO_ACTION_PRESETS["toy"], video_time="max", train_backbone=True)
-    return mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]),
-                               mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), cfg)
+    return mv.VLAModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]),
+                       mv.VIDEO_ACTION_PRESETS["toy"])
 
 
 def test_the_vla_baseline_is_the_same_network_trained_end_to_end_without_the_future():
