@@ -263,38 +263,30 @@ def barrier(world):
 # the run's folder: one run at a time, checkpoints as one unit, resume exact or refused
 
 class RunLock:
-    """<out_dir>/.lock names the run that holds the folder (host, pid and the process's start time). A second run
-    into the folder stops with that name; a lock whose process is gone (or whose pid was reused) is stale and is
-    taken over, with a line in the log."""
+    """<out_dir>/.lock, created exclusively, names the run that holds the folder (host and pid). A second run into
+    the folder stops with that name; a lock whose process is gone from this host is stale and is taken over, with
+    a line in the log. (A pid reused by another process keeps the lock: delete it by hand, as the message says.)"""
 
     def __init__(self, folder):
         self.path = Path(folder) / ".lock"
         self.held = False
 
     @staticmethod
-    def _start_time(pid):
-        try:  # field 22 of /proc/<pid>/stat: start time in clock ticks since boot (Linux)
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        except (OSError, IndexError):
-            return None
-
-    @classmethod
-    def _alive(cls, owner):
+    def _alive(owner):
         if owner.get("host") != socket.gethostname():
             return True  # another machine's process: cannot tell, so it is not taken over
         try:
-            os.kill(owner["pid"], 0)
+            os.kill(owner["pid"], 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
             return False
         except PermissionError:
             pass  # exists, owned by another user
-        started = cls._start_time(owner["pid"])
-        return started is None or owner.get("started") in (None, started)
+        return True
 
     def acquire(self, log_fn=print):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": self._start_time(os.getpid()),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
