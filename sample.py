@@ -503,18 +503,14 @@ def bench_training(model, x, latent, device, cfg):
     actions = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
     video = mv.fp32_trainable(mv.inject_lora(model.video, mv.LORA_PRESETS["mimic-video-stage1"]).to(device))
     # as train.py trains: the backbone frozen in its dtype, LoRA and adaLN in fp32 under bf16 autocast
-    for checkpointing in (True, False):  # the one that fits first: without, a real-shape step may run out of memory
-        video.activation_checkpointing = checkpointing
-        name = f"stage 1 (LoRA, activation checkpointing {'on' if checkpointing else 'off'})"
-
-        def stage1():
-            params = [p for p in video.parameters() if p.requires_grad]
+    def time_step(name, loss, params, **inputs):
+        """Median ms and peak memory of one AdamW step on `loss`, printed on its own row (a failure too)."""
+        def run():
             opt = torch.optim.AdamW(params, lr=1e-5)
 
             def step():
                 with autocast:
-                    loss = model("video", **batch)["loss"]
-                loss.backward()
+                    model(loss, **batch, **inputs)["loss"].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -523,31 +519,20 @@ def bench_training(model, x, latent, device, cfg):
             ms = median_ms(step, device, max(2, cfg.bench_runs // 3), warmup=1)
             print(f"  training step, batch 1, {name}: {ms:.0f} ms, peak {peak_memory(device):.2f} GiB")
 
-        run_phase(f"training step, batch 1, {name}", stage1, device)
-        for p in video.parameters():
+        run_phase(f"training step, batch 1, {name}", run, device)
+        for p in params:
             p.grad = None
+
+    for checkpointing in (True, False):  # the one that fits first: without, a real-shape step may run out of memory
+        video.activation_checkpointing = checkpointing
+        time_step(f"stage 1 (LoRA, activation checkpointing {'on' if checkpointing else 'off'})", "video",
+                  [p for p in video.parameters() if p.requires_grad])
     video.activation_checkpointing = False
     mv.merge_lora(video)
     video.requires_grad_(False)
     model.decoder.float().requires_grad_(True)
-
-    def stage2():
-        opt = torch.optim.AdamW(model.decoder.parameters(), lr=1e-5)
-
-        def step():
-            with autocast:
-                loss = model("action", **batch, proprio=x["proprio"].float(), actions=actions)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ms = median_ms(step, device, max(2, cfg.bench_runs // 3), warmup=1)
-        print(f"  training step, batch 1, stage 2 (decoder, frozen video): {ms:.0f} ms, peak "
-              f"{peak_memory(device):.2f} GiB")
-
-    run_phase("training step, batch 1, stage 2 (decoder, frozen video)", stage2, device)
+    time_step("stage 2 (decoder, frozen video)", "action", list(model.decoder.parameters()),
+              proprio=x["proprio"].float(), actions=actions)
 
 
 def stage1_memory(device=torch.device("cpu")):
