@@ -834,6 +834,7 @@ def validation_loss(model, data, loss, cfg, env, batches=4):
     latent_shape, action_shape = data.shapes(model)
     B = min(cfg.batch_size, len(data.index))
     shard = slice(rank * B // world, (rank + 1) * B // world)  # this rank's windows of the B
+    m = max(1, cfg.batch_size // world // cfg.grad_accum)  # a training micro-batch
     was_training, total = model.training, torch.zeros((), dtype=torch.float64, device=device)
     model.eval()
     with torch.no_grad():
@@ -846,9 +847,11 @@ def validation_loss(model, data, loss, cfg, env, batches=4):
                 continue
             if loss == "video":
                 batch = {key: batch[key] for key in ("context", "future", "text")}
-            with autocast:
-                total += model(loss, **{key: v.to(device) for key, v in batch.items()},
-                               noise=noise)["per_sample"].double().sum()
+            for i in range(0, len(noise["sigma"]), m):  # in training's micro-batches: what fits there fits here
+                part = {key: v[i:i + m].to(device) for key, v in batch.items()}
+                with autocast:
+                    out = model(loss, **part, noise={key: v[i:i + m] for key, v in noise.items()})
+                total += out["per_sample"].double().sum()
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)

@@ -371,6 +371,13 @@ def test_validation_is_split_across_ranks(encoded, monkeypatch):
         for world in (2, 3):  # 7 windows: uneven slices
             parts = [train.validation_loss(model, val, loss, cfg, (r, world, cpu, nullcontext())) for r in range(world)]
             assert sum(parts) == pytest.approx(single, rel=1e-5), (loss, world)
+        cfg.grad_accum = 3  # in micro-batches of 2 (training's), not all 7 windows at once
+        calls, forward = [], model.forward
+        model.forward = lambda *a, **k: calls.append(len(k["noise"]["sigma"])) or forward(*a, **k)
+        assert train.validation_loss(model, val, loss, cfg, (0, 1, cpu, nullcontext())) == pytest.approx(single, rel=1e-5)
+        del model.forward
+        cfg.grad_accum = 1
+        assert calls == [2, 2, 2, 1] * 4, calls
 
 
 def test_bf16_weights_train_with_fp32_master_weights(encoded, tmp_path, monkeypatch):
