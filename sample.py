@@ -190,6 +190,11 @@ def save_gif(policy, world, path, episodes=4):
           f"at k={policy.config.stop_after_step}")
 
 
+def apply_setting(policy, name, value):
+    """Stop the policy's partial denoising after step `value` of the schedule, or at the flow time tau_v = `value`."""
+    policy.config.stop_after_step, policy.config.tau_v = (value, None) if name == "stop_after_step" else (0, value)
+
+
 def toy_sweep(cfg, policy):
     world = mv.ToyWorldConfig()
     seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.episodes)]  # the held-out seeds train.py evaluates on
@@ -200,7 +205,7 @@ def toy_sweep(cfg, policy):
     tasks, named_pos = wrong_instructions(seeds, world) if cfg.wrong_instruction else (None, None)
     timed(policy)
     for name, value in cfg.settings():
-        policy.config.stop_after_step, policy.config.tau_v = (value, None) if name == "stop_after_step" else (0, value)
+        apply_setting(policy, name, value)
         tau_v = value if name == "tau_v" else float(mv.sigma_to_tau(mv.karras_sigmas(35)[value]))
         policy.seconds, policy.queries = 0.0, 0
         result = mv.toy_rollout(Oracle(policy, world) if cfg.oracle else policy, seeds, world, tasks=tasks)
@@ -211,8 +216,7 @@ def toy_sweep(cfg, policy):
             line += f"   ends at the named square: {at_named.mean():.1%}"
         print(line)
     if cfg.gif:
-        name, value = cfg.settings()[0]
-        policy.config.stop_after_step = value if name == "stop_after_step" else 0
+        apply_setting(policy, *cfg.settings()[0])
         save_gif(policy, world, cfg.gif)
 
 
@@ -684,8 +688,7 @@ def main(argv):
     policy = mv.load_policy(cfg.policy, device=device, dtype=dtype)
     if cfg.env == "libero":
         for name, value in cfg.settings():
-            k_and_tau = (value, None) if name == "stop_after_step" else (0, value)
-            policy.config.stop_after_step, policy.config.tau_v = k_and_tau
+            apply_setting(policy, name, value)
             print(f"{cfg.suite}, {name}={value}:")
             libero_eval(policy, cfg.suite, cfg.trials)
         return
