@@ -23,6 +23,7 @@ Nothing is lost: a run holds its output folder (a second run into it stops), eac
 swapped in whole, and --resume=true continues exactly or refuses, naming what changed.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -338,8 +339,6 @@ def trainable(model):
 
 def fingerprint(path):
     """A cheap identity of an input file (size and a hash of its head and tail): a changed input is detected."""
-    import hashlib
-
     path = Path(path)
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
@@ -472,6 +471,412 @@ class ToyData:
 
 
 # ----------------------------------------------------------------------------------------------
+# LeRobot datasets: v3.0 and v2.1 folders read with pyarrow and PyAV, windows with the official timing
+
+# A LeRobot dataset is a folder: meta/info.json (fps, features, path templates), an episodes table, a tasks
+# table, parquet files with the low-dimensional streams and one mp4 per camera. v3.0 puts many episodes in each
+# parquet and each mp4 (an episode's frame at time t sits at its `from_timestamp` + t in the video); v2.1 has one
+# file per episode. We read the format directly with pyarrow and PyAV (optional packages): the `lerobot` package
+# pins torch and Python versions that conflict with ours.
+class DatasetError(ValueError):
+    """A corrupt or inconsistent dataset; the message names the file and the episode."""
+
+
+@dataclass
+class WindowTiming:
+    """Where one training sample's frames and actions lie around its anchor time t (seconds of the episode);
+    the defaults are the official LIBERO timing (`policy_io/libero.yaml`). Times past an episode's edges repeat
+    its first or last value (official: interpolation clipped to the episode)."""
+
+    context_frames: int = 5  # observed frames ending at t ...
+    context_hz: float = 5.0  # ... at this rate: t - 0.8, ..., t - 0.2, t
+    future_frames: int = 56  # frames the video model predicts ...
+    future_hz: float = 5.0  # ... at this rate ...
+    future_offset: float = 0.2  # ... from t + 0.2 s
+    chunk: int = 60  # actions of a chunk ...
+    chunk_hz: float = 20.0  # ... at this rate (the control rate) ...
+    chunk_offset: float = 0.0  # ... from t + chunk_offset (Bridge: 0.2)
+
+    def context_times(self, t):
+        return t - (self.context_frames - 1 - np.arange(self.context_frames)) / self.context_hz
+
+    def future_times(self, t):
+        return t + self.future_offset + np.arange(self.future_frames) / self.future_hz
+
+    def action_times(self, t):
+        return t + self.chunk_offset + np.arange(self.chunk) / self.chunk_hz
+
+
+def timing_preset(name, fps):
+    """Named window timings; "small" (the default for small datasets on a CPU) is the toy world's, in the dataset's
+    own time base: the current frame, 4 future frames every 2 steps from t + 2 steps, 8 actions at the control rate."""
+    presets = {"libero": WindowTiming(),
+               "bridge": WindowTiming(chunk=15, chunk_hz=5.0, chunk_offset=0.2),  # policy_io/bridge.yaml
+               "small": WindowTiming(context_frames=1, context_hz=fps, future_frames=4, future_hz=fps / 2,
+                                     future_offset=2 / fps, chunk=8, chunk_hz=fps)}
+    if name not in presets:
+        raise ValueError(f"unknown timing {name!r}; choose from {sorted(presets)}")
+    return presets[name]
+
+
+def interpolate_lowdim(times, values, query, rotvec_dims=()):
+    """values (T, d) sampled at increasing `times` -> (n, d) at `query`: linear, slerp on each axis-angle triple
+    starting at a dim in `rotvec_dims` (official `interpolate.py`), clipped to the first and last sample."""
+    times, values, query = np.asarray(times, np.float64), np.asarray(values, np.float64), np.asarray(query, np.float64)
+    q = np.clip(query, times[0], times[-1])
+    out = np.stack([np.interp(q, times, values[:, j]) for j in range(values.shape[1])], axis=1)
+    for d in rotvec_dims:  # slerp between the two neighbouring rotations, through the relative rotation
+        i = np.clip(np.searchsorted(times, q, side="right") - 1, 0, len(times) - 1)
+        j = np.minimum(i + 1, len(times) - 1)
+        w = np.where(j > i, (q - times[i]) / np.maximum(times[j] - times[i], 1e-12), 0.0)
+        R = mv.axis_angle_to_matrix(torch.from_numpy(values[:, d:d + 3]))  # (T, 3, 3)
+        delta = mv.matrix_to_axis_angle(R[i].transpose(-1, -2) @ R[j])  # R_i^T R_j as a rotation vector
+        Rq = R[i] @ mv.axis_angle_to_matrix(delta * torch.from_numpy(w)[:, None])
+        out[:, d:d + 3] = mv.matrix_to_axis_angle(Rq).numpy()
+    return out
+
+
+class LeRobotDataset:
+    """A LeRobot dataset (codebase v3.0 or v2.1) in a local folder, or a Hub repo id (downloaded by huggingface_hub).
+
+    camera: the image stream to read ("observation.images.top" or just "top"; needed when there are several).
+    state_key / action_key: the low-dimensional streams, vectors of any dimension.
+    """
+
+    def __init__(self, root, camera="", state_key="observation.state", action_key="action", revision=None):
+        root = Path(root)
+        if not root.is_dir():
+            root = self._download(str(root), revision)
+        self.root = root
+        info_path = root / "meta" / "info.json"
+        if not info_path.is_file():
+            raise DatasetError(f"{root} is not a LeRobot dataset: {info_path} does not exist")
+        self.info = info = json.loads(info_path.read_text())
+        self.version = info.get("codebase_version", "?")
+        if self.version not in ("v3.0", "v2.1", "v2.0"):
+            raise DatasetError(f"{info_path}: codebase_version {self.version!r} is not supported (v3.0, v2.1, v2.0)")
+        self.fps = float(info["fps"])
+        features = info["features"]
+        self.cameras = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
+        if camera and not camera.startswith("observation."):
+            camera = f"observation.images.{camera}"
+        if not camera:
+            if len(self.cameras) != 1:
+                raise DatasetError(f"{root} has cameras {self.cameras}: choose one (--camera=...)")
+            camera = self.cameras[0]
+        if camera not in self.cameras:
+            raise DatasetError(f"{root} has no camera {camera!r}; it has {self.cameras}")
+        self.camera, self.camera_is_video = camera, features[camera]["dtype"] == "video"
+        for key in (state_key, action_key):
+            if key not in features or len(features[key].get("shape", ())) != 1:
+                raise DatasetError(f"{info_path}: {key!r} is not a 1-D feature of this dataset (features: "
+                                   f"{sorted(features)})")
+        self.state_key, self.action_key = state_key, action_key
+        self.state_dim, self.action_dim = features[state_key]["shape"][0], features[action_key]["shape"][0]
+        self.episodes = self._read_episodes()
+        self.tasks = self._read_tasks()
+        self._table = (None, None)  # the last data parquet read: v3.0 keeps many episodes in one file
+
+    @staticmethod
+    def _download(repo_id, revision):
+        if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+            raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a Hub dataset id (owner/name)")
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
+        except Exception as e:
+            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({type(e).__name__}: {e}); "
+                                    f"download it where the Hub is reachable (`hf download {repo_id} "
+                                    f"--repo-type=dataset`) and pass its folder") from e
+
+    def _parquet(self, path):
+        pq = mv.require("pyarrow.parquet", "pyarrow")
+        try:
+            return pq.read_table(path)
+        except Exception as e:
+            raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+    def _read_episodes(self):
+        """[{index, length, task, data file, rows, video file, from_timestamp}] in episode order."""
+        meta = self.root / "meta"
+        out = []
+        if self.version == "v3.0":
+            files = sorted((meta / "episodes").glob("chunk-*/file-*.parquet"))
+            if not files:
+                raise DatasetError(f"{meta / 'episodes'} has no chunk-*/file-*.parquet episode tables")
+            for f in files:
+                for row in self._parquet(f).to_pylist():
+                    ep = {"index": row["episode_index"], "length": row["length"], "tasks": row.get("tasks") or [],
+                          "meta_file": f,
+                          "data": self.info["data_path"].format(chunk_index=row["data/chunk_index"],
+                                                                file_index=row["data/file_index"]),
+                          "rows": (row["dataset_from_index"], row["dataset_to_index"])}
+                    if self.camera_is_video:
+                        key = f"videos/{self.camera}/"
+                        ep["video"] = self.info["video_path"].format(video_key=self.camera,
+                                                                     chunk_index=row[key + "chunk_index"],
+                                                                     file_index=row[key + "file_index"])
+                        ep["from_timestamp"] = row[key + "from_timestamp"]
+                    out.append(ep)
+        else:
+            path = meta / "episodes.jsonl"
+            if not path.is_file():
+                raise DatasetError(f"{path} does not exist")
+            chunks = self.info.get("chunks_size", 1000)
+            for line in path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                i = row["episode_index"]
+                ep = {"index": i, "length": row["length"], "tasks": row.get("tasks") or [], "meta_file": path,
+                      "data": self.info["data_path"].format(episode_chunk=i // chunks, episode_index=i), "rows": None}
+                if self.camera_is_video:
+                    ep["video"] = self.info["video_path"].format(episode_chunk=i // chunks, video_key=self.camera,
+                                                                 episode_index=i)
+                    ep["from_timestamp"] = 0.0
+                out.append(ep)
+        out.sort(key=lambda e: e["index"])
+        if not out:
+            raise DatasetError(f"{self.root} has no episodes")
+        empty = [e for e in out if e["length"] < 1]
+        if empty:
+            raise DatasetError(f"episode {empty[0]['index']} has length {empty[0]['length']} in "
+                               f"{empty[0]['meta_file']} ({len(empty)} such episode(s)): every episode needs at "
+                               "least one frame")
+        return out
+
+    def _read_tasks(self):
+        meta = self.root / "meta"
+        if (meta / "tasks.parquet").is_file():
+            table = self._parquet(meta / "tasks.parquet").to_pydict()
+            names = table.get("task") or table.get("__index_level_0__")
+            return dict(zip(table["task_index"], names))
+        if (meta / "tasks.jsonl").is_file():
+            rows = [json.loads(line) for line in (meta / "tasks.jsonl").read_text().splitlines() if line.strip()]
+            return {r["task_index"]: r["task"] for r in rows}
+        raise DatasetError(f"{meta} has neither tasks.parquet nor tasks.jsonl")
+
+    def __len__(self):
+        return len(self.episodes)
+
+    def lowdim(self, n):
+        """Episode n's {"timestamp" (T,), "state" (T, d_s), "action" (T, d_a), "task" str}, checked."""
+        ep = self.episodes[n]
+        path = self.root / ep["data"]
+        if self._table[0] != path:
+            if not path.is_file():
+                raise DatasetError(f"episode {ep['index']}: its data file {path} does not exist")
+            self._table = (path, self._parquet(path))
+        table = self._table[1]
+        pc = mv.require("pyarrow.compute", "pyarrow")
+        rows = table.filter(pc.equal(table["episode_index"], ep["index"]))
+        if rows.num_rows != ep["length"]:
+            raise DatasetError(f"episode {ep['index']}: {path} holds {rows.num_rows} rows of it, its length is "
+                               f"{ep['length']} ({ep['meta_file']})")
+        order = np.argsort(rows["frame_index"].to_numpy())
+        frame_index = rows["frame_index"].to_numpy()[order]
+        if not np.array_equal(frame_index, np.arange(ep["length"])):
+            raise DatasetError(f"episode {ep['index']}: frame_index in {path} is not 0..{ep['length'] - 1}")
+        out = {"timestamp": rows["timestamp"].to_numpy().astype(np.float64)[order]}
+        if np.any(np.diff(out["timestamp"]) <= 0):
+            raise DatasetError(f"episode {ep['index']}: timestamps in {path} do not increase")
+        for name, key, dim in (("state", self.state_key, self.state_dim), ("action", self.action_key, self.action_dim)):
+            flat = pc.list_flatten(rows[key]).to_numpy(zero_copy_only=False)
+            if flat.size != ep["length"] * dim:
+                raise DatasetError(f"episode {ep['index']}: {key} in {path} is not {dim} values per frame")
+            values = flat.reshape(ep["length"], dim).astype(np.float32)[order]
+            if not np.isfinite(values).all():
+                raise DatasetError(f"episode {ep['index']}: {key} in {path} has NaN or infinite values")
+            out[name] = values
+        task_index = rows["task_index"].to_numpy()[order][0] if "task_index" in rows.column_names else None
+        task = self.tasks.get(int(task_index)) if task_index is not None else (ep["tasks"][0] if ep["tasks"] else None)
+        if task is None:
+            raise DatasetError(f"episode {ep['index']}: task index {task_index} is not in the tasks table of "
+                               f"{self.root / 'meta'}")
+        out["task"] = task
+        return out
+
+    def frames(self, n, indices):
+        """Episode n's camera frames at `indices` (frame numbers of the episode) -> (len(indices), H, W, 3) uint8.
+        Decodes only the span the indices cover: a seek to the first, then frames up to the last."""
+        ep = self.episodes[n]
+        indices = np.asarray(indices, np.int64)
+        if indices.min() < 0 or indices.max() >= ep["length"]:
+            raise ValueError(f"episode {ep['index']} has frames 0..{ep['length'] - 1}, asked for "
+                             f"{indices.min()}..{indices.max()}")
+        first, last = int(indices.min()), int(indices.max())
+        got = self._decode_video(ep, first, last) if self.camera_is_video else self._decode_images(n, first, last)
+        return np.stack([got[int(i)] for i in indices])
+
+    def _decode_video(self, ep, first, last):
+        av = mv.require("av", "av")
+        path = self.root / ep["video"]
+        if not path.is_file():
+            raise DatasetError(f"episode {ep['index']}: its video {path} does not exist")
+        start = ep["from_timestamp"]
+        got = {}
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                tb = stream.time_base
+                container.seek(max(0, int((start + first / self.fps) / tb)), stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    k = round((float(frame.pts * tb) - start) * self.fps)  # frame number within the episode
+                    if k > last:
+                        break
+                    if k >= first:
+                        got[k] = frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise DatasetError(f"episode {ep['index']}: cannot decode {path}: {e}") from e
+        missing = [k for k in range(first, last + 1) if k not in got]
+        if missing:
+            raise DatasetError(f"episode {ep['index']}: {path} has no frame {missing[0]} of the episode (at "
+                               f"{start + missing[0] / self.fps:.3f} s in the file; {len(missing)} missing)")
+        return got
+
+    def _decode_images(self, n, first, last):
+        """Cameras stored as PNG/JPEG bytes in the data parquet (LeRobot `image` features)."""
+        from io import BytesIO
+
+        Image = mv.require("PIL.Image", "pillow")
+        self.lowdim(n)  # loads the episode's table
+        ep, table = self.episodes[n], self._table[1]
+        pc = mv.require("pyarrow.compute", "pyarrow")
+        rows = table.filter(pc.equal(table["episode_index"], ep["index"]))
+        order = np.argsort(rows["frame_index"].to_numpy())
+        cells = rows[self.camera].to_pylist()
+        return {k: np.asarray(Image.open(BytesIO(cells[order[k]]["bytes"])).convert("RGB"))
+                for k in range(first, last + 1)}
+
+    def window_indices(self, timestamps, t, timing):
+        """Nearest-frame numbers of the context and future frames of the window anchored at t (clipped to the
+        episode)."""
+        def nearest(times):
+            return np.clip(np.rint((np.asarray(times) - timestamps[0]) * self.fps), 0,
+                           len(timestamps) - 1).astype(np.int64)
+        return nearest(timing.context_times(t)), nearest(timing.future_times(t))
+
+    def fingerprint(self):
+        """Identity of the dataset's content as the cache sees it: format, fps, episodes and their lengths, tasks."""
+        h = hashlib.sha256(json.dumps([self.version, self.fps, self.camera, self.state_key, self.action_key,
+                                       [(e["index"], e["length"]) for e in self.episodes],
+                                       sorted(self.tasks.items())]).encode())
+        return h.hexdigest()[:16]
+
+
+def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", version="v3.0", codec="libx264",
+                          robot_type="unknown"):
+    """Write episodes as a LeRobot dataset (v3.0: all episodes in one parquet and one mp4; v2.1: a file each).
+
+    episodes: [{"frames": (T, H, W, 3) uint8, "state": (T, d_s), "action": (T, d_a), "task": str}]. codec "libx264"
+    (H.264, yuv444p, qp 0: lossless up to the RGB/YUV rounding) or "libsvtav1" (AV1, yuv420p, crf 30: LeRobot's
+    default). Written to a temp folder and renamed into place.
+    """
+    pa, pq, av = mv.require("pyarrow", "pyarrow"), mv.require("pyarrow.parquet", "pyarrow"), mv.require("av", "av")
+    if version not in ("v3.0", "v2.1"):
+        raise ValueError(f"version must be v3.0 or v2.1, got {version!r}")
+    tasks = list(dict.fromkeys(ep["task"] for ep in episodes))
+    H, W = episodes[0]["frames"].shape[1:3]
+    d_s, d_a = np.asarray(episodes[0]["state"]).shape[1], np.asarray(episodes[0]["action"]).shape[1]
+    v3 = version == "v3.0"
+    data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet" if v3 else \
+        "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+    video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4" if v3 else \
+        "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    pix_fmt, options = ("yuv444p", {"qp": "0"}) if codec == "libx264" else ("yuv420p", {"crf": "30"})
+    info = {"codebase_version": version, "robot_type": robot_type, "total_episodes": len(episodes),
+            "total_frames": int(sum(len(ep["frames"]) for ep in episodes)), "total_tasks": len(tasks),
+            "chunks_size": 1000,
+            "fps": fps, "splits": {"train": f"0:{len(episodes)}"}, "data_path": data_path, "video_path": video_path,
+            "features": {
+                camera: {"dtype": "video", "shape": [int(H), int(W), 3], "names": ["height", "width", "channels"],
+                         "info": {"video.fps": fps, "video.codec": codec, "video.pix_fmt": pix_fmt}},
+                "observation.state": {"dtype": "float32", "shape": [int(d_s)], "names": None},
+                "action": {"dtype": "float32", "shape": [int(d_a)], "names": None},
+                **{k: {"dtype": t, "shape": [1], "names": None}
+                   for k, t in (("timestamp", "float32"), ("frame_index", "int64"),
+                   ("episode_index", "int64"), ("index", "int64"), ("task_index", "int64"))}}}
+    if v3:
+        info.update(data_files_size_in_mb=100, video_files_size_in_mb=200)
+    else:
+        info.update(total_chunks=1, total_videos=len(episodes))
+
+    def open_video(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        container = av.open(str(path), "w")
+        stream = container.add_stream(codec, rate=round(fps))
+        stream.width, stream.height, stream.pix_fmt, stream.options = int(W), int(H), pix_fmt, dict(options, g="2")
+        return container, stream
+
+    def add_frames(container, stream, frames, first_pts):
+        for k, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img, dtype=np.uint8), format="rgb24")
+            frame.pts = first_pts + k
+            for packet in stream.encode(frame):
+                container.mux(packet)
+
+    def close_video(container, stream):
+        for packet in stream.encode():
+            container.mux(packet)
+        container.close()
+
+    def table(ep, index, first_row):
+        T = len(ep["frames"])
+        return pa.table({"observation.state": pa.array(list(np.asarray(ep["state"], np.float32)),
+                                                       pa.list_(pa.float32(), d_s)),
+                         "action": pa.array(list(np.asarray(ep["action"], np.float32)), pa.list_(pa.float32(), d_a)),
+                         "timestamp": pa.array(np.arange(T, dtype=np.float32) / np.float32(fps)),
+                         "frame_index": pa.array(np.arange(T)), "episode_index": pa.array(np.full(T, index)),
+                         "index": pa.array(first_row + np.arange(T)),
+                         "task_index": pa.array(np.full(T, tasks.index(ep["task"])))})
+
+    def write(tmp):
+        (tmp / "meta").mkdir()
+        (tmp / "meta" / "info.json").write_text(json.dumps(info, indent=2))
+        tables, meta_rows, first_row = [], [], 0
+        if v3:
+            container, stream = open_video(tmp / video_path.format(video_key=camera, chunk_index=0, file_index=0))
+        for i, ep in enumerate(episodes):
+            T = len(ep["frames"])
+            tables.append(table(ep, i, first_row))
+            if v3:
+                add_frames(container, stream, ep["frames"], first_row)
+                meta_rows.append({"episode_index": i, "tasks": [ep["task"]], "length": T, "data/chunk_index": 0,
+                                  "data/file_index": 0, "dataset_from_index": first_row,
+                                  "dataset_to_index": first_row + T,
+                                  f"videos/{camera}/chunk_index": 0, f"videos/{camera}/file_index": 0,
+                                  f"videos/{camera}/from_timestamp": first_row / fps,
+                                  f"videos/{camera}/to_timestamp": (first_row + T) / fps,
+                                  "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+            else:
+                path = tmp / data_path.format(episode_chunk=0, episode_index=i)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(tables[-1], path)
+                c, s = open_video(tmp / video_path.format(episode_chunk=0, video_key=camera, episode_index=i))
+                add_frames(c, s, ep["frames"], 0)
+                close_video(c, s)
+                meta_rows.append({"episode_index": i, "tasks": [ep["task"]], "length": T})
+            first_row += T
+        if v3:
+            close_video(container, stream)
+            path = tmp / data_path.format(chunk_index=0, file_index=0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(tables), path)
+            (tmp / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(meta_rows),
+                           tmp / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
+            pq.write_table(pa.table({"task_index": list(range(len(tasks))), "task": tasks}),
+                           tmp / "meta" / "tasks.parquet")
+        else:
+            (tmp / "meta" / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta_rows))
+            (tmp / "meta" / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
+                                                              for i, t in enumerate(tasks)))
+
+    return mv.atomic_write_dir(root, write)
+
+
+# ----------------------------------------------------------------------------------------------
 # data: a LeRobot dataset, encoded once (--stage=encode) into <out_dir>/cache, then read by every stage
 
 CACHE_FORMAT = "mimic-video cache v1"
@@ -550,9 +955,9 @@ def check_dataset(cfg, stages):
                              f"{cfg.video_preset} reads {video.crossattn_emb_channels} (hashed: toy, t5-11b: "
                              "cosmos-predict2-2b)")
         if cfg.pretrain_videos:
-            mv.LeRobotDataset(cfg.pretrain_videos, cfg.camera, cfg.state_key, cfg.action_key)
-        ds = mv.LeRobotDataset(cfg.data, cfg.camera, cfg.state_key, cfg.action_key)  # the camera, keys and episodes
-        timing = mv.timing_preset(cfg.timing, ds.fps)
+            LeRobotDataset(cfg.pretrain_videos, cfg.camera, cfg.state_key, cfg.action_key)
+        ds = LeRobotDataset(cfg.data, cfg.camera, cfg.state_key, cfg.action_key)  # the camera, keys and episodes
+        timing = timing_preset(cfg.timing, ds.fps)
         check_timing(timing, ds.fps)
         if wan:
             for n in (timing.context_frames, timing.context_frames + timing.future_frames):
@@ -594,7 +999,7 @@ def cache_plan(cfg, ds, timing, video_spec, text_spec, representation):
 
 def dataset_policy_config(cfg, plan, representation):
     """The PolicyConfig a dataset-trained policy runs with: the training window turned into control steps."""
-    timing = mv.WindowTiming(**plan["timing"])
+    timing = WindowTiming(**plan["timing"])
     return mv.PolicyConfig(
         camera=plan["camera"].removeprefix("observation.images."), image_size=tuple(plan["image_size"]),
         context_frames=timing.context_frames, frame_stride=check_timing(timing, plan["fps"]), history_padding="first",
@@ -636,10 +1041,10 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
             pix = mv.resize_frames(mv.images_to_frames(torch.from_numpy(pix)), cfg.image_hw())  # (b, T, 3, h, w)
             z = video_encoder.encode(pix.transpose(1, 2).to(device))  # (b, C, T', h', w')
             latents.append(z.cpu().to(getattr(torch, cfg.cache_dtype)))
-        state = representation.state_to_model(torch.from_numpy(mv.interpolate_lowdim(
+        state = representation.state_to_model(torch.from_numpy(interpolate_lowdim(
             low["timestamp"], low["state"], anchors, state_rot)).float())  # (n, d_s)
         times = np.concatenate([timing.action_times(t) for t in anchors])
-        actions = mv.interpolate_lowdim(low["timestamp"], low["action"], times, action_rot)  # (n * H, d_a)
+        actions = interpolate_lowdim(low["timestamp"], low["action"], times, action_rot)  # (n * H, d_a)
         actions = representation.action_to_model(torch.from_numpy(actions).float())
         actions = actions.reshape(len(anchors), timing.chunk, -1)  # (n, H, d_a)
         tensors = {"latents": torch.cat(latents).contiguous(), "state": state.contiguous(),
@@ -793,7 +1198,7 @@ def export_toy(cfg, world_cfg, out, log_fn=print):
             episodes.append({"frames": mv.toy_camera(images), "state": demos["agent"][e, :L],
                              "action": demos["actions"][e, :L],
                              "task": mv.toy_instruction(demos["goal_colour"][e], demos["template"][e])})
-        mv.write_lerobot_dataset(out / name, episodes, fps=TOY_FPS, camera="observation.images.top", robot_type="toy")
+        write_lerobot_dataset(out / name, episodes, fps=TOY_FPS, camera="observation.images.top", robot_type="toy")
         log_fn(f"wrote {n} episodes ({sum(len(e['frames']) for e in episodes)} frames) to {out / name}")
 
 
@@ -1194,7 +1599,7 @@ def main(argv):
     stages = stages_of(cfg)
     try:
         check_dataset(cfg, stages)
-    except (ValueError, FileNotFoundError) as e:  # mv.DatasetError is a ValueError
+    except (ValueError, FileNotFoundError) as e:  # DatasetError is a ValueError
         sys.exit(f"error: {e}")
     env = rank, world, device, autocast = setup(cfg)
     out = Path(cfg.out_dir)
@@ -1391,12 +1796,12 @@ def run_dataset(cfg, stages, env):
         group = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if world > 1 else None
         for source, folder in ((cfg.pretrain_videos, out / "cache_videos"), (cfg.data, cache)):
             if source:
-                ds = mv.LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
+                ds = LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
                 representation = (mv.Representation("libero") if cfg.representation == "libero" else
                                   mv.Representation("identity", ds.state_dim, ds.action_dim))
                 log_fn(f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
                        f"state {ds.state_dim}-D, action {ds.action_dim}-D")
-                encode_dataset(cfg, ds, folder, mv.timing_preset(cfg.timing, ds.fps), representation, env, group,
+                encode_dataset(cfg, ds, folder, timing_preset(cfg.timing, ds.fps), representation, env, group,
                                log_fn)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the encoders are gone: give their memory back before training
@@ -1473,5 +1878,5 @@ def run_dataset(cfg, stages, env):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (mv.DatasetError, mv.CheckpointReadError, mv.CheckpointMismatchError, FileNotFoundError) as e:
+    except (DatasetError, mv.CheckpointReadError, mv.CheckpointMismatchError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")  # a user's file or dataset: one line, not a traceback

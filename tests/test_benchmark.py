@@ -74,8 +74,6 @@ def test_compile_runs_the_compiled_sampling_path():
     graphs. A counting backend counts the calls of compiled code."""
     import torch
 
-    import mimic_video as mv
-
     model, x, latent, text = sample.bench_setup(torch.device("cpu"), "tiny")
     calls = []
 

@@ -48,7 +48,7 @@ def episodes(lengths=(9, 6), size=16, state_dim=3, action_dim=2):
 @pytest.fixture(scope="module", params=["v3.0", "v2.1"])
 def dataset(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("ds") / "data"
-    mv.write_lerobot_dataset(root, episodes(), fps=FPS, camera="observation.images.front", version=request.param)
+    train.write_lerobot_dataset(root, episodes(), fps=FPS, camera="observation.images.front", version=request.param)
     return root
 
 
@@ -69,7 +69,7 @@ def test_layout_is_lerobots(dataset):
 
 
 def test_frames_lowdim_and_task(dataset):
-    ds = mv.LeRobotDataset(dataset)  # the only camera is chosen
+    ds = train.LeRobotDataset(dataset)  # the only camera is chosen
     assert (len(ds), ds.fps, ds.camera, ds.state_dim, ds.action_dim) == (2, FPS, "observation.images.front", 3, 2)
     for e, n in enumerate((9, 6)):
         got = ds.frames(e, [n - 1, 0, 3])
@@ -79,67 +79,67 @@ def test_frames_lowdim_and_task(dataset):
         low = ds.lowdim(e)
         assert np.allclose(low["timestamp"], np.arange(n) / FPS) and low["state"].shape == (n, 3)
         assert low["task"] == ["pick the cube", "open the drawer"][e]
-    assert mv.LeRobotDataset(dataset, camera="front").camera == "observation.images.front"
+    assert train.LeRobotDataset(dataset, camera="front").camera == "observation.images.front"
 
 
 def test_av1_video_of_the_v3_format(tmp_path):
-    mv.write_lerobot_dataset(tmp_path / "d", episodes(size=64), fps=FPS, codec="libsvtav1")
-    ds = mv.LeRobotDataset(tmp_path / "d")
+    train.write_lerobot_dataset(tmp_path / "d", episodes(size=64), fps=FPS, codec="libsvtav1")
+    ds = train.LeRobotDataset(tmp_path / "d")
     img = ds.frames(1, [4])[0]
     assert np.abs(img.astype(int) - colour(1, 4)).max() <= 6  # AV1, yuv420p, crf 30: flat colours survive
 
 
 def test_window_timing_at_the_edges_and_interpolation(dataset):
-    ds = mv.LeRobotDataset(dataset)
+    ds = train.LeRobotDataset(dataset)
     low = ds.lowdim(0)
-    timing = mv.WindowTiming(context_frames=3, context_hz=5.0, future_frames=4, future_hz=5.0, future_offset=0.2,
+    timing = train.WindowTiming(context_frames=3, context_hz=5.0, future_frames=4, future_hz=5.0, future_offset=0.2,
                              chunk=6, chunk_hz=10.0)
     ctx, fut = ds.window_indices(low["timestamp"], 0.1, timing)
     assert ctx.tolist() == [0, 0, 1] and fut.tolist() == [3, 5, 7, 8]  # before 0: frame 0; past the end: the last
     ctx, fut = ds.window_indices(low["timestamp"], 0.8, timing)
     assert ctx.tolist() == [4, 6, 8] and fut.tolist() == [8, 8, 8, 8]
-    acts = mv.interpolate_lowdim(low["timestamp"], low["action"], timing.action_times(0.55))
+    acts = train.interpolate_lowdim(low["timestamp"], low["action"], timing.action_times(0.55))
     assert np.allclose(acts[:, 0], [5.5, 6.5, 7.5, 8, 8, 8])  # linear between frames, the last value repeated
     # slerp: halfway between two rotations about z is the half angle
     times, rot = np.array([0.0, 1.0]), np.array([[0, 0, 0.2], [0, 0, 1.0]])
-    assert np.allclose(mv.interpolate_lowdim(times, rot, [0.5], rotvec_dims=(0,)), [[0, 0, 0.6]])
+    assert np.allclose(train.interpolate_lowdim(times, rot, [0.5], rotvec_dims=(0,)), [[0, 0, 0.6]])
     big = np.array([[0, 0, 3.0], [0, 0, -3.0]])  # across pi: the short way round, not through zero
-    mid = mv.interpolate_lowdim(times, big, [0.5], rotvec_dims=(0,))[0]
+    mid = train.interpolate_lowdim(times, big, [0.5], rotvec_dims=(0,))[0]
     assert np.isclose(abs(mid[2]), np.pi, atol=1e-6)
 
 
 def test_errors_name_the_file_and_the_episode(tmp_path):
     root = tmp_path / "d"
-    mv.write_lerobot_dataset(root, episodes(), fps=FPS)
-    with pytest.raises(mv.DatasetError, match="no camera 'observation.images.wrist'; it has"):
-        mv.LeRobotDataset(root, camera="wrist")
-    with pytest.raises(mv.DatasetError, match="'observation.effort' is not a 1-D feature"):
-        mv.LeRobotDataset(root, state_key="observation.effort")
+    train.write_lerobot_dataset(root, episodes(), fps=FPS)
+    with pytest.raises(train.DatasetError, match="no camera 'observation.images.wrist'; it has"):
+        train.LeRobotDataset(root, camera="wrist")
+    with pytest.raises(train.DatasetError, match="'observation.effort' is not a 1-D feature"):
+        train.LeRobotDataset(root, state_key="observation.effort")
     video = root / "videos/observation.images.top/chunk-000/file-000.mp4"
     data = video.read_bytes()
     video.write_bytes(data[: len(data) // 3])  # truncated: episode 1's frames are gone
-    with pytest.raises(mv.DatasetError, match=r"episode 1: (cannot decode .*file-000.mp4|.*file-000.mp4 has no frame)"):
-        mv.LeRobotDataset(root).frames(1, [5])
+    with pytest.raises(train.DatasetError, match=r"episode 1: (cannot decode .*file-000.mp4|.*file-000.mp4 has no frame)"):
+        train.LeRobotDataset(root).frames(1, [5])
     video.unlink()
-    with pytest.raises(mv.DatasetError, match="episode 0: its video .*file-000.mp4 does not exist"):
-        mv.LeRobotDataset(root).frames(0, [0])
+    with pytest.raises(train.DatasetError, match="episode 0: its video .*file-000.mp4 does not exist"):
+        train.LeRobotDataset(root).frames(0, [0])
     table = pq.read_table(root / "data/chunk-000/file-000.parquet")
     pq.write_table(table.slice(0, 12), root / "data/chunk-000/file-000.parquet")  # episode 1 loses 3 rows
-    with pytest.raises(mv.DatasetError, match=r"episode 1: .*file-000.parquet holds 3 rows of it, its length is 6"):
-        mv.LeRobotDataset(root).lowdim(1)
+    with pytest.raises(train.DatasetError, match=r"episode 1: .*file-000.parquet holds 3 rows of it, its length is 6"):
+        train.LeRobotDataset(root).lowdim(1)
     (root / "meta/info.json").unlink()
-    with pytest.raises(mv.DatasetError, match="is not a LeRobot dataset"):
-        mv.LeRobotDataset(root)
+    with pytest.raises(train.DatasetError, match="is not a LeRobot dataset"):
+        train.LeRobotDataset(root)
     with pytest.raises(FileNotFoundError, match="could not get the dataset 'nobody/nothing' from the Hub"):
-        mv.LeRobotDataset("nobody/nothing")
+        train.LeRobotDataset("nobody/nothing")
 
 
 def test_nan_in_the_data_is_named(tmp_path):
     eps = episodes()
     eps[1]["state"][2, 1] = np.nan
-    mv.write_lerobot_dataset(tmp_path / "d", eps, fps=FPS)
-    with pytest.raises(mv.DatasetError, match="episode 1: observation.state in .* has NaN"):
-        mv.LeRobotDataset(tmp_path / "d").lowdim(1)
+    train.write_lerobot_dataset(tmp_path / "d", eps, fps=FPS)
+    with pytest.raises(train.DatasetError, match="episode 1: observation.state in .* has NaN"):
+        train.LeRobotDataset(tmp_path / "d").lowdim(1)
 
 
 # ------------------------------ encode once, then train from the cache ------------------------------
@@ -150,7 +150,7 @@ SMALL = ["--batch_size=8", "--log_every=1", "--image_size=16x16", "--pixel_patch
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory):
     base = tmp_path_factory.mktemp("enc")
-    mv.write_lerobot_dataset(base / "data", episodes(lengths=(9, 6, 7, 8)), fps=FPS)
+    train.write_lerobot_dataset(base / "data", episodes(lengths=(9, 6, 7, 8)), fps=FPS)
     train.main([f"--data={base / 'data'}", f"--out_dir={base / 'out'}", "--stage=encode", "--val_fraction=0.25",
                 *SMALL])
     return base
@@ -164,11 +164,11 @@ def test_the_cache_holds_every_window_and_the_statistics(encoded):
     data = train.CachedData(cache, "all")
     (C, T, h, w), (H, d_a) = data.shapes()
     assert (C, T, h, w, H, d_a) == (3 * 4 + 2, 1 + 4, 8, 8, 8, 2)  # 1 context + 4 future frames; 8 actions
-    ep = mv.LeRobotDataset(encoded / "data")
+    ep = train.LeRobotDataset(encoded / "data")
     low = ep.lowdim(2)
     w2 = data.windows(np.nonzero(data.index[:, 0] == 2)[0][:1])  # episode 2's first window (anchor t = 0)
-    timing = mv.timing_preset("small", FPS)
-    expect = mv.interpolate_lowdim(low["timestamp"], low["action"], timing.action_times(0.0))
+    timing = train.timing_preset("small", FPS)
+    expect = train.interpolate_lowdim(low["timestamp"], low["action"], timing.action_times(0.0))
     assert torch.allclose(w2["actions"][0], torch.from_numpy(expect).float())
     frames = mv.images_to_frames(torch.from_numpy(ep.frames(2, [0, 2, 4, 6, 6])))  # future frames past the end repeat
     rgb = w2["latents"][0, 0:12:4, :, 0, 0]  # channels (c, p, q): R, G, B of the top-left pixel of each latent
@@ -209,13 +209,13 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
 
 
 def test_an_empty_episode_is_named(tmp_path):
-    mv.write_lerobot_dataset(tmp_path / "d", episodes(), fps=FPS, version="v2.1")
+    train.write_lerobot_dataset(tmp_path / "d", episodes(), fps=FPS, version="v2.1")
     path = tmp_path / "d" / "meta" / "episodes.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[1]["length"] = 0
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(mv.DatasetError, match="episode 1 has length 0 in .*episodes.jsonl"):
-        mv.LeRobotDataset(tmp_path / "d")
+    with pytest.raises(train.DatasetError, match="episode 1 has length 0 in .*episodes.jsonl"):
+        train.LeRobotDataset(tmp_path / "d")
 
 
 def bad_startup_args(tmp_path):
@@ -244,7 +244,7 @@ def bad_startup_args(tmp_path):
 def test_mismatches_are_refused_at_startup(tmp_path, monkeypatch):
     """Every mismatch stops the run before any encoder, model or video is loaded, in one line naming the value."""
     pytest.importorskip("transformers", reason="optional: pip install transformers")
-    mv.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
 
     def reached(*a, **k):
         raise AssertionError("work started before the mismatch was found")
@@ -259,7 +259,7 @@ def test_mismatches_are_refused_at_startup(tmp_path, monkeypatch):
 
 def test_a_broken_dataset_stops_train_py_in_one_line(tmp_path):
     """A user's file that breaks mid-run (here a truncated video, found while encoding): one line, exit code 1."""
-    mv.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
     video = tmp_path / "data/videos/observation.images.top/chunk-000/file-000.mp4"
     video.write_bytes(video.read_bytes()[:300])
     res = subprocess.run([sys.executable, "train.py", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}",
@@ -270,7 +270,7 @@ def test_a_broken_dataset_stops_train_py_in_one_line(tmp_path):
 
 def test_the_encode_is_shared_by_the_ranks(tmp_path):
     """torchrun with 2 gloo ranks: each rank encodes its own episodes, and the cache equals a 1-process encode."""
-    mv.write_lerobot_dataset(tmp_path / "data", episodes(lengths=(9, 6, 7, 8, 5)), fps=FPS)
+    train.write_lerobot_dataset(tmp_path / "data", episodes(lengths=(9, 6, 7, 8, 5)), fps=FPS)
     args = [f"--data={tmp_path / 'data'}", "--stage=encode", "--val_fraction=0.2", *SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path / 'single'}", *args], cwd=ROOT, env=env,
@@ -294,7 +294,7 @@ def test_the_encoders_run_in_the_requested_dtype_and_are_gone_before_training(tm
     model, tokenizer = tiny_t5(d_model=32)  # the toy video preset reads 32-wide embeddings
     model.save_pretrained(tmp_path / "t5")
     tokenizer.save_pretrained(tmp_path / "t5")
-    mv.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
     alive = []
     monkeypatch.setattr(train, "encoder_dtype", lambda device: torch.bfloat16)
     for name in ("make_video_encoder", "make_text_encoder"):
