@@ -111,6 +111,8 @@ def timed(policy):
     def wrapped(*args, **kwargs):
         t0 = time.perf_counter()
         out = query(*args, **kwargs)
+        if out.is_cuda:  # the actions stay on the device: wait for the query's kernels to finish
+            torch.cuda.synchronize(out.device)
         policy.seconds += time.perf_counter() - t0
         policy.queries += 1
         return out
