@@ -1660,6 +1660,40 @@ def benchmark_data(name, model, data, cfg, env, steps=20):
               f"({'data-bound' if data_s > step_s else 'not data-bound'}, measured in one run)")
 
 
+def pretrain_stage(model, videos, cfg, env, inputs=None, val_data=None):
+    """Without a pretrained backbone: the video model learns to predict the videos (the decoder does not train)."""
+    model.decoder.requires_grad_(False)
+    train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env, inputs, val_data=val_data)
+    if env[0] == 0:
+        mv.save_video_dit_checkpoint(model.video, Path(cfg.out_dir) / "pretrain" / "video.safetensors")
+    barrier(env[1])
+
+
+def lora_stage(model, demos, cfg, env, inputs, val_data=None):
+    """Stage 1: LoRA (and adaLN) on the video model, on the demonstrations' videos; the backbone is written fused
+    (the released layout: LoRA merged, `net.` keys) and as a PEFT adapter."""
+    model.decoder.requires_grad_(False)
+    train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, env, inputs, val_data=val_data)
+    if env[0] == 0:
+        mv.save_video_dit_checkpoint(model.video, Path(cfg.out_dir) / "stage1" / "video_fused.safetensors")
+        mv.save_lora_adapter(model.video, Path(cfg.out_dir) / "stage1" / "adapter")
+    barrier(env[1])
+
+
+def decoder_stage(model, demos, steps, cfg, env, inputs, policy_cfg, method="mimic-video", on_checkpoint=None,
+                  val_data=None):
+    """Stage 2 (a baseline's only stage): train, then write the policy folder that mv.load_policy and sample.py
+    read."""
+    train_stage("stage2", 2, model, demos, steps, cfg.stage2_lr, cfg, env, inputs, on_checkpoint, val_data)
+    folder = Path(cfg.out_dir) / "policy"
+    if env[0] == 0:
+        model.requires_grad_(False)
+        mv.save_policy_folder(folder, model, policy_cfg, method)
+        log(0, f"wrote the {method} policy to {folder} (camera {policy_cfg.camera}, {policy_cfg.n_action_steps} of "
+               f"{model.num_actions} actions per query)")
+    barrier(env[1])
+
+
 def run_toy(cfg, stages, env):
     rank, world, device, autocast = env
     world_cfg = mv.ToyWorldConfig()
@@ -1673,26 +1707,14 @@ def run_toy(cfg, stages, env):
     if "pretrain" in stages:
         videos = ToyData(load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world), world_cfg, encoders,
                          representation)
-        model = build_model(cfg, device)
-        model.decoder.requires_grad_(False)
-        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env)
-        if rank == 0:
-            mv.save_video_dit_checkpoint(model.video, out / "pretrain" / "video.safetensors")
-        barrier(world)
+        pretrain_stage(build_model(cfg, device), videos, cfg, env)
 
     if "1" in stages:
         demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
         source = out / "pretrain" / "video.safetensors"
         video = mv.load_video_dit(source, None, device=device)
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
-        model = build_model(cfg, device, video)
-        model.decoder.requires_grad_(False)
-        train_stage("stage1", 1, model, demos, cfg.stage1_steps, cfg.stage1_lr, cfg, env,
-                    {"video": fingerprint(source)})
-        if rank == 0:  # the released-backbone layout (LoRA fused, `net.` keys) and a PEFT adapter
-            mv.save_video_dit_checkpoint(model.video, out / "stage1" / "video_fused.safetensors")
-            mv.save_lora_adapter(model.video, out / "stage1" / "adapter")
-        barrier(world)
+        lora_stage(build_model(cfg, device, video), demos, cfg, env, {"video": fingerprint(source)})
 
     if ("2" in stages or "benchmark" in stages) and cfg.method != "mimic-video":
         train_baseline(cfg, stages, env, encoders, representation, policy_cfg)
@@ -1704,15 +1726,8 @@ def run_toy(cfg, stages, env):
         if "benchmark" in stages:
             return benchmark_data("toy world", freeze_video(model), demos, cfg, env)
         policy = mv.Policy(model, policy_cfg, *encoders)
-
-        train_stage("stage2", 2, model, demos, cfg.stage2_steps, cfg.stage2_lr, cfg, env,
-                    {"video": fingerprint(source)},
-                    on_checkpoint=quick_eval(policy, model, cfg, rank, offset=cfg.stage1_steps))
-        if rank == 0:  # the policy folder: what mv.load_policy and sample.py read
-            model.requires_grad_(False)
-            policy.save(out / "policy")
-            log(rank, f"wrote the policy to {out / 'policy'}")
-        barrier(world)
+        decoder_stage(model, demos, cfg.stage2_steps, cfg, env, {"video": fingerprint(source)}, policy.config,
+                      on_checkpoint=quick_eval(policy, model, cfg, rank, offset=cfg.stage1_steps))
 
     if "eval" in stages and rank == 0:
         policy = mv.load_policy(out / "policy", device=device, stop_after_step=cfg.stop_after_step)
@@ -1755,14 +1770,8 @@ def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
     if "benchmark" in stages:
         return benchmark_data(f"toy world ({cfg.method})", model, demos, cfg, env)
     policy = mv.Policy(model, policy_cfg, *encoders, method=cfg.method)
-
-    train_stage("stage2", 2, model, demos, steps, cfg.stage2_lr, cfg, env, inputs,
-                on_checkpoint=quick_eval(policy, model, cfg, rank))
-    if rank == 0:
-        model.requires_grad_(False)
-        policy.save(out / "policy")
-        log(rank, f"wrote the {cfg.method} policy to {out / 'policy'}")
-    barrier(world)
+    decoder_stage(model, demos, steps, cfg, env, inputs, policy.config, cfg.method,
+                  on_checkpoint=quick_eval(policy, model, cfg, rank))
 
 
 def vla_model(video_cfg, decoder_cfg, model_cfg, norms, device):
@@ -1820,12 +1829,7 @@ def run_dataset(cfg, stages, env):
 
     if "pretrain" in stages:  # no pretrained backbone: a small video model learns the dataset's own videos
         videos = CachedData(out / "cache_videos") if cfg.pretrain_videos else data
-        model = model_with(mv.VideoDiT(video_cfg))
-        model.decoder.requires_grad_(False)
-        train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env, inputs, val_data=val)
-        if rank == 0:
-            mv.save_video_dit_checkpoint(model.video, out / "pretrain" / "video.safetensors")
-        barrier(world)
+        pretrain_stage(model_with(mv.VideoDiT(video_cfg)), videos, cfg, env, inputs, val)
 
     if "1" in stages:
         if cfg.video_init:  # a pretrained backbone, e.g. Cosmos-Predict2-2B (the paper's setup)
@@ -1837,26 +1841,14 @@ def run_dataset(cfg, stages, env):
                                       dtype=frozen_dtype(autocast))
             source = {"video": fingerprint(out / "pretrain" / "video.safetensors")}
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
-        model = model_with(video)
-        model.decoder.requires_grad_(False)
-        train_stage("stage1", 1, model, data, cfg.stage1_steps, cfg.stage1_lr, cfg, env, {**inputs, **source},
-                    val_data=val)
-        if rank == 0:
-            mv.save_video_dit_checkpoint(model.video, out / "stage1" / "video_fused.safetensors")
-            mv.save_lora_adapter(model.video, out / "stage1" / "adapter")
-        barrier(world)
+        lora_stage(model_with(video), data, cfg, env, {**inputs, **source}, val)
 
     if ("2" in stages or "benchmark" in stages) and cfg.method == "vla":
         model = vla_model(video_cfg, decoder_cfg, model_cfg, representation.normalizers(data.stats()), device)
         if "benchmark" in stages:
             return benchmark_data(f"cache {cache} (vla)", model, data, cfg, env)
-        train_stage("stage2", 2, model, data, cfg.stage1_steps + cfg.stage2_steps, cfg.stage2_lr, cfg, env, inputs,
-                    val_data=val)
-        if rank == 0:
-            model.requires_grad_(False)
-            mv.save_policy_folder(out / "policy", model, dataset_policy_config(cfg, plan, representation), "vla")
-            log_fn(f"wrote the vla policy to {out / 'policy'}")
-        barrier(world)
+        decoder_stage(model, data, cfg.stage1_steps + cfg.stage2_steps, cfg, env, inputs,
+                      dataset_policy_config(cfg, plan, representation), "vla", val_data=val)
     elif "2" in stages or "benchmark" in stages:
         source = out / "stage1" / "video_fused.safetensors"
         video = (mv.load_video_dit(source, None, device=device, dtype=frozen_dtype(autocast)).requires_grad_(False)
@@ -1864,15 +1856,8 @@ def run_dataset(cfg, stages, env):
         model = model_with(video, data.stats())
         if "benchmark" in stages:
             return benchmark_data(f"cache {cache}", freeze_video(model), data, cfg, env)
-        train_stage("stage2", 2, model, data, cfg.stage2_steps, cfg.stage2_lr, cfg, env,
-                    {**inputs, "video": fingerprint(source)}, val_data=val)
-        if rank == 0:
-            model.requires_grad_(False)
-            policy_cfg = dataset_policy_config(cfg, plan, representation)
-            mv.save_policy_folder(out / "policy", model, policy_cfg)
-            log_fn(f"wrote the policy to {out / 'policy'} (mv.load_policy loads it; camera {policy_cfg.camera}, "
-                   f"{policy_cfg.n_action_steps} of {decoder_cfg.num_actions} actions per query)")
-        barrier(world)
+        decoder_stage(model, data, cfg.stage2_steps, cfg, env, {**inputs, "video": fingerprint(source)},
+                      dataset_policy_config(cfg, plan, representation), val_data=val)
 
 
 if __name__ == "__main__":
