@@ -30,7 +30,7 @@ Part II, around the model:
     8. saving (atomic files, checkpoints, LoRA adapters)
     9. rotations and state/action representations
    10. encoders: the Wan2.1 VAE and T5 (optional packages), and offline stand-ins
-   11. the comparison model: VideoVLA-style joint denoising
+   11. the comparison models: VideoVLA-style joint denoising, the VLA-style baseline
    12. the policy: LeRobot's reset() / select_action(), frame history, one folder format, released checkpoints
    13. a toy world to run the whole recipe on a CPU
    14. command-line configs for train.py and sample.py
@@ -1670,8 +1670,8 @@ class VideoActionModel(nn.Module):
 
 
 # ================================================================================================
-# Part II, around the model: saving, representations, encoders, the released policies, the Policy and its
-# folder, the comparison model, the toy world, LeRobot datasets. Part I above is the whole method.
+# Part II, around the model: saving, representations, encoders, the comparison models, the Policy and its folder
+# with the released checkpoints, the toy world, the command line. Part I above is the whole method.
 # ================================================================================================
 
 
