@@ -2285,6 +2285,11 @@ class T5TextEncoder:
         return torch.stack([self.cache[t] for t in texts])
 
 
+def t5_spec(source="google-t5/t5-11b", subfolder=None, max_length=512):
+    """The spec a T5 encoder carries in a policy's config.json; known without loading the 4.9B weights."""
+    return {"kind": "t5", "source": str(source), "subfolder": subfolder, "max_length": int(max_length)}
+
+
 def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512, device="cpu", dtype=None,
                       revision=None, cache_dir=None):
     """The T5 encoder and tokenizer through transformers: `google-t5/t5-11b` (what Cosmos-Predict2 uses), the
@@ -2298,8 +2303,8 @@ def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512,
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a "
                                 f"local folder, or download it first (`hf download {source}`)") from e
-    spec = {"kind": "t5", "source": str(source), "subfolder": subfolder, "max_length": int(max_length)}
-    return T5TextEncoder(model.to(device), tokenizer, max_length, spec)
+    return T5TextEncoder(model.to(device), tokenizer, max_length, t5_spec(source, subfolder, max_length))
+
 
 
 class HashedWordEncoder:

@@ -905,7 +905,7 @@ def make_text_encoder(cfg, device, dtype=None):
 def text_encoder_spec(cfg):
     """The spec make_text_encoder's encoder will carry, known without loading it (T5-11B takes minutes)."""
     if cfg.text_encoder == "t5":
-        return {"kind": "t5", "source": str(cfg.t5_source), "subfolder": None, "max_length": 512}
+        return mv.t5_spec(cfg.t5_source)
     return mv.HashedWordEncoder(32, cfg.text_tokens).spec
 
 
