@@ -2491,15 +2491,38 @@ class JointVideoActionModel(nn.Module):
 
 
 class VLAModel(VideoActionModel):
-    """The VLA-style baseline: mimic-video's network (video DiT + decoder), trained end to end on the action loss
-    from random initialisation, seeing what a k = 0 query sees: the current frames and the instruction, the future
-    as noise at sigma = 80. Only what the backbone sees and that it trains differ from mimic-video's stage 2."""
+    """The VLA-style baseline: mimic-video's network (video DiT + decoder), trained end to end on the action loss,
+    seeing what a k = 0 query sees: the current frames and the instruction, the future as noise at sigma = 80. Only
+    what the backbone sees, that it trains, and how it was pretrained differ from mimic-video's stage 2.
+
+    A VLA's backbone is pretrained on static images with language, not on video. `image_loss` is that pretraining
+    for this network: the same flow loss on the same frames and instructions, with the time axis removed: the
+    observed frames are generated from noise given the instruction alone, so the model learns what scenes look
+    like, never what happens next (an image model instead of a video model; a VLM's captioning or contrastive
+    objective would need another head and another loss, and the comparison would no longer isolate time)."""
+
+    def forward(self, loss, **batch):
+        return self.image_loss(**batch) if loss == "image" else super().forward(loss, **batch)
 
     def draw_noise(self, loss, batch, latent_shape, action_shape=None, generator=None, device=None):
+        loss = "video" if loss == "image" else loss  # the image objective draws the video objective's noise
         noise = super().draw_noise(loss, batch, latent_shape, action_shape, generator, device)
         if loss == "action":  # drawn all the same, so both models consume the same randomness
             noise["sigma"] = torch.full_like(noise["sigma"], 80.0)
         return noise
+
+    def image_loss(self, context, future, text, noise=None, generator=None):
+        """VLA-style pretraining: the flow loss on the observed frames alone, all of them noised, none given.
+        Returns {"loss", "per_sample", "tau_v"} as `video_loss`."""
+        x0 = context.float()  # (B, C, Tc, H, W): the present; the future frames are never read
+        B, Tc = x0.shape[0], x0.shape[2]
+        if noise is None:
+            noise = self.draw_noise("image", B, x0.shape[1:], generator=generator, device=x0.device)
+        tau, eps = sigma_to_tau(noise["sigma"]), noise["eps_video"][:, :, :Tc]
+        no_frames = torch.zeros(B, Tc, dtype=torch.bool, device=x0.device)  # no conditioning frame
+        net_in, tau_BT, condition_mask = video2world_inputs(interpolate(x0, eps, tau), tau, x0, no_frames)
+        per_sample = flow_loss(self.video(net_in, tau_BT, text, condition_mask), velocity_target(x0, eps))
+        return {"loss": per_sample.mean(), "per_sample": per_sample.detach(), "tau_v": tau}
 
     def video_features(self, context, future, text, sigma, eps=None, generator=None):
         # the backbone trains with the decoder, and the future never reaches it
@@ -2724,7 +2747,7 @@ class Policy(ChunkedPolicy):
     def __init__(self, model: VideoActionModel, config: PolicyConfig, video_encoder, text_encoder,
                  method="mimic-video"):
         # the config describes the encoders in use, so a saved policy rebuilds exactly these
-        self.model, self.method = model.eval(), method  # method: "mimic-video", "vla" (same network) or "joint"
+        self.model, self.method = model.eval(), method  # "mimic-video", "vla" or "scratch" (same network), "joint"
         self.config = replace(config, video_encoder=video_encoder.spec, text_encoder=text_encoder.spec)
         self.video_encoder, self.text_encoder = video_encoder, text_encoder
         self.representation = Representation.from_config(config.representation)
@@ -2958,7 +2981,7 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
         else:
             decoder = load_action_decoder(path / "action_decoder.safetensors", None, config["decoder"], device=device,
                                           dtype=dtype)
-            model_cls = VLAModel if config.get("method") == "vla" else VideoActionModel
+            model_cls = VLAModel if config.get("method") in ("vla", "scratch") else VideoActionModel
             model = model_cls(video.requires_grad_(False), decoder.requires_grad_(False), va_cfg, obs_norm, act_norm)
         method = config.get("method", "mimic-video")
     elif str(task_or_folder) in RELEASED_POLICIES:

@@ -48,8 +48,10 @@ import mimic_video as mv
 @dataclass
 class TrainConfig:
     stage: str = "all"  # "all" = pretrain, 1, 2 and eval; or one of "pretrain", "1", "2", "eval"
-    method: str = "mimic-video"  # toy world: "mimic-video", "vla" (same network, end to end, no video pretraining) or
-    #                              "joint" (VideoVLA-style: video and actions denoised together by one DiT)
+    # "mimic-video"; "vla": the same network, its backbone pretrained on the same frames as static images with their
+    # instructions (no future), then trained end to end; "scratch": the same, not pretrained at all; "joint":
+    # VideoVLA-style, video and actions denoised together by the pretrained video DiT
+    method: str = "mimic-video"
     out_dir: str = "out/toy"  # <out_dir>/{pretrain,stage1,stage2}/ and the policy folder <out_dir>/policy
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
@@ -108,20 +110,22 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     log_every: int = 100
     ckpt_every: int = 500  # checkpoint (and, in stage 2, a quick closed-loop eval) every this many steps
+    # stage 2: stop when the validation score (toy world: quick-eval success on validation episodes; a dataset: the
+    # validation loss) has not improved for this many steps, and keep the best checkpoint's weights (0: train all)
+    patience: int = 0
     quick_eval_episodes: int = 50  # toy world: episodes of each quick eval (also written to <stage>/quick_evals.csv)
     resume: bool = False  # continue each stage from its checkpoint (weights, optimizer, step), exactly
     overwrite: bool = False  # start the stages over, replacing the checkpoints they have in out_dir
     allow_config_change: str = ""  # on resume, fields that may differ from the checkpoint's (comma-separated, or "all")
     stop_after_step: int = 0  # the policy query of the eval: k = 0 is one video forward at sigma = 80
-    # --stage=experiment: mimic-video, the VLA-style baseline and the joint model on nested demonstration sets
-    experiment_demos: str = "25,50,100,250,500,2000"
+    # --stage=experiment: the four methods on nested demonstration sets, each to convergence within one cap
+    experiment_demos: str = "25,100,500,2000"
     experiment_seeds: int = 2
     experiment_workers: int = 2  # training processes at once, one thread each
-    # stage-2 steps of each efficiency run (vla and joint: stage1_steps + this, all on the demos)
-    experiment_steps: int = 2000
-    experiment_convergence: int = 250  # convergence: mimic-video and vla at this many demonstrations (seed 0) ...
-    experiment_convergence_steps: int = 6000  # ... for this many stage-2 steps, evaluated every experiment_eval_every
-    experiment_eval_every: int = 500
+    experiment_steps: int = 3000  # the cap: optimiser steps on the demonstrations (mimic-video: stage 1 + stage 2)
+    experiment_eval_every: int = 250  # a quick eval on the validation episodes every this many steps ...
+    experiment_patience: int = 750  # ... and a stop when the best is this many steps old
+    experiment_convergence: int = 100  # the convergence curve: these demonstrations, seed 0
 
     def validate(self):
         """Every value checked before any data is made or model built (mv.parse_config turns errors into one line)."""
@@ -153,11 +157,11 @@ class TrainConfig:
             raise ValueError(f"--pretrain_videos={self.pretrain_videos}: no such folder")
         if self.pretrain_data not in ("play", "expert"):
             raise ValueError(f"--pretrain_data must be play or expert, got {self.pretrain_data!r}")
-        if self.method not in ("mimic-video", "vla", "joint"):
-            raise ValueError(f"--method must be mimic-video, vla or joint, got {self.method!r}")
-        if self.method == "joint" and self.data:
-            raise ValueError("--method=joint is a toy-world comparison (without --data); --method=vla "
-                             "works on a dataset")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.video_init and self.method in ("vla", "scratch"):
+            raise ValueError(f"--video_init is a video backbone for mimic-video or joint; --method={self.method} "
+                             "starts from its own image pretraining (vla) or from nothing (scratch)")
         if not self.out_dir.strip():
             raise ValueError("--out_dir must not be empty")
         check_device(self.device)
@@ -173,8 +177,8 @@ class TrainConfig:
         for name in ("pretrain_lr", "stage1_lr", "stage2_lr", "lora_alpha", "grad_clip"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}")
-        if self.seed < 0 or self.stage2_warmup < 0 or not 0 <= self.weight_decay < math.inf:
-            raise ValueError("--seed, --stage2_warmup and --weight_decay must be >= 0")
+        if min(self.seed, self.stage2_warmup, self.patience) < 0 or not 0 <= self.weight_decay < math.inf:
+            raise ValueError("--seed, --stage2_warmup, --patience and --weight_decay must be >= 0")
         if not 0 <= self.stop_after_step <= 35:
             raise ValueError(f"--stop_after_step must be in [0, 35], got {self.stop_after_step}")
         try:
@@ -182,8 +186,7 @@ class TrainConfig:
         except ValueError:
             ok = False
         if not ok or min(self.experiment_seeds, self.experiment_workers, self.experiment_eval_every,
-                         self.experiment_convergence,
-                         self.experiment_steps, self.experiment_convergence_steps) < 1:
+                         self.experiment_convergence, self.experiment_steps, self.experiment_patience) < 1:
             raise ValueError("--experiment_demos must be comma-separated counts >= 1; the other --experiment_* "
                              "values at least 1")
         if self.resume and self.overwrite:
@@ -206,6 +209,7 @@ class TrainConfig:
 
 
 STAGES = ("all", "export", "encode", "pretrain", "1", "2", "eval", "benchmark", "experiment")
+METHODS = ("mimic-video", "vla", "scratch", "joint")
 
 
 def check_device(device):
@@ -402,12 +406,7 @@ def restore(directory, model, opt, device):
     """Load a checkpoint's trainable weights (strictly) and optimizer state onto this rank's `device` (the checkpoint
     may come from another GPU, or a GPU run resumed on a CPU); return its step."""
     ckpt = directory / CHECKPOINT
-    params = trainable(model)
-    sd = load_file(ckpt / "model.safetensors")
-    mv.check_state_dict(params, sd, f"checkpoint {ckpt}")
-    with torch.no_grad():
-        for k, v in sd.items():
-            params[k].copy_(v)
+    load_trainable(model, ckpt / "model.safetensors", "checkpoint")
     opt.load_state_dict(torch.load(ckpt / "optim.pt", map_location=device, weights_only=True)["optimizer"])
     return json.loads((ckpt / "train_state.json").read_text())["step"]
 
@@ -1217,7 +1216,8 @@ def build_model(cfg, device, video=None, stats=None, representation=None):
     decoder = mv.ActionDecoder(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS))
     obs_norm, act_norm = representation.normalizers(stats) if stats is not None else (None, None)
     va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
-    return mv.VideoActionModel(video, decoder, va_cfg, obs_norm, act_norm).to(device)
+    model_cls = mv.VLAModel if cfg.method == "vla" else mv.VideoActionModel  # vla: its image pretraining
+    return model_cls(video, decoder, va_cfg, obs_norm, act_norm).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1250,7 +1250,7 @@ def validation_loss(model, data, loss, cfg, env, batches=4):
                      for key, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
             if shard.stop == shard.start:  # more ranks than windows: this rank has none
                 continue
-            if loss == "video":
+            if loss != "action":
                 batch = {key: batch[key] for key in ("context", "future", "text")}
             for i in range(0, len(noise["sigma"]), m):  # in training's micro-batches: what fits there fits here
                 part = {key: v[i:i + m].to(device) for key, v in batch.items()}
@@ -1263,23 +1263,28 @@ def validation_loss(model, data, loss, cfg, env, batches=4):
     return total.item() / (batches * B)
 
 
-def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_checkpoint=None, val_data=None):
+def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_checkpoint=None, val_data=None,
+                loss=None):
     """AdamW over the trainable parameters; per-step randomness from (seed, stage, step) alone, so a resumed run
     equals an uninterrupted one. `inputs`: fingerprints of the files the stage starts from; `val_data`: held-out
-    episodes whose loss is logged at every checkpoint."""
+    episodes whose loss is logged at every checkpoint; `on_checkpoint(step)` (rank 0) may return a score, higher
+    better, that --patience stops on (else the validation loss does). `loss`: the model's objective (default: the
+    stage's: "video" for pretraining (0) and stage 1, "action" for stage 2)."""
     rank, world, device, autocast = env
+    loss = loss or ("action" if stage == 2 else "video")
     params = list(trainable(mv.fp32_trainable(model)).values())
     if cfg.activation_checkpointing and any(p.requires_grad for p in model.video.parameters()):
         model.video.activation_checkpointing = True  # every stage that trains the video DiT: pretrain, 1, vla, joint
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)
     directory, inputs = Path(cfg.out_dir) / name, inputs or {}
     saved = read_train_state(directory)
-    start = 0
+    start, best = 0, None  # best: [step, score] of the best checkpoint so far (--patience)
     if saved is not None and cfg.resume:
         check_resume(name, saved, cfg, steps, inputs, lambda *a: log(rank, *a))
-        start = restore(directory, model, opt, device)
+        start, best = restore(directory, model, opt, device), saved.get("best")
+        start = steps if saved.get("stopped") else start  # stopped early: the stage is complete
         log(rank,
-            f"{name}: complete at step {start}, nothing to train" if start == steps
+            f"{name}: complete at step {saved['step']}, nothing to train" if start == steps
             else f"{name}: resuming at step {start}")
     elif cfg.resume:
         log(rank, f"{name}: no checkpoint in {directory}, starting at step 0")
@@ -1290,13 +1295,12 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
     shard = slice(rank * b, (rank + 1) * b)
     latent_shape, action_shape = data.shapes(model)
     bins, window, t0 = np.linspace(0, 1, 5), [], time.perf_counter()
-    loss = "action" if stage == 2 else "video"  # pretraining (stage 0) and stage 1 train the video model
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0 or not sys.stderr.isatty(), initial=start, total=steps)
     model.train()
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + stage * 100_003 + step)
         batch = data.batch(g, B, shard, model)
-        if loss == "video":
+        if loss != "action":  # the video and image objectives read no proprio and no actions
             batch = {k: batch[k] for k in ("context", "future", "text")}
         batch = {k: v.to(device) for k, v in batch.items()}
         noise = {k: v[shard].to(device) for k, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
@@ -1336,46 +1340,95 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
                       f"{ms:.0f} ms/step")
             window, t0 = [], time.perf_counter()
         if (step + 1) % cfg.ckpt_every == 0 or last:  # eval + checkpoint, in one block
+            score = None
             if val_data is not None:
-                log(rank, f"{name} step {step + 1}: validation loss "
-                          f"{validation_loss(model, val_data, loss, cfg, env):.4f} ({len(val_data.meta['val'])} "
-                          "held-out episodes)")
+                val = validation_loss(model, val_data, loss, cfg, env)
+                log(rank, f"{name} step {step + 1}: validation loss {val:.4f} ({len(val_data.meta['val'])} held-out "
+                          "episodes)")
+                score = -val
+            if on_checkpoint is not None and rank == 0:
+                score = on_checkpoint(step + 1)
+            stop = False
+            if cfg.patience and stage == 2:
+                best, stop = keep_best(directory, model, best, step + 1, score, cfg.patience, rank, world)
+                if stop:
+                    log(rank, f"{name}: stopped at step {step + 1}: no better score since step {best[0]} "
+                              f"({best[1]:.4f}; --patience={cfg.patience})")
             if rank == 0:
                 joint = hasattr(model, "joint")
                 head = {"joint": asdict(model.joint)} if joint else {"decoder": asdict(model.decoder.cfg)}
                 meta = {"stage": name, "train": asdict(cfg), "inputs": inputs, "video": asdict(model.video.cfg),
-                        "model": asdict(model.cfg), **head}
+                        "model": asdict(model.cfg), **head, "best": best, "stopped": stop}
                 save_checkpoint(directory, model, opt, step + 1, meta)
-                if on_checkpoint is not None:
-                    on_checkpoint(step + 1)
             barrier(world)
+            if stop:
+                break
+    if best is not None:  # --patience: the stage's result is its best checkpoint, not its last
+        load_trainable(model, directory / "best.safetensors", "the best checkpoint")
+        log(rank, f"{name}: kept the weights of step {best[0]} (score {best[1]:.4f})")
     model.eval()
     return model
+
+
+def keep_best(directory, model, best, step, score, patience, rank, world):
+    """--patience: keep the trainable weights of the best score so far in <stage>/best.safetensors (rank 0 scores; the
+    others follow its decision); return ([step, score] of the best, whether to stop)."""
+    if world > 1:
+        box = [score]
+        dist.broadcast_object_list(box, src=0)
+        score = box[0]
+    if score is None:
+        raise ValueError("--patience needs a validation score: held-out episodes (--val_fraction > 0) or the toy "
+                         "world's quick evaluation")
+    if best is None or score > best[1]:
+        best = [step, score]
+        if rank == 0:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}
+            directory.mkdir(parents=True, exist_ok=True)
+            mv.atomic_write(directory / "best.safetensors", lambda p: save_file(tensors, p))
+        barrier(world)
+    return best, step - best[0] >= patience
+
+
+def load_trainable(model, path, what):
+    """Copy a file's tensors into the model's trainable parameters, strictly."""
+    params, sd = trainable(model), load_file(path)
+    mv.check_state_dict(params, sd, f"{what} {path}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            params[k].copy_(v)
 
 
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
-def evaluate(policy, episodes, world_cfg):
-    """Closed-loop success of a policy on held-out toy episodes."""
-    seeds = [mv.TOY_EVAL_SEEDS + i for i in range(episodes)]
+TOY_VAL_SEEDS = mv.TOY_EVAL_SEEDS + 10**6  # validation episodes (quick evals, --patience), apart from the test's
+
+
+def evaluate(policy, episodes, world_cfg, first=mv.TOY_EVAL_SEEDS):
+    """Closed-loop success of a policy on held-out toy episodes (seeds first, first + 1, ...)."""
+    seeds = [first + i for i in range(episodes)]
     return float(mv.toy_rollout(policy, seeds, world_cfg)["success"].mean())
 
 
 def quick_eval(policy, model, cfg, rank, offset=0):
-    """A closed-loop evaluation at each stage-2 checkpoint, logged and appended to <out_dir>/stage2/quick_evals.csv
-    (steps counted on the demonstrations: `offset` = the steps of stage 1 before it)."""
-    if cfg.stage2_steps < cfg.ckpt_every:
+    """A closed-loop evaluation on validation episodes at each stage-2 checkpoint, logged and appended to
+    <out_dir>/stage2/quick_evals.csv (steps counted on the demonstrations: `offset` = the steps of stage 1 before
+    it); its success is the score --patience stops on."""
+    if cfg.stage2_steps < cfg.ckpt_every and not cfg.patience:
         return None
     path = Path(cfg.out_dir) / "stage2" / "quick_evals.csv"
 
     def run(step):
-        rate = evaluate(policy, cfg.quick_eval_episodes, mv.ToyWorldConfig())  # puts the model in eval mode
+        rate = evaluate(policy, cfg.quick_eval_episodes, mv.ToyWorldConfig(), TOY_VAL_SEEDS)  # sets eval mode
         model.train()
-        log(rank, f"stage2 step {step}: closed-loop success {rate:.0%} on {cfg.quick_eval_episodes} held-out episodes")
+        log(rank, f"stage2 step {step}: closed-loop success {rate:.0%} on {cfg.quick_eval_episodes} validation "
+                  "episodes")
         rows = path.read_text() if path.exists() else "method,demo_steps,episodes,success\n"
         rows += f"{cfg.method},{offset + step},{cfg.quick_eval_episodes},{rate:.4f}\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
         mv.atomic_write(path, lambda p: Path(p).write_text(rows))
+        return rate
 
     return run
 
@@ -1383,12 +1436,13 @@ def quick_eval(policy, model, cfg, rank, offset=0):
 # ----------------------------------------------------------------------------------------------
 # the paper's claims in miniature (--stage=experiment): sample efficiency, convergence, latency
 
-EXPERIMENT_METHODS = ("mimic-video", "vla", "joint")
+EXPERIMENT_METHODS = ("mimic-video", "vla", "scratch", "joint")
 
 
 def experiment_job(kind, args, out, log_path, episodes):
-    """One run in a worker process with one thread, its output in a log file. kind "pretrain": the shared video
-    pretraining of a seed; otherwise a method's training on the demonstrations, then its closed-loop success."""
+    """One run in a worker process with one thread, its output in a log file. kind "pretrain": a seed's video (or,
+    with --method=vla among the args, image) pretraining; otherwise a method's training on the demonstrations to its
+    best checkpoint, then that checkpoint's closed-loop success on the test episodes."""
     import contextlib
 
     torch.set_num_threads(1)
@@ -1402,12 +1456,14 @@ def experiment_job(kind, args, out, log_path, episodes):
         main([*args, f"--out_dir={out}", "--stage=2", f"--method={kind}"])
         seconds = time.perf_counter() - t0
         rate = evaluate(mv.load_policy(out / "policy"), episodes, mv.ToyWorldConfig())
-    return {"seconds": seconds, "success": rate}
+    state = read_train_state(out / "stage2")
+    return {"seconds": seconds, "success": rate, "stopped": state["step"], "best": state["best"][0]}
 
 
 def run_experiment(cfg, env):
-    """Train mimic-video, the VLA-style baseline and the joint model on nested sets of demonstrations, for several
-    seeds; evaluate each on the same held-out episodes; write CSVs and plots; time one query of each on this CPU."""
+    """Train the four methods on nested sets of demonstrations, for several seeds, each until its validation success
+    stops improving (within one cap of optimiser steps on the demonstrations, shared by all); evaluate each at its best
+    checkpoint on the same held-out test episodes; write CSVs and plots; time one query of each on this CPU."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
@@ -1415,62 +1471,61 @@ def run_experiment(cfg, env):
     demos = [int(n) for n in cfg.experiment_demos.split(",")]
     seeds = list(range(cfg.experiment_seeds))
     common = [f"--{k}={v}" for k, v in asdict(cfg).items() if k in EXPERIMENT_SHARED]
+    # every method: at most experiment_steps on the demonstrations (mimic-video's include its stage1_steps of LoRA)
+    runs = [f"--stage2_steps={cfg.experiment_steps - cfg.stage1_steps}", f"--ckpt_every={cfg.experiment_eval_every}",
+            f"--patience={cfg.experiment_patience}"]
     t_start = time.perf_counter()
     rows, jobs = [], {}
     with ProcessPoolExecutor(cfg.experiment_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        def submit(kind, n, seed, name=None, extra=()):
-            run = out / f"seed{seed}" / (name or f"{n}demos") / kind
+        def submit(kind, n, seed):
+            run = out / f"seed{seed}" / f"{n}demos" / kind
             run.mkdir(parents=True, exist_ok=True)
-            if kind != "vla":  # mimic-video and the joint model start from the seed's pretrained video model
-                shutil.copytree(out / f"seed{seed}" / "pretrain" / "pretrain", run / "pretrain", dirs_exist_ok=True)
-            args = [*common, f"--seed={seed}", f"--num_demos={n}", f"--stage2_steps={cfg.experiment_steps}",
-                    "--ckpt_every=1000000", *extra]  # one checkpoint, at the end; `extra` (convergence) overrides both
-            job = pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)
-            jobs[job] = (kind, n, seed, name)
+            if kind != "scratch":  # the seed's pretrained image (vla) or video (mimic-video, joint) model
+                pre = out / f"seed{seed}" / ("pretrain_image" if kind == "vla" else "pretrain_video") / "pretrain"
+                shutil.copytree(pre, run / "pretrain", dirs_exist_ok=True)
+            args = [*common, *runs, f"--seed={seed}", f"--num_demos={n}"]
+            jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed)
 
         pre = {}
-        for s in seeds:
-            (out / f"seed{s}").mkdir(parents=True, exist_ok=True)
-            pre[pool.submit(experiment_job, "pretrain", [*common, f"--seed={s}", "--ckpt_every=1000000"],
-                            out / f"seed{s}" / "pretrain", out / f"seed{s}" / "pretrain.log", 0)] = s
+        for s in seeds:  # the same videos, steps and learning rate for both pretrainings of a seed
+            for what, method in (("video", "mimic-video"), ("image", "vla")):
+                folder = out / f"seed{s}" / f"pretrain_{what}"
+                folder.mkdir(parents=True, exist_ok=True)
+                args = [*common, f"--seed={s}", f"--method={method}", "--ckpt_every=1000000"]
+                pre[pool.submit(experiment_job, "pretrain", args, folder, folder / "log.txt", 0)] = (s, what)
         for s in seeds:
             for n in demos:
-                submit("vla", n, s)  # needs no pretraining: starts at once
-        # convergence: the full stage-2 budget, a 100-episode evaluation every experiment_eval_every steps
-        conv = [f"--stage2_steps={cfg.experiment_convergence_steps}", f"--ckpt_every={cfg.experiment_eval_every}",
-                "--quick_eval_episodes=100"]
-        submit("vla", cfg.experiment_convergence, seeds[0], "convergence", conv)
+                submit("scratch", n, s)  # needs no pretraining: starts at once
         for done in pre:
-            s = pre[done]
-            log(0, f"experiment: pretraining of seed {s} done in {done.result()['seconds']:.0f} s")
-            if s == seeds[0]:
-                submit("mimic-video", cfg.experiment_convergence, s, "convergence", conv)
+            s, what = pre[done]
+            log(0, f"experiment: {what} pretraining of seed {s} done in {done.result()['seconds']:.0f} s")
             for n in demos:
-                for kind in ("mimic-video", "joint"):
+                for kind in (("mimic-video", "joint") if what == "video" else ("vla",)):
                     submit(kind, n, s)
         for done in list(jobs):
-            kind, n, seed, name = jobs[done]
+            kind, n, seed = jobs[done]
             r = done.result()
-            if name is None:
-                rows.append({"method": kind, "demos": n, "seed": seed, "success": r["success"],
-                             "train_seconds": round(r["seconds"])})
-            log(0, f"experiment: {kind:12s} {n:5d} demos, seed {seed}{' (convergence)' if name else ''}: "
-                   f"{r['success']:6.1%} ({r['seconds']:.0f} s)")
+            rows.append({"method": kind, "demos": n, "seed": seed, "success": r["success"],
+                         "best_step": r["best"] + (cfg.stage1_steps if kind == "mimic-video" else 0),
+                         "stopped_step": r["stopped"] + (cfg.stage1_steps if kind == "mimic-video" else 0),
+                         "train_seconds": round(r["seconds"])})
+            log(0, f"experiment: {kind:12s} {n:5d} demos, seed {seed}: {r['success']:6.1%} at its best step "
+                   f"{rows[-1]['best_step']} of {rows[-1]['stopped_step']} ({r['seconds']:.0f} s)")
     wall = time.perf_counter() - t_start
     eval_seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.eval_episodes)]
     random, expert = mv.toy_baselines(eval_seeds, mv.ToyWorldConfig(), 0)
     write_csv(out / "efficiency.csv", rows)
-    convergence = []
-    for kind in ("mimic-video", "vla"):
-        path = out / f"seed{seeds[0]}" / "convergence" / kind / "stage2" / "quick_evals.csv"
+    convergence = []  # validation success against steps on the demonstrations, at one demonstration count, seed 0
+    for kind in EXPERIMENT_METHODS:
+        path = out / f"seed{seeds[0]}" / f"{cfg.experiment_convergence}demos" / kind / "stage2" / "quick_evals.csv"
         convergence += [dict(zip(("method", "demo_steps", "episodes", "success"), line.split(",")))
                         for line in path.read_text().splitlines()[1:]] if path.exists() else []
     write_csv(out / "convergence.csv", convergence)
     latency = experiment_latency(out, max(demos), seeds[0])
     write_csv(out / "latency.csv", latency)
     plot_experiment(out, rows, convergence, random, expert, cfg.experiment_convergence)
-    log(0, f"\nsuccess on {cfg.eval_episodes} held-out episodes (mean over {len(seeds)} seeds; random {random:.1%}, "
-           f"expert {expert:.1%}), {wall / 60:.0f} min for the whole experiment on this machine:")
+    log(0, f"\nsuccess on {cfg.eval_episodes} held-out episodes at each run's best checkpoint (mean over {len(seeds)} "
+           f"seeds; random {random:.1%}, expert {expert:.1%}), {wall / 60:.0f} min for the whole experiment:")
     log(0, f"{'demos':>8} " + " ".join(f"{m:>12}" for m in EXPERIMENT_METHODS))
     for n in demos:
         cells = [np.mean([r["success"] for r in rows if r["method"] == m and r["demos"] == n])
@@ -1483,7 +1538,7 @@ def run_experiment(cfg, env):
 
 EXPERIMENT_SHARED = ("num_pretrain", "pretrain_steps", "pretrain_lr", "pretrain_data", "stage1_steps", "stage1_lr",
                      "stage2_lr", "stage2_warmup", "batch_size", "lora_rank", "lora_alpha", "log_every",
-                     "weight_decay", "grad_clip")
+                     "weight_decay", "grad_clip", "quick_eval_episodes")
 
 
 def write_csv(path, rows):
@@ -1493,9 +1548,9 @@ def write_csv(path, rows):
 
 
 def experiment_latency(out, n, seed, rounds=30):
-    """Milliseconds per policy query of one environment, all three methods on this CPU in this run, interleaved
-    (`mv.query_latency`): mimic-video at k = 0 (one truncated forward, 10 decoder steps), the VLA-style baseline (the
-    same computation), the joint model's full denoising."""
+    """Milliseconds per policy query of one environment, the four methods on this CPU in this run, interleaved
+    (`mv.query_latency`): mimic-video at k = 0 (one truncated forward, 10 decoder steps), the VLA-style and scratch
+    baselines (the same computation), the joint model's full denoising."""
     policies = {kind: mv.load_policy(out / f"seed{seed}" / f"{n}demos" / kind / "policy")
                 for kind in EXPERIMENT_METHODS}
     ms = mv.query_latency(policies, mv.toy_probe_observation(), rounds)
@@ -1509,7 +1564,8 @@ def experiment_latency(out, n, seed, rounds=30):
 
 
 def plot_experiment(out, rows, convergence, random, expert, conv_demos):
-    """efficiency.png (success vs demonstrations, one line per method, random and expert levels) and convergence.png."""
+    """efficiency.png (success vs demonstrations, one line per method, random and expert levels) and convergence.png
+    (validation success vs steps on the demonstrations, one line per method, each until it stopped)."""
     try:
         import matplotlib
 
@@ -1536,12 +1592,14 @@ def plot_experiment(out, rows, convergence, random, expert, conv_demos):
     fig.savefig(out / "efficiency.png", dpi=120)
     if convergence:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for kind in ("mimic-video", "vla"):
+        for kind in EXPERIMENT_METHODS:
             pts = [(int(r["demo_steps"]), float(r["success"])) for r in convergence if r["method"] == kind]
-            ax.plot(*zip(*pts), "o-", label=kind)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=kind)
         ax.axhline(random, color="gray", linestyle="--", linewidth=1, label="random actions")
-        ax.set(xlabel="optimiser steps on the demonstrations", ylabel="success (100 episodes)", ylim=(0, 1.02),
-               title=f"toy world, {conv_demos} demonstrations: convergence")
+        episodes = convergence[0]["episodes"]
+        ax.set(xlabel="optimiser steps on the demonstrations", ylabel=f"success ({episodes} validation episodes)",
+               ylim=(0, 1.02), title=f"toy world, {conv_demos} demonstrations, seed 0: until each stopped")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "convergence.png", dpi=120)
@@ -1557,12 +1615,10 @@ def stages_of(cfg):
     """The stages a run does, in order."""
     if cfg.stage != "all":
         return (cfg.stage,)
-    if not cfg.data:  # the VLA baseline has no video pretraining; the joint model no separate LoRA stage
-        return {"mimic-video": ("pretrain", "1", "2", "eval"), "vla": ("2", "eval"),
-                "joint": ("pretrain", "2", "eval")}[cfg.method]
-    if cfg.method == "vla":  # the behaviour-cloning check: the same network, end to end, no video model
-        return ("encode", "2")
-    return ("encode", "1", "2") if cfg.video_init else ("encode", "pretrain", "1", "2")
+    # the baselines have no LoRA stage; "scratch" no pretraining; "vla" pretrains on images, "joint" on video
+    pretrain = () if cfg.method == "scratch" or (cfg.video_init and cfg.method != "vla") else ("pretrain",)
+    lora = ("1",) if cfg.method == "mimic-video" else ()
+    return ("encode", *pretrain, *lora, "2") if cfg.data else (*pretrain, *lora, "2", "eval")
 
 
 def check_out_dir(cfg, stages):
@@ -1577,17 +1633,19 @@ def check_out_dir(cfg, stages):
         held = ", ".join(f"{d} (step {n})" for d, n in found.items())
         sys.exit(f"error: {out} already holds checkpoints: {held}. Continue them with --resume=true, or start over "
                  f"with --overwrite=true (they will be replaced), or choose another --out_dir")
-    needs = {"1": ("pretrain", out / "pretrain" / "video.safetensors"),
+    needs = {"1": ("pretrain", pretrained_file(cfg)),
              "2": ("1", out / "stage1" / "video_fused.safetensors"),
              "eval": ("2", out / "policy" / "config.json")}
-    if cfg.method != "mimic-video":  # vla: a fresh network; joint: starts from the pretrained video model
-        needs["2"] = ("pretrain", out / "pretrain" / "video.safetensors") if cfg.method == "joint" else ("2", out)
+    if cfg.method in ("vla", "joint"):  # start from the pretrained image or video model
+        needs["2"] = ("pretrain", pretrained_file(cfg))
+    fresh = cfg.method == "scratch" or (cfg.method == "joint" and cfg.video_init)  # stage 2 needs no pretraining
     if cfg.data:
         needs.update({s: ("encode", out / "cache" / "meta.json") for s in ("pretrain", "benchmark")})
-        if cfg.method == "vla":
-            needs["2"] = ("encode", out / "cache" / "meta.json")
+        needs["2"] = ("encode", out / "cache" / "meta.json") if fresh else needs["2"]
         if cfg.video_init:
             needs.pop("1")
+    elif fresh:
+        needs.pop("2")
     for stage in stages:
         if stage in needs and needs[stage][0] not in stages and not needs[stage][1].exists():
             sys.exit(f"error: --stage={stage} reads {needs[stage][1]}, which does not exist: run "
@@ -1660,12 +1718,20 @@ def benchmark_data(name, model, data, cfg, env, steps=20):
               f"({'data-bound' if data_s > step_s else 'not data-bound'}, measured in one run)")
 
 
+def pretrained_file(cfg):
+    """What the pretraining stage writes: the video model, or for --method=vla the image model."""
+    return Path(cfg.out_dir) / "pretrain" / ("image.safetensors" if cfg.method == "vla" else "video.safetensors")
+
+
 def pretrain_stage(model, videos, cfg, env, inputs=None, val_data=None):
-    """Without a pretrained backbone: the video model learns to predict the videos (the decoder does not train)."""
+    """Without a pretrained backbone: the video model learns to predict the videos (the decoder does not train).
+    --method=vla: the same network learns the same frames as still images with their instructions (mv.VLAModel's
+    image_loss), with the same data, steps and learning rate."""
     model.decoder.requires_grad_(False)
-    train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env, inputs, val_data=val_data)
+    train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env, inputs, val_data=val_data,
+                loss="image" if cfg.method == "vla" else "video")
     if env[0] == 0:
-        mv.save_video_dit_checkpoint(model.video, Path(cfg.out_dir) / "pretrain" / "video.safetensors")
+        mv.save_video_dit_checkpoint(model.video, pretrained_file(cfg))
     barrier(env[1])
 
 
@@ -1736,7 +1802,8 @@ def run_toy(cfg, stages, env):
         rate = evaluate(policy, cfg.eval_episodes, world_cfg)
         tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
         how = (f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}" if cfg.method == "mimic-video" else
-               "the same network, end to end" if cfg.method == "vla"
+               "the same network, image-pretrained, end to end" if cfg.method == "vla" else
+               "the same network from random initialisation, end to end" if cfg.method == "scratch"
                else f"{policy.model.joint.num_steps} joint denoising steps")
         print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
         print(f"  random policy     {random:6.1%}")
@@ -1746,20 +1813,20 @@ def run_toy(cfg, stages, env):
 
 def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
     """The comparisons of the toy world, trained for as many optimiser steps on the demonstrations as mimic-video's
-    stages 1 and 2 together. "vla": the same network as mimic-video (video DiT + decoder, the same inputs at a k = 0
-    query), trained end to end on the action loss from random initialisation, with no video prediction at all.
-    "joint": VideoVLA-style, the pretrained video DiT with action tokens, trained on video + action loss."""
+    stages 1 and 2 together. "vla" and "scratch": the same network as mimic-video (video DiT + decoder, the same
+    inputs at a k = 0 query), trained end to end on the action loss, from the image-pretrained backbone or from
+    random initialisation. "joint": VideoVLA-style, the pretrained video DiT with action tokens, trained on video +
+    action loss."""
     rank, world, device, autocast = env
     world_cfg, out = mv.ToyWorldConfig(), Path(cfg.out_dir)
     demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
     norms = representation.normalizers(demos.stats())
     va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
     steps = cfg.stage1_steps + cfg.stage2_steps
-    if cfg.method == "vla":
-        model = vla_model(mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS),
-                          mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS),
-                          va_cfg, norms, device)
-        inputs = {}
+    if cfg.method in ("vla", "scratch"):
+        model, inputs = vla_model(cfg, mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS),
+                                  mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS),
+                                  va_cfg, norms, device)
     else:
         source = out / "pretrain" / "video.safetensors"
         chunk, action_dim = world_cfg.chunk, representation.model_action_dim
@@ -1774,18 +1841,23 @@ def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
                   on_checkpoint=quick_eval(policy, model, cfg, rank))
 
 
-def vla_model(video_cfg, decoder_cfg, model_cfg, norms, device):
-    """The VLA-style baseline: mimic-video's network (video DiT + decoder, a k = 0 query's inputs), trained end to end
-    on the action loss from random initialisation. The decoder reads block `tap_block`, so the blocks after it never
-    run: they are dropped (DistributedDataParallel requires every trained parameter to get a gradient), and the output
-    layer, kept so the policy folder has the VideoDiT layout, is frozen. The full network is drawn first and then cut,
-    so the random initialisation is the one the recorded results were measured with."""
+def vla_model(cfg, video_cfg, decoder_cfg, model_cfg, norms, device):
+    """The VLA-style baselines: mimic-video's network (video DiT + decoder, a k = 0 query's inputs), trained end to
+    end on the action loss, from the image-pretrained backbone ("vla") or from random initialisation ("scratch").
+    The decoder reads block `tap_block`, so the blocks after it never run: they are dropped (DistributedDataParallel
+    requires every trained parameter to get a gradient), and the output layer, kept so the policy folder has the
+    VideoDiT layout, is frozen. The full network is drawn first and then cut, so the random initialisation is the one
+    the recorded results were measured with. Returns the model and the fingerprint of the file it starts from."""
     video = mv.VideoDiT(video_cfg)
     decoder = mv.ActionDecoder(decoder_cfg)
+    inputs = {}
+    if cfg.method == "vla":
+        source = pretrained_file(cfg)
+        video, inputs = mv.load_video_dit(source, None, device=device), {"video": fingerprint(source)}
     tap = model_cfg.tap_block
     video.blocks, video.cfg = video.blocks[:tap], mv.replace(video.cfg, num_blocks=tap)
     video.final_layer.requires_grad_(False)
-    return mv.VLAModel(video, decoder, model_cfg, *norms).to(device)
+    return mv.VLAModel(video, decoder, model_cfg, *norms).to(device), inputs
 
 
 def freeze_video(model):
@@ -1825,9 +1897,10 @@ def run_dataset(cfg, stages, env):
 
     def model_with(video, stats=None):
         norms = representation.normalizers(stats) if stats is not None else (None, None)
-        return mv.VideoActionModel(video, mv.ActionDecoder(decoder_cfg), model_cfg, *norms).to(device)
+        model_cls = mv.VLAModel if cfg.method == "vla" else mv.VideoActionModel  # vla: its image pretraining
+        return model_cls(video, mv.ActionDecoder(decoder_cfg), model_cfg, *norms).to(device)
 
-    if "pretrain" in stages:  # no pretrained backbone: a small video model learns the dataset's own videos
+    if "pretrain" in stages:  # no pretrained backbone: a small video (vla: image) model learns the dataset's frames
         videos = CachedData(out / "cache_videos") if cfg.pretrain_videos else data
         pretrain_stage(model_with(mv.VideoDiT(video_cfg)), videos, cfg, env, inputs, val)
 
@@ -1843,12 +1916,22 @@ def run_dataset(cfg, stages, env):
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
         lora_stage(model_with(video), data, cfg, env, {**inputs, **source}, val)
 
-    if ("2" in stages or "benchmark" in stages) and cfg.method == "vla":
-        model = vla_model(video_cfg, decoder_cfg, model_cfg, representation.normalizers(data.stats()), device)
+    if ("2" in stages or "benchmark" in stages) and cfg.method != "mimic-video":
+        norms = representation.normalizers(data.stats())
+        if cfg.method == "joint":  # the pretrained (or given) video model with action tokens
+            source = cfg.video_init or pretrained_file(cfg)
+            video = mv.load_video_dit(source, cfg.video_init_file or None, video_cfg if cfg.video_init else None,
+                                      device=device)
+            jcfg = mv.JointConfig(state_dim=representation.model_state_dim,
+                                  action_dim=representation.model_action_dim, chunk=decoder_cfg.num_actions)
+            model = mv.JointVideoActionModel(video, jcfg, model_cfg, *norms).to(device)
+            start = {"video": f"{cfg.video_init}:{cfg.video_init_file}" if cfg.video_init else fingerprint(source)}
+        else:
+            model, start = vla_model(cfg, video_cfg, decoder_cfg, model_cfg, norms, device)
         if "benchmark" in stages:
-            return benchmark_data(f"cache {cache} (vla)", model, data, cfg, env)
-        decoder_stage(model, data, cfg.stage1_steps + cfg.stage2_steps, cfg, env, inputs,
-                      dataset_policy_config(cfg, plan, representation), "vla", val_data=val)
+            return benchmark_data(f"cache {cache} ({cfg.method})", model, data, cfg, env)
+        decoder_stage(model, data, cfg.stage1_steps + cfg.stage2_steps, cfg, env, {**inputs, **start},
+                      dataset_policy_config(cfg, plan, representation), cfg.method, val_data=val)
     elif "2" in stages or "benchmark" in stages:
         source = out / "stage1" / "video_fused.safetensors"
         video = (mv.load_video_dit(source, None, device=device, dtype=frozen_dtype(autocast)).requires_grad_(False)

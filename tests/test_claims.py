@@ -52,6 +52,36 @@ def test_the_vla_baseline_is_the_same_network_trained_end_to_end_without_the_fut
     assert all(p.grad is None for p in frozen.video.parameters())  # mimic-video's backbone stays frozen in stage 2
 
 
+def test_the_vla_pretraining_is_an_image_model_of_the_same_frames(tmp_path):
+    """--method=vla pretrains the network on the observed frames as still images with their instructions (no
+    future frame reaches it, every block and the output layer learn), then trains end to end from those weights;
+    --method=scratch starts from random ones."""
+    vla, batch = vla_model(), toy_batch()
+    video_batch = {k: batch[k] for k in ("context", "future", "text")}
+    out = vla("image", **video_batch, generator=torch.Generator().manual_seed(1))
+    assert out["per_sample"].shape == (B,) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in vla.video.parameters())
+    again = vla("image", **dict(video_batch, future=torch.randn_like(batch["future"])),
+                generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out["loss"], again["loss"])  # the future is never read
+    other = vla("image", **dict(video_batch, context=torch.randn_like(batch["context"])),
+                generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(out["loss"], other["loss"])  # the present is what it models
+    small = ["--num_demos=16", "--num_pretrain=16", "--batch_size=8", "--eval_episodes=2", "--log_every=1"]
+    for method in ("vla", "scratch"):
+        run = [f"--out_dir={tmp_path / method}", *small, f"--method={method}"]
+        if method == "vla":
+            train.main([*run, "--stage=pretrain", "--pretrain_steps=2"])
+            assert train.read_train_state(tmp_path / "vla" / "pretrain")["step"] == 2
+        train.main([*run, "--stage=2", "--stage1_steps=1", "--stage2_steps=1", "--stage2_lr=1e-12"])
+    image = mv.load_video_dit(tmp_path / "vla" / "pretrain" / "image.safetensors", None).state_dict()
+    for method, starts_there in (("vla", True), ("scratch", False)):
+        trained = mv.load_policy(tmp_path / method / "policy").model.video.state_dict()
+        block0 = [k for k in trained if k.startswith("blocks.0.")]
+        assert all(torch.allclose(trained[k], image[k], atol=1e-6) for k in block0) == starts_there, method
+
+
 def test_the_joint_model_denoises_video_and_actions_together():
     jcfg = mv.JointConfig(num_steps=4)
     model = mv.JointVideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]), jcfg, mv.VIDEO_ACTION_PRESETS["toy"])
@@ -80,17 +110,18 @@ def test_a_shortened_experiment_writes_every_result(tmp_path, capsys):
     """One tiny point per method: the pipeline of the full experiment (CSV, plots, latency), in seconds."""
     out = tmp_path / "exp"
     train.main(["--stage=experiment", f"--out_dir={out}", "--experiment_demos=6", "--experiment_seeds=1",
-                "--experiment_convergence=6", "--experiment_convergence_steps=4", "--experiment_eval_every=2",
-                "--pretrain_steps=2", "--num_pretrain=8",
-                "--stage1_steps=2", "--experiment_steps=4", "--batch_size=8", "--eval_episodes=4",
-                "--experiment_workers=1"])
+                "--experiment_convergence=6", "--experiment_eval_every=2", "--experiment_patience=2",
+                "--pretrain_steps=2", "--num_pretrain=8", "--stage1_steps=2", "--experiment_steps=8", "--batch_size=8",
+                "--eval_episodes=4", "--quick_eval_episodes=4", "--experiment_workers=1"])
     rows = list(csv.DictReader(open(out / "efficiency.csv")))
-    assert sorted(r["method"] for r in rows) == ["joint", "mimic-video", "vla"]
+    assert sorted(r["method"] for r in rows) == ["joint", "mimic-video", "scratch", "vla"]
     assert all(0 <= float(r["success"]) <= 1 and r["demos"] == "6" for r in rows)
+    # each stopped within the shared cap of 8 steps on the demonstrations, at or after its best checkpoint
+    assert all(int(r["best_step"]) <= int(r["stopped_step"]) <= 8 for r in rows)
     conv = list(csv.DictReader(open(out / "convergence.csv")))
-    assert {r["method"] for r in conv} == {"mimic-video", "vla"}
+    assert {r["method"] for r in conv} == set(train.EXPERIMENT_METHODS)
     latency = {r["method"]: float(r["ms_per_query"]) for r in csv.DictReader(open(out / "latency.csv"))}
-    assert set(latency) == {"mimic-video", "vla", "joint"} and latency["joint"] > latency["mimic-video"]
+    assert set(latency) == set(train.EXPERIMENT_METHODS) and latency["joint"] > latency["mimic-video"]
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -99,7 +130,14 @@ def test_a_shortened_experiment_writes_every_result(tmp_path, capsys):
         assert (out / "efficiency.png").stat().st_size > 0 and (out / "convergence.png").stat().st_size > 0
     joint = mv.load_policy(out / "seed0" / "6demos" / "joint" / "policy")
     assert joint.method == "joint" and isinstance(joint.model, mv.JointVideoActionModel)
-    assert mv.load_policy(out / "seed0" / "6demos" / "vla" / "policy").method == "vla"
+    for kind in ("vla", "scratch"):
+        policy = mv.load_policy(out / "seed0" / "6demos" / kind / "policy")
+        assert policy.method == kind and isinstance(policy.model, mv.VLAModel)
+    # the two pretrainings of a seed saw the same videos for the same steps, as a video and as an image model
+    for what in ("video", "image"):
+        state = train.read_train_state(out / "seed0" / f"pretrain_{what}" / "pretrain")
+        assert state["step"] == 2 and state["train"]["num_pretrain"] == 8
+    assert (out / "seed0" / "pretrain_image" / "pretrain" / "image.safetensors").exists()
     world = mv.ToyWorldConfig()
     assert mv.toy_rollout(joint, [1, 2], world)["success"].shape == (2,)
     assert np.isfinite(latency["vla"])

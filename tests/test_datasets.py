@@ -208,6 +208,31 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
     assert "samples/s" in capsys.readouterr().out
 
 
+def test_the_comparisons_train_on_a_dataset(encoded, capsys):
+    """--method=vla (image pretraining on the dataset's own frames, then end to end), scratch and joint write policy
+    folders that run; --patience stops on the validation loss and keeps the best step."""
+    (encoded / "cmp").mkdir(exist_ok=True)
+    for method in ("vla", "scratch", "joint"):
+        out = encoded / "cmp" / method
+        shutil.copytree(encoded / "out" / "cache", out / "cache")
+        args = [f"--data={encoded / 'data'}", f"--out_dir={out}", f"--method={method}", *SMALL]
+        stages = train.stages_of(train.TrainConfig(data="x", method=method))
+        assert stages == (("encode", "2") if method == "scratch" else ("encode", "pretrain", "2"))
+        if "pretrain" in stages:
+            train.main([*args, "--stage=pretrain", "--pretrain_steps=2"])
+        assert (out / "pretrain" / "image.safetensors").exists() == (method == "vla")
+        train.main([*args, "--stage=2", "--stage1_steps=1", "--stage2_steps=3", "--ckpt_every=1", "--patience=1",
+                    "--stage2_lr=1e-2"])
+        state = train.read_train_state(out / "stage2")
+        assert state["best"] is not None and state["step"] - state["best"][0] <= 1
+        policy = mv.load_policy(out / "policy")
+        assert policy.method == method
+        action = policy.select_action({"observation.images.top": torch.zeros(20, 30, 3, dtype=torch.uint8),
+                                       "observation.state": torch.zeros(3), "task": "pick the cube"})
+        assert action.shape == (2,) and torch.isfinite(action).all()
+    assert "validation loss" in capsys.readouterr().out
+
+
 def test_an_empty_episode_is_named(tmp_path):
     train.write_lerobot_dataset(tmp_path / "d", episodes(), fps=FPS, version="v2.1")
     path = tmp_path / "d" / "meta" / "episodes.jsonl"

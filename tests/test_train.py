@@ -164,7 +164,7 @@ def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
         assert torch.equal(st["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
 
 
-@pytest.mark.parametrize("method", ["mimic-video", "vla", "joint"])
+@pytest.mark.parametrize("method", ["mimic-video", "scratch", "joint"])
 def test_ddp_two_processes_equal_one(smoke, tmp_path, method):
     """torchrun with 2 CPU processes (gloo) gives the same stage-2 weights as 1 process on the same global batch, for
     every method (DDP stops when a trained parameter gets no gradient, as the VLA-style baseline's unused blocks did)."""
@@ -192,6 +192,36 @@ def test_ddp_two_processes_equal_one(smoke, tmp_path, method):
     # is near zero: every element within a tenth of one update (lr 1e-3), and nearly all exactly equal
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert diffs.max() < 1e-4 and diffs.mean() < 1e-7, (diffs.max().item(), diffs.mean().item())
+
+
+def test_patience_stops_at_the_plateau_and_keeps_the_best_checkpoint(smoke, tmp_path, monkeypatch, capsys):
+    """--patience=2 with a quick eval every step: the validation scores 0.1, 0.5, 0.3, 0.2 make step 2 the best and
+    step 4 the last; the policy holds step 2's weights, the checkpoint says where it stopped, and a resume has nothing
+    left to train. The quick evals run on validation episodes, never on the test episodes."""
+    shutil.copytree(smoke / "stage1", tmp_path / "stage1")
+    for f in smoke.glob("*.npz"):
+        shutil.copy(f, tmp_path)
+    scores, seeds = iter([0.1, 0.5, 0.3, 0.2, 0.9, 0.9]), []
+
+    def quick(policy, episodes, world_cfg, first=mv.TOY_EVAL_SEEDS):
+        seeds.append(first)
+        return next(scores)
+
+    monkeypatch.setattr(train, "evaluate", quick)
+    args = ["--stage=2", "--stage2_steps=10", "--ckpt_every=1", "--patience=2", "--stage2_warmup=1"]
+    run_train(tmp_path, *args)
+    assert seeds == [train.TOY_VAL_SEEDS] * 4 and train.TOY_VAL_SEEDS >= mv.TOY_EVAL_SEEDS + 10**4
+    state = train.read_train_state(tmp_path / "stage2")
+    assert state["step"] == 4 and state["stopped"] and state["best"] == [2, 0.5]
+    best = load_file(tmp_path / "stage2" / "best.safetensors")
+    last = load_file(tmp_path / "stage2" / "checkpoint" / "model.safetensors")
+    policy = mv.load_policy(tmp_path / "policy").model.decoder.state_dict()
+    assert all(torch.equal(policy[k[len("decoder."):]], v) for k, v in best.items())
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+    capsys.readouterr()
+    run_train(tmp_path, *args, "--resume=true")
+    assert "stage2: complete at step 4, nothing to train" in capsys.readouterr().out
+    assert next(scores) == 0.9  # no further evaluation ran
 
 
 def test_nan_loss_stops_with_a_clear_error(smoke, tmp_path):
@@ -223,15 +253,16 @@ def test_short_recipe_beats_the_random_policy(tmp_path, capsys):
 
 
 def test_activation_checkpointing_in_every_stage_that_trains_the_video(smoke, tmp_path, monkeypatch):
-    """--activation_checkpointing recomputes the video blocks in pretraining, stage 1, the VLA-style baseline and
-    the joint model (its own block loop), not in stage 2 (the video is frozen); the weights are the same as without."""
+    """--activation_checkpointing recomputes the video blocks in pretraining (video and image), stage 1, the VLA-style
+    baselines and the joint model (its own block loop), not in stage 2 (the video is frozen); the weights are the same as without."""
     import torch.utils.checkpoint
 
     calls = []
     checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     runs = {"pretrain": ["--stage=pretrain", "--pretrain_steps=1"], "1": ["--stage=1", "--stage1_steps=1"],
-            "vla": ["--stage=2", "--method=vla", "--stage1_steps=1", "--stage2_steps=1"],
+            "image": ["--stage=pretrain", "--method=vla", "--pretrain_steps=1"],
+            "scratch": ["--stage=2", "--method=scratch", "--stage1_steps=1", "--stage2_steps=1"],
             "joint": ["--stage=2", "--method=joint", "--stage2_steps=1"], "2": ["--stage=2", "--stage2_steps=1"]}
     for name, args in runs.items():
         weights = []
@@ -245,6 +276,6 @@ def test_activation_checkpointing_in_every_stage_that_trains_the_video(smoke, tm
             calls.clear()
             run_train(out, *args, f"--activation_checkpointing={on}", "--overwrite=true")
             assert (len(calls) > 0) == (on == "true" and name != "2"), (name, on, len(calls))
-            stage = {"pretrain": "pretrain", "1": "stage1"}.get(name, "stage2")
+            stage = {"pretrain": "pretrain", "image": "pretrain", "1": "stage1"}.get(name, "stage2")
             weights.append(load_file(out / stage / "checkpoint" / "model.safetensors"))
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), name
