@@ -7,6 +7,8 @@ Train mimic-video: the whole recipe, on the toy world in minutes on a CPU, or on
     torchrun --nproc_per_node=2 train.py         # DistributedDataParallel (gloo on CPU, nccl on GPU)
     python train.py --data=PATH                  # a LeRobot dataset (v3.0 / v2.1): encode, pretrain, 1, 2 -> policy
     python train.py --stage=export --out_dir=data/toy   # the toy world's demonstrations as a LeRobot dataset
+    python train.py --method=vla                 # a comparison: vla (image-pretrained), scratch or joint
+    python train.py --stage=experiment           # the paper's claims in miniature: the four methods compared
 
 Stages (mimic_video.py holds the model; this file is the training loop):
     pretrain  a video model learns how the toy world moves from videos of other episodes (stands in
@@ -414,10 +416,15 @@ def restore(directory, model, opt, device):
 # ----------------------------------------------------------------------------------------------
 # data: the toy world's demonstrations, normalization statistics
 
+TOY_VAL_DEMOS = 100
+
+
 def load_demos(kind, cfg, world_cfg, rank, world):
     """Expert demos or pretraining videos, made once and cached under out_dir (rank 0 writes, atomically)."""
     if kind == "demos":
         n, seed, speeds = cfg.num_demos, cfg.seed, None
+    elif kind == "val":  # validation demonstrations (--patience): other episodes, the same expert
+        n, seed, speeds = TOY_VAL_DEMOS, cfg.seed + 2, None
     else:  # pretraining videos, of other episodes: the expert ("expert") or the expert at random speeds ("play")
         n, seed = cfg.num_pretrain, cfg.seed + 1
         speeds = (0.3 * world_cfg.max_speed, world_cfg.max_speed) if kind == "play" else None
@@ -438,6 +445,7 @@ class ToyData:
     def __init__(self, demos, world_cfg, encoders, representation):
         self.demos, self.world_cfg, self.encoders, self.representation = demos, world_cfg, encoders, representation
         self.lengths = mv.toy_demo_lengths(demos)
+        self.num_episodes, self.num_windows = len(self.lengths), int(self.lengths.sum())
 
     def stats(self):
         """Per-chunk-step statistics of the proprio and the action chunks over every training sample, with the same
@@ -467,6 +475,13 @@ class ToyData:
         """(latent shape, action chunk shape) of one sample."""
         S = self.world_cfg.image_size
         return (model.video.cfg.in_channels, model.cfg.latent_frames, S, S), (self.world_cfg.chunk, model.action_dim)
+
+
+def toy_validation(cfg, world_cfg, encoders, representation, rank, world):
+    """--patience in the toy world: validation demonstrations whose action loss it stops on (None without it)."""
+    if not cfg.patience:
+        return None
+    return ToyData(load_demos("val", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1109,6 +1124,7 @@ class CachedData:
         self.files = [self.cache / e["file"] for e in meta["episodes"]]
         episodes = range(len(meta["episodes"])) if split == "all" else meta[split]  # "train", "val" or "all"
         self.index = np.array([(i, row) for i in episodes for row in range(meta["episodes"][i]["anchors"])], np.int64)
+        self.num_episodes, self.num_windows = len(episodes), len(self.index)
         self.handles = {}
         if len(self.index) == 0:
             raise ValueError(f"the {split} split of {self.cache} has no windows")
@@ -1237,7 +1253,7 @@ def validation_loss(model, data, loss, cfg, env, batches=4):
     Each rank runs its own slice of the windows, as training does, and the per-sample losses are summed over ranks."""
     rank, world, device, autocast = env
     latent_shape, action_shape = data.shapes(model)
-    B = min(cfg.batch_size, len(data.index))
+    B = min(cfg.batch_size, data.num_windows)
     shard = slice(rank * B // world, (rank + 1) * B // world)  # this rank's windows of the B
     m = max(1, cfg.batch_size // world // cfg.grad_accum)  # a training micro-batch
     was_training, total = model.training, torch.zeros((), dtype=torch.float64, device=device)
@@ -1263,12 +1279,42 @@ def validation_loss(model, data, loss, cfg, env, batches=4):
     return total.item() / (batches * B)
 
 
+def loss_levels(model, data, cfg, batches=4):
+    """What the video loss is without learning how scenes move, on validation_loss's windows and noise: each future
+    latent denoised by the Gaussian that knows only its mean and variance over these windows ("the mean"), or the
+    same centred on the current frame ("nothing moves"). A video model near the first level has learned nothing;
+    below the second, it predicts motion. The image objective has no future: its levels are not these."""
+    B = min(cfg.batch_size, data.num_windows)
+    latent_shape, _ = data.shapes(model)
+    future, now, x_tau, u, tau = [], [], [], [], []
+    for k in range(batches):
+        g = torch.Generator().manual_seed(999_983 + k)  # the windows and noise of validation_loss
+        batch = data.batch(g, B, slice(0, B), model)
+        noise = model.draw_noise("video", B, latent_shape, generator=g)
+        x0 = torch.cat([batch["context"], batch["future"]], dim=2).double()  # (B, C, T, H, W)
+        Tc, t = batch["context"].shape[2], mv.sigma_to_tau(noise["sigma"]).double()
+        future.append(x0[:, :, Tc:])
+        now.append(x0[:, :, Tc - 1:Tc].expand_as(future[-1]))  # the current frame, at every future time
+        x_tau.append(mv.interpolate(x0, noise["eps_video"].double(), t)[:, :, Tc:])
+        u.append(mv.velocity_target(x0, noise["eps_video"].double())[:, :, Tc:])
+        tau.append(t)
+    future, now, x_tau, u = (torch.cat(v) for v in (future, now, x_tau, u))
+    b = torch.cat(tau).reshape(-1, 1, 1, 1, 1)  # tau, broadcast over (C, T, H, W)
+    a = 1 - b
+
+    def level(m, s2):  # the posterior mean of x0 under the prior N(m, s2), given x_tau = a x0 + b eps
+        x0_hat = m + a * s2 / (a ** 2 * s2 + b ** 2) * (x_tau - a * m)
+        return ((x_tau - x0_hat) / b - u).pow(2).mean().item()  # v_hat = (x_tau - x0_hat) / tau
+
+    return level(future.mean(0), future.var(0)), level(now, (future - now).pow(2).mean(0))
+
+
 def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_checkpoint=None, val_data=None,
                 loss=None):
     """AdamW over the trainable parameters; per-step randomness from (seed, stage, step) alone, so a resumed run
     equals an uninterrupted one. `inputs`: fingerprints of the files the stage starts from; `val_data`: held-out
-    episodes whose loss is logged at every checkpoint; `on_checkpoint(step)` (rank 0) may return a score, higher
-    better, that --patience stops on (else the validation loss does). `loss`: the model's objective (default: the
+    episodes whose loss is logged at every checkpoint, and that --patience stops on; without them, on the score that
+    `on_checkpoint(step)` (rank 0) returns, higher better. `loss`: the model's objective (default: the
     stage's: "video" for pretraining (0) and stage 1, "action" for stage 2)."""
     rank, world, device, autocast = env
     loss = loss or ("action" if stage == 2 else "video")
@@ -1343,11 +1389,10 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
             score = None
             if val_data is not None:
                 val = validation_loss(model, val_data, loss, cfg, env)
-                log(rank, f"{name} step {step + 1}: validation loss {val:.4f} ({len(val_data.meta['val'])} held-out "
+                log(rank, f"{name} step {step + 1}: validation loss {val:.4f} ({val_data.num_episodes} held-out "
                           "episodes)")
-                score = -val
-            if on_checkpoint is not None and rank == 0:
-                score = on_checkpoint(step + 1)
+            result = on_checkpoint(step + 1) if on_checkpoint is not None and rank == 0 else None
+            score = -val if val_data is not None else result
             stop = False
             if cfg.patience and stage == 2:
                 best, stop = keep_best(directory, model, best, step + 1, score, cfg.patience, rank, world)
@@ -1492,6 +1537,8 @@ def run_experiment(cfg, env):
                 folder = out / f"seed{s}" / f"pretrain_{what}"
                 folder.mkdir(parents=True, exist_ok=True)
                 args = [*common, f"--seed={s}", f"--method={method}", "--ckpt_every=1000000"]
+                if read_train_state(folder / "pretrain") is not None:  # a rerun reuses it, exactly or refuses
+                    args.append("--resume=true")
                 pre[pool.submit(experiment_job, "pretrain", args, folder, folder / "log.txt", 0)] = (s, what)
         for s in seeds:
             for n in demos:
@@ -1728,6 +1775,11 @@ def pretrain_stage(model, videos, cfg, env, inputs=None, val_data=None):
     --method=vla: the same network learns the same frames as still images with their instructions (mv.VLAModel's
     image_loss), with the same data, steps and learning rate."""
     model.decoder.requires_grad_(False)
+    if cfg.method != "vla":
+        mean, still = loss_levels(model, val_data or videos, cfg)
+        log(env[0], f"pretrain: the video loss of knowing only each future latent's mean is {mean:.4f}, of "
+                    f"predicting that nothing moves {still:.4f} (on the {'validation' if val_data else 'training'} "
+                    "windows): below these, the video model has learned how the scenes move")
     train_stage("pretrain", 0, model, videos, cfg.pretrain_steps, cfg.pretrain_lr, cfg, env, inputs, val_data=val_data,
                 loss="image" if cfg.method == "vla" else "video")
     if env[0] == 0:
@@ -1793,7 +1845,8 @@ def run_toy(cfg, stages, env):
             return benchmark_data("toy world", freeze_video(model), demos, cfg, env)
         policy = mv.Policy(model, policy_cfg, *encoders)
         decoder_stage(model, demos, cfg.stage2_steps, cfg, env, {"video": fingerprint(source)}, policy.config,
-                      on_checkpoint=quick_eval(policy, model, cfg, rank, offset=cfg.stage1_steps))
+                      on_checkpoint=quick_eval(policy, model, cfg, rank, offset=cfg.stage1_steps),
+                      val_data=toy_validation(cfg, world_cfg, encoders, representation, rank, world))
 
     if "eval" in stages and rank == 0:
         policy = mv.load_policy(out / "policy", device=device, stop_after_step=cfg.stop_after_step)
@@ -1838,7 +1891,8 @@ def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
         return benchmark_data(f"toy world ({cfg.method})", model, demos, cfg, env)
     policy = mv.Policy(model, policy_cfg, *encoders, method=cfg.method)
     decoder_stage(model, demos, steps, cfg, env, inputs, policy.config, cfg.method,
-                  on_checkpoint=quick_eval(policy, model, cfg, rank))
+                  on_checkpoint=quick_eval(policy, model, cfg, rank),
+                  val_data=toy_validation(cfg, world_cfg, encoders, representation, rank, world))
 
 
 def vla_model(cfg, video_cfg, decoder_cfg, model_cfg, norms, device):

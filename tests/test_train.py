@@ -195,24 +195,31 @@ def test_ddp_two_processes_equal_one(smoke, tmp_path, method):
 
 
 def test_patience_stops_at_the_plateau_and_keeps_the_best_checkpoint(smoke, tmp_path, monkeypatch, capsys):
-    """--patience=2 with a quick eval every step: the validation scores 0.1, 0.5, 0.3, 0.2 make step 2 the best and
-    step 4 the last; the policy holds step 2's weights, the checkpoint says where it stopped, and a resume has nothing
-    left to train. The quick evals run on validation episodes, never on the test episodes."""
+    """--patience=2 with a checkpoint every step: validation losses 0.9, 0.5, 0.7, 0.8 make step 2 the best and step 4
+    the last; the policy holds step 2's weights, the checkpoint says where it stopped, and a resume has nothing left
+    to train. The validation losses come from validation demonstrations, the quick evals (logged, the convergence
+    curve) from validation episodes, never from the test episodes."""
     shutil.copytree(smoke / "stage1", tmp_path / "stage1")
     for f in smoke.glob("*.npz"):
         shutil.copy(f, tmp_path)
-    scores, seeds = iter([0.1, 0.5, 0.3, 0.2, 0.9, 0.9]), []
+    losses, seen, seeds = iter([0.9, 0.5, 0.7, 0.8, 0.1, 0.1]), [], []
+
+    def validation(model, data, loss, cfg, env, batches=4):
+        seen.append(data.num_episodes)
+        return next(losses)
 
     def quick(policy, episodes, world_cfg, first=mv.TOY_EVAL_SEEDS):
         seeds.append(first)
-        return next(scores)
+        return 0.5
 
+    monkeypatch.setattr(train, "validation_loss", validation)
     monkeypatch.setattr(train, "evaluate", quick)
     args = ["--stage=2", "--stage2_steps=10", "--ckpt_every=1", "--patience=2", "--stage2_warmup=1"]
     run_train(tmp_path, *args)
-    assert seeds == [train.TOY_VAL_SEEDS] * 4 and train.TOY_VAL_SEEDS >= mv.TOY_EVAL_SEEDS + 10**4
+    assert seen == [train.TOY_VAL_DEMOS] * 4 and seeds == [train.TOY_VAL_SEEDS] * 4
+    assert train.TOY_VAL_SEEDS >= mv.TOY_EVAL_SEEDS + 10**4
     state = train.read_train_state(tmp_path / "stage2")
-    assert state["step"] == 4 and state["stopped"] and state["best"] == [2, 0.5]
+    assert state["step"] == 4 and state["stopped"] and state["best"] == [2, -0.5]
     best = load_file(tmp_path / "stage2" / "best.safetensors")
     last = load_file(tmp_path / "stage2" / "checkpoint" / "model.safetensors")
     policy = mv.load_policy(tmp_path / "policy").model.decoder.state_dict()
@@ -221,7 +228,45 @@ def test_patience_stops_at_the_plateau_and_keeps_the_best_checkpoint(smoke, tmp_
     capsys.readouterr()
     run_train(tmp_path, *args, "--resume=true")
     assert "stage2: complete at step 4, nothing to train" in capsys.readouterr().out
-    assert next(scores) == 0.9  # no further evaluation ran
+    assert next(losses) == 0.1  # no further validation ran
+
+
+def test_the_video_loss_levels_of_knowing_nothing():
+    """The two reference levels the pretraining logs: a world where nothing moves is predicted exactly by the "nothing
+    moves" level (0) but not by the mean; a world whose future is unrelated to its present is predicted better by the
+    mean than by the current frame; a plain Gaussian world is at the Gaussian's analytic loss."""
+    model = mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]),
+                                mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), mv.VIDEO_ACTION_PRESETS["toy"])
+    cfg = train.TrainConfig(batch_size=64)
+    g = torch.Generator().manual_seed(0)
+    now = torch.randn(500, 5, 1, 8, 8, generator=g)
+
+    class Windows:
+        num_windows = len(now)
+
+        def __init__(self, future):
+            self.future = future
+
+        def batch(self, gen, B, shard, model):
+            i = torch.randint(len(now), (B,), generator=gen)[shard]
+            return {"context": now[i], "future": self.future[i], "text": torch.zeros(len(i), 6, 32)}
+
+        def shapes(self, model):
+            return (5, 5, 8, 8), (8, 2)
+
+    mean, still = train.loss_levels(model, Windows(now.expand(-1, -1, 4, -1, -1)), cfg)
+    assert still < 1e-9 < 0.1 < mean
+    mean, still = train.loss_levels(model, Windows(torch.randn(500, 5, 4, 8, 8, generator=g)), cfg)
+    assert mean < still
+    s2, taus = 0.3 ** 2, []  # x0 ~ N(0.5, s2): the loss of its posterior mean is s2 / ((1 - tau)^2 s2 + tau^2)
+    for k in range(4):
+        gen = torch.Generator().manual_seed(999_983 + k)
+        torch.randint(len(now), (64,), generator=gen)
+        taus.append(mv.sigma_to_tau(model.draw_noise("video", 64, (5, 5, 8, 8), generator=gen)["sigma"]))
+    tau = torch.cat(taus).double()
+    expected = (s2 / ((1 - tau) ** 2 * s2 + tau ** 2)).mean().item()
+    gaussian = Windows(0.5 + 0.3 * torch.randn(500, 5, 4, 8, 8, generator=g))
+    assert abs(train.loss_levels(model, gaussian, cfg)[0] / expected - 1) < 0.05
 
 
 def test_nan_loss_stops_with_a_clear_error(smoke, tmp_path):
