@@ -299,7 +299,8 @@ def test_short_recipe_beats_the_random_policy(tmp_path, capsys):
 
 def test_activation_checkpointing_in_every_stage_that_trains_the_video(smoke, tmp_path, monkeypatch):
     """--activation_checkpointing recomputes the video blocks in pretraining (video and image), stage 1, the VLA-style
-    baselines and the joint model (its own block loop), not in stage 2 (the video is frozen); the weights are the same as without."""
+    baselines and the joint model (its own block loop), not in stage 2 (the video is frozen); the weights are the
+    same as without."""
     import torch.utils.checkpoint
 
     calls = []
