@@ -181,6 +181,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be a positive number, got {getattr(self, name)}")
         if min(self.seed, self.stage2_warmup, self.patience) < 0 or not 0 <= self.weight_decay < math.inf:
             raise ValueError("--seed, --stage2_warmup, --patience and --weight_decay must be >= 0")
+        if self.patience and self.data and self.val_fraction == 0:
+            raise ValueError("--patience stops on the validation loss: it needs held-out episodes (--val_fraction > 0)")
         if not 0 <= self.stop_after_step <= 35:
             raise ValueError(f"--stop_after_step must be in [0, 35], got {self.stop_after_step}")
         try:

@@ -38,6 +38,8 @@ def test_unknown_field_and_bad_value_exit_with_a_message():
     parse = lambda argv, cls=train.TrainConfig: mv.parse_config(argv, cls)  # noqa: E731
     with pytest.raises(SystemExit, match="unknown option --stage2_step;"):
         parse(["--stage2_step=5"])
+    with pytest.raises(SystemExit, match="--patience stops on the validation loss"):
+        parse(["--data=.", "--patience=100", "--val_fraction=0"])
     with pytest.raises(SystemExit, match="--batch_size='big' is not a valid int"):
         parse(["--batch_size=big"])
     with pytest.raises(SystemExit, match="--resume='maybe' is not a valid bool"):
