@@ -1530,7 +1530,7 @@ def run_experiment(cfg, env):
             if kind != "scratch":  # the seed's pretrained image (vla) or video (mimic-video, joint) model
                 pre = out / f"seed{seed}" / ("pretrain_image" if kind == "vla" else "pretrain_video") / "pretrain"
                 shutil.copytree(pre, run / "pretrain", dirs_exist_ok=True)
-            args = [*common, *runs, f"--seed={seed}", f"--num_demos={n}"]
+            args = [*common, *runs, f"--seed={seed}", f"--num_demos={n}", "--overwrite=true"]  # a rerun redoes it
             jobs[pool.submit(experiment_job, kind, args, run, run / "log.txt", cfg.eval_episodes)] = (kind, n, seed)
 
         pre = {}
