@@ -2205,27 +2205,47 @@ def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, 
     return WanVAE(vae.eval().requires_grad_(False), spec).to(device)
 
 
-class PixelEncoder(nn.Module):
-    """Offline stand-in for the VAE: frames become small multi-channel "latents" by space-to-depth, without temporal
-    compression (T frames -> T latents), normalized like the VAE's ((x - mean) / std), plus two coordinate channels.
+def dct_basis(n, keep):
+    """The first `keep` rows of the orthonormal DCT-II of length n, times sqrt(n): row 0 is all ones (the sum),
+    the rows are orthogonal with squared norm n. (keep, n)."""
+    k, i = torch.arange(keep, dtype=torch.float64)[:, None], torch.arange(n, dtype=torch.float64)[None]
+    basis = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2)
+    basis[0] = 1.0
+    return basis.float()
 
-    (B, 3, T, H, W) in [-1, 1] -> (B, 3 p^2 + 2, T, H/p, W/p). The coordinate channels (x, y in [-1, 1]) put each
-    token's location into its content: the video DiT's hidden states carry no absolute position (RoPE acts inside
-    attention only) and the decoder reads them as an unordered set, while a real VAE latent of a real scene has its
-    location in its content anyway. mean / std set the contrast the DiT sees, as the VAE's per-channel statistics do
-    (the toy: -0.5 / 0.5 undo its half-exposure camera, whose frames stay in [-1, 1]: latents in [-1, 3]).
+
+class PixelEncoder(nn.Module):
+    """Offline stand-in for the VAE: frames become small multi-channel "latents", each p x p pixel patch one latent
+    pixel, without temporal compression (T frames -> T latents), normalized like the VAE's ((x - mean) / std), plus
+    two coordinate channels.
+
+    (B, 3, T, H, W) in [-1, 1] -> (B, 3 keep^2 + 2, T, H/p, W/p). keep = p is space-to-depth (lossless); keep < p
+    compresses as the VAE does, keeping each patch's keep x keep lowest 2-D DCT frequencies (keep = 1: the patch's
+    average colour). Why compress: the video DiT predicts a velocity that contains the noise it was given, so each
+    token's numbers (channels x patch^2) must pass through its width; 32 x 32 frames space-to-depth by 4 make
+    800-number tokens for the 64-wide toy DiT, which then learns almost nothing (the real DiT: 64 numbers into 2048).
+    The coordinate channels (x, y in [-1, 1]) put each token's location into its content: the video DiT's hidden
+    states carry no absolute position (RoPE acts inside attention only) and the decoder reads them as an unordered
+    set, while a real VAE latent of a real scene has its location in its content anyway. mean / std set the contrast
+    the DiT sees, as the VAE's per-channel statistics do (the toy: -0.5 / 0.5 undo its half-exposure camera, whose
+    frames stay in [-1, 1]: latents in [-1, 3]).
     """
 
     temporal_factor = 1
 
-    def __init__(self, patch=1, coords=True, mean=0.0, std=1.0):
+    def __init__(self, patch=1, coords=True, mean=0.0, std=1.0, keep=None):
         super().__init__()
-        if patch < 1 or std <= 0:
-            raise ValueError(f"patch must be >= 1 and std > 0, got {patch}, {std}")
-        self.patch, self.coords, self.mean, self.std = int(patch), bool(coords), float(mean), float(std)
+        keep = patch if keep is None else keep
+        if patch < 1 or std <= 0 or not 1 <= keep <= patch:
+            raise ValueError(f"patch must be >= 1, std > 0 and keep in [1, patch], got {patch}, {std}, {keep}")
+        self.patch, self.coords, self.keep = int(patch), bool(coords), int(keep)
+        self.mean, self.std = float(mean), float(std)
         self.spatial_factor = self.patch
-        self.channels = 3 * self.patch ** 2 + 2 * self.coords
+        self.channels = 3 * self.keep ** 2 + 2 * self.coords
         self.spec = {"kind": "pixels", "patch": self.patch, "coords": self.coords, "mean": self.mean, "std": self.std}
+        if self.keep < self.patch:
+            self.spec["keep"] = self.keep
+        self.register_buffer("basis", dct_basis(self.patch, self.keep), persistent=False)  # (keep, p)
 
     def latent_frames(self, num_frames):
         return num_frames
@@ -2233,8 +2253,11 @@ class PixelEncoder(nn.Module):
     def encode(self, frames):
         _check_frames(frames, self.patch)
         p = self.patch
-        # (B, 3p^2, T, h, w)
-        x = (rearrange(frames.float(), "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p) - self.mean) / self.std
+        # (B, 3, T, h, w, p, p): each latent pixel's patch
+        x = rearrange((frames.float() - self.mean) / self.std, "b c t (h p) (w q) -> b c t h w p q", p=p, q=p)
+        if self.keep < p:  # the patch's lowest frequencies, rows then columns, each divided by p^2 (row 0: the mean)
+            x = torch.einsum("kp,lq,bcthwpq->bcthwkl", self.basis, self.basis, x) / p ** 2
+        x = rearrange(x, "b c t h w p q -> b (c p q) t h w")  # (B, 3 keep^2, T, h, w)
         if not self.coords:
             return x
         B, _, T, h, w = x.shape
@@ -2244,10 +2267,13 @@ class PixelEncoder(nn.Module):
         return torch.cat([x, xy[None, :, None].expand(B, 2, T, h, w)], dim=1)
 
     def decode(self, latents):
-        """Inverse of encode (the coordinate channels dropped): (B, C, T, h, w) -> (B, 3, T, h p, w p)."""
-        p = self.patch
-        x = latents[:, : 3 * p * p].float() * self.std + self.mean
-        return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p)
+        """Inverse of encode (the coordinate channels dropped; keep < p: the kept frequencies only):
+        (B, C, T, h, w) -> (B, 3, T, h p, w p)."""
+        p, k = self.patch, self.keep
+        x = rearrange(latents[:, : 3 * k * k].float(), "b (c p q) t h w -> b c t h w p q", p=k, q=k)
+        if k < p:  # basis basis^T = p I: the transpose inverts encode on the kept frequencies
+            x = torch.einsum("kp,lq,bcthwkl->bcthwpq", self.basis, self.basis, x)
+        return rearrange(x, "b c t h w p q -> b c t (h p) (w q)") * self.std + self.mean
 
 
 def _check_texts(texts):
@@ -2337,11 +2363,11 @@ class HashedWordEncoder:
 
 def build_video_encoder(spec, device="cpu", dtype=None):
     """An encoder from its spec in a policy's config.json: {"kind": "wan", "source", "subfolder"} or
-    {"kind": "pixels", "patch", "coords"}."""
+    {"kind": "pixels", "patch", "coords", "mean", "std", "keep"}."""
     kind = spec.get("kind")
     if kind == "pixels":
-        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True), spec.get("mean", 0.0),
-                            spec.get("std", 1.0)).to(device)
+        return PixelEncoder(spec.get("patch", 1), spec.get("coords", True), spec.get("mean", 0.0), spec.get("std", 1.0),
+                            spec.get("keep")).to(device)
     if kind == "wan":
         return load_vae(spec.get("source", COSMOS_HUB_REPO), spec.get("subfolder", "vae"), device, dtype)
     raise ValueError(f"unknown video encoder kind {kind!r} in {spec}; choose 'wan' or 'pixels'")

@@ -72,7 +72,11 @@ class TrainConfig:
     timing: str = "small"
     image_size: str = "32x32"  # HxW every frame is resized to (the official LIBERO data: 480x640)
     video_encoder: str = "pixels"  # "pixels" (space-to-depth stand-in, CPU) or "wan" (the Wan2.1 VAE, --vae_source)
-    pixel_patch: int = 4  # pixels: space-to-depth factor (32x32 frames -> 8x8 latents of 50 channels)
+    pixel_patch: int = 4  # pixels: each 4 x 4 pixel patch one latent pixel (32x32 frames -> 8x8 latents)
+    # pixels: the lowest keep x keep DCT frequencies of each patch, 3 keep^2 channels (1: its average colour; 0: all,
+    # space-to-depth). The default keeps the toy DiT's tokens (4 x 4 latent pixels) within its width: 48 numbers.
+    pixel_keep: int = 1
+    pixel_coords: bool = False  # pixels: two more channels, each latent pixel's x, y (the toy world's encoder has them)
     pixel_mean: float = 0.0  # pixels: latents = (frames - mean) / std, as the VAE normalizes its latents
     pixel_std: float = 1.0
     vae_source: str = mv.COSMOS_HUB_REPO  # wan: a diffusers repo or folder holding the VAE (subfolder "vae")
@@ -147,8 +151,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self.image_hw()
-        if self.pixel_std <= 0:
-            raise ValueError(f"--pixel_std must be positive, got {self.pixel_std}")
+        if self.pixel_std <= 0 or not 0 <= self.pixel_keep <= self.pixel_patch:
+            raise ValueError(f"--pixel_std must be positive and --pixel_keep in [0, --pixel_patch], got "
+                             f"{self.pixel_std}, {self.pixel_keep}")
         small = min(self.anchor_stride, self.pixel_patch, self.text_tokens)
         if not 0 <= self.val_fraction < 1 or small < 1 or self.n_action_steps < 0:
             raise ValueError("--val_fraction must be in [0, 1), --anchor_stride, --pixel_patch and --text_tokens at "
@@ -328,8 +333,8 @@ CHECKPOINT = "checkpoint"  # <out_dir>/<stage>/checkpoint/: model.safetensors, o
 
 # The fields each stage's result depends on: changing one makes a continuation from its checkpoint inexact.
 DATA_FIELDS = ("data", "pretrain_videos", "camera", "state_key", "action_key", "timing", "image_size", "video_encoder",
-               "pixel_patch", "pixel_mean", "pixel_std", "text_encoder", "text_tokens", "representation",
-               "val_fraction", "anchor_stride", "cache_dtype")
+               "pixel_patch", "pixel_keep", "pixel_coords", "pixel_mean", "pixel_std", "text_encoder", "text_tokens",
+               "representation", "val_fraction", "anchor_stride", "cache_dtype")
 EXACT_FIELDS = {
     "pretrain": ("seed", "batch_size", "weight_decay", "grad_clip", "video_preset", "model_preset", "num_pretrain",
                  "pretrain_data", "pretrain_steps", "pretrain_lr"),
@@ -908,7 +913,7 @@ def make_video_encoder(cfg, device, dtype=None):
     """The video encoder as the config names it: the real Wan2.1 VAE, or the offline pixel stand-in."""
     if cfg.video_encoder == "wan":
         return mv.load_vae(cfg.vae_source, "vae", device=device, dtype=dtype)
-    return mv.PixelEncoder(cfg.pixel_patch, coords=True, mean=cfg.pixel_mean, std=cfg.pixel_std)
+    return mv.PixelEncoder(cfg.pixel_patch, cfg.pixel_coords, cfg.pixel_mean, cfg.pixel_std, cfg.pixel_keep or None)
 
 
 def make_text_encoder(cfg, device, dtype=None):
@@ -959,11 +964,19 @@ def check_dataset(cfg, stages):
     video = mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS)
     H, W = cfg.image_hw()
     wan = cfg.video_encoder == "wan"
-    factor, channels = (8, 16) if wan else (cfg.pixel_patch, 3 * cfg.pixel_patch ** 2 + 2)
+    factor, channels = (8, 16) if wan else (cfg.pixel_patch, 3 * (cfg.pixel_keep or cfg.pixel_patch) ** 2 +
+                                            2 * cfg.pixel_coords)
     if H % factor or W % factor or (H // factor) % video.patch_spatial or (W // factor) % video.patch_spatial:
         raise ValueError(f"--image_size={cfg.image_size}: the {cfg.video_encoder} encoder divides frames by {factor} "
                          f"and the video DiT's patches by {video.patch_spatial}: height and width must be multiples of "
                          f"{factor * video.patch_spatial}")
+    token = channels * video.patch_spatial ** 2 * video.patch_temporal
+    if not wan and token > video.model_channels:  # measured: 800-number tokens, 64 wide: the loss stays near 1
+        print(f"warning: --pixel_patch={cfg.pixel_patch} --pixel_keep={cfg.pixel_keep} make {channels}-channel "
+              f"latents, so the video DiT's tokens carry {token} numbers into a {video.model_channels}-wide network: "
+              "it cannot pass the noise it must predict through and its video loss stays near 1 (the default: "
+              "--pixel_keep=1 --pixel_coords=false)",
+              file=sys.stderr)
     if "encode" in stages:
         width = text_width(cfg)
         if width != video.crossattn_emb_channels:

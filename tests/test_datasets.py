@@ -163,7 +163,7 @@ def test_the_cache_holds_every_window_and_the_statistics(encoded):
     assert meta["texts"] == ["pick the cube", "open the drawer"]
     data = train.CachedData(cache, "all")
     (C, T, h, w), (H, d_a) = data.shapes()
-    assert (C, T, h, w, H, d_a) == (3 * 4 + 2, 1 + 4, 8, 8, 8, 2)  # 1 context + 4 future frames; 8 actions
+    assert (C, T, h, w, H, d_a) == (3, 1 + 4, 8, 8, 8, 2)  # each 2 x 2 patch's colour; 1 + 4 frames; 8 actions
     ep = train.LeRobotDataset(encoded / "data")
     low = ep.lowdim(2)
     w2 = data.windows(np.nonzero(data.index[:, 0] == 2)[0][:1])  # episode 2's first window (anchor t = 0)
@@ -171,8 +171,8 @@ def test_the_cache_holds_every_window_and_the_statistics(encoded):
     expect = train.interpolate_lowdim(low["timestamp"], low["action"], timing.action_times(0.0))
     assert torch.allclose(w2["actions"][0], torch.from_numpy(expect).float())
     frames = mv.images_to_frames(torch.from_numpy(ep.frames(2, [0, 2, 4, 6, 6])))  # future frames past the end repeat
-    rgb = w2["latents"][0, 0:12:4, :, 0, 0]  # channels (c, p, q): R, G, B of the top-left pixel of each latent
-    assert torch.allclose(rgb, frames[:, :, 0, 0].T, atol=6 / 255)
+    rgb = w2["latents"][0, :, :, 0, 0]  # the top-left latent pixel: the average colour of its 2 x 2 pixels
+    assert torch.allclose(rgb, frames[:, :, :2, :2].mean((-2, -1)).T, atol=6 / 255)
     # the statistics are the training split's, per chunk step, in the released layout
     train_eps = [i for i in meta["train"]]
     chunks = np.concatenate([load_file(cache / meta["episodes"][i]["file"])["actions"].numpy() for i in train_eps])
@@ -282,6 +282,20 @@ def test_mismatches_are_refused_at_startup(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_tokens_wider_than_the_video_dit_are_warned_of(tmp_path, capsys):
+    """The pixel encoder's latents times the video DiT's patch must fit through its width (the velocity it predicts
+    carries the noise it was given): 32 x 32 frames space-to-depth by 4 make 768-number tokens for the 64-wide toy
+    DiT, whose video loss then stays near 1; the default (each patch's average colour) makes 48."""
+    train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    for args, warned in ((["--pixel_keep=0"], "tokens carry 768 numbers into a 64-wide"), ([], None),
+                         (["--pixel_coords=true"], "tokens carry 80 numbers")):
+        cfg = mv.parse_config([f"--data={tmp_path / 'data'}", "--image_size=32x32", "--pixel_patch=4", *args],
+                              train.TrainConfig)
+        train.check_dataset(cfg, ("encode",))
+        err = capsys.readouterr().err
+        assert (warned in err) if warned else "warning" not in err, (args, err)
+
+
 def test_a_broken_dataset_stops_train_py_in_one_line(tmp_path):
     """A user's file that breaks mid-run (here a truncated video, found while encoding): one line, exit code 1."""
     train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
@@ -353,7 +367,8 @@ def test_the_toy_world_round_trip_is_the_same_data(tmp_path):
     world = mv.ToyWorldConfig()
     train.main([f"--out_dir={tmp_path / 'export'}", "--stage=export", "--num_demos=6", "--num_pretrain=2"])
     train.main([f"--data={tmp_path / 'export' / 'demos'}", f"--out_dir={tmp_path / 'out'}", "--stage=encode",
-                "--image_size=8x8", "--pixel_patch=1", "--val_fraction=0", "--batch_size=8", "--text_tokens=6"])
+                "--image_size=8x8", "--pixel_patch=1", "--pixel_coords=true", "--val_fraction=0", "--batch_size=8",
+                "--text_tokens=6"])
     data = train.CachedData(tmp_path / "out" / "cache", "all")
     demos = mv.make_toy_demos(6, 0, world)
     lengths = mv.toy_demo_lengths(demos)
@@ -426,3 +441,35 @@ def test_bf16_weights_train_with_fp32_master_weights(encoded, tmp_path, monkeypa
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
     state = torch.load(out / "stage1" / "checkpoint" / "optim.pt", weights_only=True)["optimizer"]["state"]
     assert {v["exp_avg"].dtype for v in state.values()} == {torch.float32}
+
+
+def test_the_push_world_expert_and_its_export(tmp_path):
+    """The second world (tests/push_world.py): its expert pushes the named block onto the mark on held-out seeds, a
+    pusher that stays moves nothing, and its export reads back as a LeRobot dataset at 15 fps with the front camera,
+    the pusher's state and the expert's actions, each episode ending when it stops."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import push_world as pw
+
+    seeds = [pw.TEST_SEEDS + i for i in range(40)]
+    success, progress = pw.rollout(pw.Expert(), seeds)
+    assert success.mean() >= 0.95 and progress.mean() > 0.8
+
+    class Still(mv.ChunkedPolicy):
+        n_action_steps = 1
+
+        def query(self, obs):
+            return torch.zeros(len(obs["task"]), 1, 2)
+
+    success, progress = pw.rollout(Still(), seeds)
+    assert success.mean() == 0 and np.all(progress == 0)  # the mark starts away from both blocks, which stay
+    pw.main(["export", str(tmp_path), "--demos=3", "--videos=2"])
+    ds = train.LeRobotDataset(tmp_path / "demos")
+    assert (len(ds), ds.fps, ds.camera, ds.state_dim, ds.action_dim) == (3, 15, "observation.images.front", 2, 2)
+    eps = pw.episodes(list(range(3)))
+    for n, ep in enumerate(eps):
+        low = ds.lowdim(n)
+        assert np.allclose(low["state"], ep["state"]) and np.allclose(low["action"], ep["action"])
+        assert low["task"] == ep["task"] and np.all(ep["action"][-1] == 0) and not np.all(ep["action"][-2] == 0)
+        got = ds.frames(n, [0, len(ep["frames"]) - 1])
+        assert got.shape == (2, 64, 64, 3) and np.abs(got.astype(int) - ep["frames"][[0, -1]]).max() <= 3
+    assert len(train.LeRobotDataset(tmp_path / "videos")) == 2

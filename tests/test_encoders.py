@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_t5, tiny_wan_vae
 
 import mimic_video as mv
@@ -126,6 +127,23 @@ def test_pixel_encoder_space_to_depth_and_coordinates():
     assert mv.PixelEncoder(patch=1, coords=False).encode(x).shape == (2, 3, 3, 8, 12)
     with pytest.raises(ValueError, match="multiples of 2"):
         enc.encode(frames(1, 1, 7, 8))
+
+
+def test_pixel_encoder_keeps_the_lowest_frequencies():
+    x = frames(2, 3, 8, 12)
+    enc = mv.PixelEncoder(patch=4, keep=1, coords=False)  # keep = 1: each patch's average colour
+    assert enc.channels == 3 and enc.spec["keep"] == 1
+    assert torch.allclose(enc.encode(x), F.avg_pool3d(x, (1, 4, 4)), atol=1e-6)
+    enc = mv.PixelEncoder(patch=4, keep=2)
+    z = enc.encode(x)
+    assert z.shape == (2, 3 * 4 + 2, 3, 2, 3) and enc.channels == 14
+    assert torch.allclose(enc.encode(enc.decode(z)), z, atol=1e-5)  # decode: a right inverse on the kept frequencies
+    ramp = torch.linspace(-1, 1, 8).expand(1, 3, 1, 8, 8)  # smooth frames survive the compression nearly intact
+    assert (enc.decode(enc.encode(ramp)) - ramp).abs().max() < 0.05
+    assert torch.equal(mv.PixelEncoder(patch=4, keep=4).encode(x), mv.PixelEncoder(patch=4).encode(x))  # all: lossless
+    assert mv.build_video_encoder(enc.spec).keep == 2 and "keep" not in mv.PixelEncoder(patch=4).spec
+    with pytest.raises(ValueError, match="keep in"):
+        mv.PixelEncoder(patch=2, keep=3)
 
 
 def test_hashed_words_are_deterministic_zero_padded_any_width():
