@@ -2216,19 +2216,20 @@ def dct_basis(n, keep):
 
 class PixelEncoder(nn.Module):
     """Offline stand-in for the VAE: frames become small multi-channel "latents", each p x p pixel patch one latent
-    pixel, without temporal compression (T frames -> T latents), normalized like the VAE's ((x - mean) / std), plus
-    two coordinate channels.
+    pixel, without temporal compression (T frames -> T latents), normalized like the VAE's ((x - mean) / std),
+    optionally with two coordinate channels.
 
-    (B, 3, T, H, W) in [-1, 1] -> (B, 3 keep^2 + 2, T, H/p, W/p). keep = p is space-to-depth (lossless); keep < p
+    (B, 3, T, H, W) in [-1, 1] -> (B, 3 keep^2 (+ 2), T, H/p, W/p). keep = p is space-to-depth (lossless); keep < p
     compresses as the VAE does, keeping each patch's keep x keep lowest 2-D DCT frequencies (keep = 1: the patch's
     average colour). Why compress: the video DiT predicts a velocity that contains the noise it was given, so each
-    token's numbers (channels x patch^2) must pass through its width; 32 x 32 frames space-to-depth by 4 make
-    800-number tokens for the 64-wide toy DiT, which then learns almost nothing (the real DiT: 64 numbers into 2048).
-    The coordinate channels (x, y in [-1, 1]) put each token's location into its content: the video DiT's hidden
-    states carry no absolute position (RoPE acts inside attention only) and the decoder reads them as an unordered
-    set, while a real VAE latent of a real scene has its location in its content anyway. mean / std set the contrast
-    the DiT sees, as the VAE's per-channel statistics do (the toy: -0.5 / 0.5 undo its half-exposure camera, whose
-    frames stay in [-1, 1]: latents in [-1, 3]).
+    token's numbers (channels x patch^2) must pass through its width; 32 x 32 frames space-to-depth by 4 with
+    coordinates make 800-number tokens for the 64-wide toy DiT, which then learns almost nothing (the real DiT: 64
+    numbers into 2048). The coordinate channels (x, y in [-1, 1]) put each token's location into its content: the
+    video DiT's hidden states carry no absolute position (RoPE acts inside attention only) and the decoder reads
+    them as an unordered set, while a real VAE latent of a real scene has its location in its content anyway (the
+    toy world keeps them; they cost numbers a token). mean / std set the contrast the DiT sees, as the VAE's
+    per-channel statistics do (the toy: -0.5 / 0.5 undo its half-exposure camera, whose frames stay in [-1, 1]:
+    latents in [-1, 3]).
     """
 
     temporal_factor = 1
