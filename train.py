@@ -71,7 +71,7 @@ class TrainConfig:
     # window timing: "small" (toy-like: 1 frame, 4 future frames, 8 actions), "libero" (official), "bridge"
     timing: str = "small"
     image_size: str = "32x32"  # HxW every frame is resized to (the official LIBERO data: 480x640)
-    video_encoder: str = "pixels"  # "pixels" (space-to-depth stand-in, CPU) or "wan" (the Wan2.1 VAE, --vae_source)
+    video_encoder: str = "pixels"  # "pixels" (the pixel-patch stand-in, CPU) or "wan" (the Wan2.1 VAE, --vae_source)
     pixel_patch: int = 4  # pixels: each 4 x 4 pixel patch one latent pixel (32x32 frames -> 8x8 latents)
     # pixels: the lowest keep x keep DCT frequencies of each patch, 3 keep^2 channels (1: its average colour; 0: all,
     # space-to-depth). The default keeps the toy DiT's tokens (4 x 4 latent pixels) within its width: 48 numbers.
