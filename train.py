@@ -964,8 +964,8 @@ def check_dataset(cfg, stages):
     video = mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS)
     H, W = cfg.image_hw()
     wan = cfg.video_encoder == "wan"
-    factor, channels = (8, 16) if wan else (cfg.pixel_patch, 3 * (cfg.pixel_keep or cfg.pixel_patch) ** 2 +
-                                            2 * cfg.pixel_coords)
+    pixels = None if wan else mv.PixelEncoder(cfg.pixel_patch, cfg.pixel_coords, keep=cfg.pixel_keep or None)
+    factor, channels = (8, 16) if wan else (pixels.spatial_factor, pixels.channels)
     if H % factor or W % factor or (H // factor) % video.patch_spatial or (W // factor) % video.patch_spatial:
         raise ValueError(f"--image_size={cfg.image_size}: the {cfg.video_encoder} encoder divides frames by {factor} "
                          f"and the video DiT's patches by {video.patch_spatial}: height and width must be multiples of "

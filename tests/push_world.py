@@ -36,7 +36,7 @@ def reset(seeds):
     s["target"], s["template"] = np.zeros(N, np.int64), np.zeros(N, np.int64)
     for n, seed in enumerate(seeds):
         rng = np.random.RandomState(seed % 2**32)
-        while True:  # blocks apart and off the mark, the mark reachable by a push from inside the arena
+        while True:  # blocks apart, off the mark and away from the pusher, all well inside the arena
             blocks, mark = rng.uniform(-0.55, 0.55, (2, 2)), rng.uniform(-0.6, 0.6, 2)
             pusher = rng.uniform(-0.85, 0.85, 2)
             gaps = [np.linalg.norm(blocks[0] - blocks[1]), *np.linalg.norm(blocks - mark, axis=1),
@@ -138,11 +138,12 @@ def rollout(policy, seeds, tasks=None):
 def episodes(seeds):
     """Expert episodes in write_lerobot_dataset's form, each up to the step after the block reaches the mark."""
     s, frames, states, actions = reset(seeds), [], [], []
+    tasks = instructions(s)
     for _ in range(STEPS):
         a = expert(s)
         frames.append(render(s)), states.append(s["pusher"]), actions.append(a)
         s = step(s, a)
-    out, tasks = [], instructions(reset(seeds))
+    out = []
     arrived = np.stack([np.all(a == 0, axis=-1) for a in actions], 1)  # (N, STEPS): the expert has stopped
     for n in range(len(seeds)):
         L = int(np.argmax(arrived[n]) + 1) if arrived[n].any() else STEPS
