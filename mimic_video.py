@@ -23,11 +23,11 @@ Part I, the method (a reader can stop at its end and has all of it):
     2. building blocks: sinusoids, attention with q/k RMSNorm and 3D RoPE, AdaLN-LoRA DiT block
     3. the Cosmos-Predict2 video DiT, Video2World conditioning and partial denoising
     4. LoRA (PEFT-compatible names), merge and fuse
-    5. checkpoint loading (official .pt, safetensors, diffusers layout; local or Hugging Face Hub)
+    5. checkpoint loading: the official key layout (and diffusers'), a strict copy
     6. the action decoder and its normalizer
     7. the video-action model: stage-1/2 losses, partial-denoising sampling
 Part II, around the model:
-    8. saving (atomic files, checkpoints, LoRA adapters)
+    8. checkpoint files: reading (local or Hugging Face Hub; .pt, .safetensors, diffusers folders), saving
     9. rotations and state/action representations
    10. encoders: the Wan2.1 VAE and T5 (optional packages), and offline stand-ins
    11. the comparison models: VideoVLA-style joint denoising, the VLA-style baseline
@@ -402,26 +402,6 @@ VIDEO_DIT_PRESETS = {
     "toy": VideoDiTConfig(in_channels=5, out_channels=5, patch_spatial=4, model_channels=64, num_blocks=4, num_heads=2,
                           crossattn_emb_channels=32, adaln_lora_dim=16, max_img_h=8, max_img_w=8),
 }
-
-
-def make_config(cls, preset_or_dict, presets=None, **overrides):
-    """Build a config dataclass from a preset name, a dict or an instance, then apply overrides.
-
-    Unknown field names raise an error that lists the valid ones (no silent typos).
-    """
-    if isinstance(preset_or_dict, str):
-        if presets is None or preset_or_dict not in presets:
-            raise ValueError(f"unknown {cls.__name__} preset {preset_or_dict!r}; choose from {sorted(presets or {})}")
-        cfg = presets[preset_or_dict]
-    elif isinstance(preset_or_dict, dict):
-        cfg, overrides = cls(), {**preset_or_dict, **overrides}
-    else:
-        cfg = preset_or_dict
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(valid)}")
-    return replace(cfg, **overrides)
 
 
 class PatchEmbed(nn.Module):
@@ -834,13 +814,12 @@ def fused_state_dict(model, prefix="net."):
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Checkpoint loading: official .pt / safetensors / diffusers layout, local or from the Hub
+# 5. Checkpoint loading: the official key layout, and a strict copy into our modules
 # ------------------------------------------------------------------------------------------------
-
-COSMOS_HUB_REPO = "nvidia/Cosmos-Predict2-2B-Video2World"  # gated: accept the license, then `hf auth login`
-
-COSMOS_DEFAULT_FILE = "model-480p-10fps.pt"  # what mimic-video started from (also model-{480,720}p-{10,16}fps.pt)
-
+# Our module names are the official ones, so loading released weights is: normalize the checkpoint's keys (strip
+# `net.`, drop the entries that are not parameters, undo the diffusers renames), check that keys and shapes are
+# exactly the model's, and copy. Finding and reading the files (a Hub repo or a local path; .pt, .safetensors or a
+# diffusers folder) is plumbing: `load_video_dit` and `load_action_decoder` in Part II, section 8.
 
 # Entries of official checkpoints that are not parameters: RoPE tables (recomputed), training counters
 # (`WeightTrainingStat`) and Transformer Engine metadata. The diffusers converter drops exactly these.
@@ -888,121 +867,6 @@ def check_state_dict(expected, sd, what="checkpoint"):
         raise CheckpointMismatchError(f"{what} does not match the model:\n  " + "\n  ".join(parts))
 
 
-def resolve_file(source, filename=None, revision=None, cache_dir=None):
-    """A local path, or `filename` from the Hub repo `source` (cached by huggingface_hub).
-
-    With HF_HUB_OFFLINE=1 only the local cache is used; a missing file raises FileNotFoundError
-    that says how to get it.
-    """
-    path = Path(source)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if filename is None:
-            raise FileNotFoundError(f"{source} is a folder: pass filename= (a file inside it)")
-        if not (path / filename).exists():
-            raise FileNotFoundError(f"{path / filename} does not exist")
-        return path / filename
-    if filename is None or source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub repo id with a filename")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(hf_hub_download(source, filename, revision=revision, cache_dir=cache_dir))
-    except (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError) as e:
-        raise FileNotFoundError(
-            f"could not get {filename!r} from the Hub repo {source!r} ({type(e).__name__}). "
-            f"Either download it on a machine with internet access (gated repos: accept the license on "
-            f"huggingface.co, run `hf auth login`, then `hf download {source} {filename}`), unset "
-            f"HF_HUB_OFFLINE if it is set, or pass the local path of the file instead of the repo id."
-        ) from e
-
-
-class CheckpointReadError(ValueError):
-    """A checkpoint file that cannot be read as it should (truncated, corrupt, inconsistent): names the file."""
-
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def _read_tensor_file(path):
-    """Tensors of a .pt (torch.load, weights_only) or .safetensors file."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(path)
-        else:
-            # Transformer Engine writes its `*._extra_state` as a uint8 tensor or, in some versions, as a pickled
-            # io.BytesIO: let exactly that class through the weights-only unpickler (they are dropped below)
-            with torch.serialization.safe_globals([io.BytesIO]):
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # safetensors and torch raise their own types for truncated or corrupt files
-        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-    if isinstance(sd, dict):
-        sd = {k: v for k, v in sd.items() if not (k.endswith("._extra_state") and isinstance(v, io.BytesIO))}
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointReadError(f"{path} holds a {type(sd).__name__}, expected a flat dict of tensors")
-    return sd
-
-
-def is_diffusers_folder(path):
-    folder = path / "transformer" if (path / "transformer").is_dir() else path
-    return any((folder / name).is_file() for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json"))
-
-
-def _read_diffusers_folder(path):
-    """A diffusers folder, (transformer/)diffusion_pytorch_model.safetensors or the shards its index names: exactly
-    the files the index lists, each holding exactly its keys. Stray files (an old shard, a precision variant such
-    as *.fp16.safetensors) are never read."""
-    folder = path / "transformer" if (path / "transformer").is_dir() else path
-    index, single = folder / (DIFFUSERS_WEIGHTS + ".index.json"), folder / DIFFUSERS_WEIGHTS
-    if not index.is_file():
-        if not single.is_file():
-            found = sorted(p.name for p in folder.glob("*.safetensors*"))
-            raise FileNotFoundError(f"{folder} has neither {single.name} nor {index.name} (found: "
-                                    f"{found or 'nothing'}); pass the file to load instead of the folder")
-        return _read_tensor_file(single)
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointReadError(f"cannot read the shard index {index}: {type(e).__name__}: {e}") from e
-    sd, origin = {}, {}
-    for name in sorted(set(weight_map.values())):
-        part = _read_tensor_file(folder / name)
-        for key, value in part.items():
-            if key in sd:
-                raise CheckpointReadError(f"{key!r} is defined twice: in {origin[key]} and in {folder / name}")
-            if weight_map.get(key) != name:
-                raise CheckpointReadError(f"{folder / name} holds {key!r}, which {index.name} assigns to "
-                                          f"{weight_map.get(key, 'no file')}")
-            sd[key], origin[key] = value, folder / name
-    missing = sorted(set(weight_map) - set(sd))
-    if missing:
-        raise CheckpointReadError(f"{index} lists {len(missing)} key(s) that its shards do not hold, e.g. "
-                                  f"{missing[0]!r} in {weight_map[missing[0]]}")
-    return sd
-
-
-def read_state_dict(path):
-    """Tensors of a .pt (torch.load, weights_only) or .safetensors file, or of a diffusers transformer folder."""
-    path = Path(path)
-    return _read_diffusers_folder(path) if path.is_dir() else _read_tensor_file(path)
-
-
-def check_parameter_dtypes(sd, where):
-    """Every parameter must be floating point, all of one dtype (a mix means a broken or half-converted file)."""
-    bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
-    if bad:
-        raise CheckpointReadError(f"{where}: non-floating parameters, e.g. {bad[0]!r} ({sd[bad[0]].dtype})")
-    dtypes = {}
-    for k, v in sd.items():
-        dtypes.setdefault(v.dtype, []).append(k)
-    if len(dtypes) > 1:
-        mix = ", ".join(f"{len(keys)} in {dt} (e.g. {keys[0]!r})" for dt, keys in dtypes.items())
-        raise CheckpointReadError(f"{where}: mixed parameter dtypes: {mix}")
-
-
 def _video_dit_param_names(sd):
     """Official parameter names of a video DiT with as many blocks as the diffusers file has."""
     n_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")), default=-1)
@@ -1034,76 +898,6 @@ def load_state_dict_strict(model, sd, what="checkpoint", assign=False):
     model.load_state_dict(sd, strict=True, assign=assign)
     return model
 
-
-# Files this project writes carry the config of their model in the safetensors metadata, so a checkpoint is
-# rebuilt without being told its shape; official .pt files do not, and take a preset (the released sizes).
-CONFIG_METADATA_KEY = "mimic_video_config"
-
-
-def read_config(path):
-    """The model config (a dict) stored in a safetensors file's metadata, or None (official files)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else None
-
-
-def _shape_hint(sd):
-    """One line on the size of a checkpoint's network, to tell a wrong config from a wrong file."""
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    width = sd["t_embedding_norm.weight"].shape[0] if "t_embedding_norm.weight" in sd else "?"
-    return f"the checkpoint holds {len(blocks)} blocks of width {width}"
-
-
-def load_official(model_cls, config, presets, default_preset, source, filename=None, revision=None, cache_dir=None,
-                  device="cpu", dtype=None):
-    """Build model_cls(cfg) on the meta device and assign a checkpoint's tensors strictly (one copy in memory).
-
-    source: a Hub repo id (with filename), a local .pt / .safetensors file, or a folder (filename inside it;
-    a diffusers folder when filename is None). config: a preset name, dict or config; None takes the config the
-    file carries (files this project wrote) or else `default_preset` (the released model).
-    """
-    path = Path(source)
-    missing = filename is None or not (path / filename).exists()
-    diffusers_folder = path.is_dir() and (filename is None or (missing and is_diffusers_folder(path)))
-    file = path if diffusers_folder else resolve_file(source, filename, revision, cache_dir)
-    sd = official_keys(read_state_dict(file))
-    check_parameter_dtypes(sd, str(file))
-    saved = None if file.is_dir() else read_config(file)
-    cfg = make_config(model_cls.config_class, config if config is not None else (saved or default_preset), presets)
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    try:
-        load_state_dict_strict(model, sd, f"{model_cls.__name__} checkpoint {file}", assign=True)
-    except CheckpointMismatchError as e:
-        hint = (f"\n  {_shape_hint(sd)}; the config has {getattr(cfg, 'num_blocks', '?')} blocks of width "
-                f"{getattr(cfg, 'model_channels', '?')}")
-        if saved is not None and config is not None:
-            hint += f"; the file says it was saved with config {saved}: pass config=None to use it"
-        elif saved is None:
-            hint += " (the file carries no config: pass the config it was trained with, e.g. config='toy')"
-        raise CheckpointMismatchError(str(e) + hint) from None
-    model = model.to(device=device, dtype=dtype)
-    # own, aligned memory: tensors still sliced from the file's buffer run other CPU kernel paths, so results would
-    # depend on the file's layout
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if t.device.type == "cpu":
-                t.data = t.data.clone()
-    return model
-
-
-def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config=None, revision=None, cache_dir=None,
-                   device="cpu", dtype=None):
-    """Load a Cosmos-Predict2 Video2World DiT, or a fused mimic-video backbone (same layout), strictly.
-
-    config None: the config stored in the file (our safetensors files), else the released 2B preset."""
-    return load_official(VideoDiT, config, VIDEO_DIT_PRESETS, "cosmos-predict2-2b", source, filename, revision,
-                         cache_dir, device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1342,31 +1136,10 @@ class ActionDecoder(nn.Module):
                                noise, num_steps=num_steps)
 
 
-def load_action_decoder(source, filename=None, config=None, revision=None, cache_dir=None, device="cpu", dtype=None):
-    """Load a mimic-video action decoder (`net.` keys; released .pt or our .safetensors) strictly.
-
-    config None: the config stored in the file (our safetensors files), else the released LIBERO preset."""
-    return load_official(ActionDecoder, config, ACTION_DECODER_PRESETS, "libero", source, filename, revision,
-                         cache_dir, device, dtype)
-
-
 # Normalization (official `StaticBatchNormalizer`). The stats are PER CHUNK TIMESTEP, shape (H, d), not per
 # dimension: action k of a chunk has its own mean and std. Each group of dimensions names how it is normalized:
 # "variance" (positions, grippers, any plain vector) is standardized with clamped stats and clipped to an outlier
 # range; "identity" (6-D rotations) passes through unchanged. The modes are explicit, never guessed from key names.
-# released statistics: (key, mode) in concat order: position (3), 6-D rotation (6), gripper (1)
-NORMALIZATION_GROUPS = {
-    "libero": {"action": (("action/eef_pos_ref_delta_lowdim", "variance"),
-                          ("action/eef_rot_ref_delta_lowdim", "identity"),
-                          ("action/gripper_action_lowdim", "variance")),
-               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"),
-                       ("obs/gripper_lowdim", "variance"))},
-    "bridge": {"action": (("action/eef_pos_lowdim", "variance"), ("action/eef_rot_lowdim", "identity"),
-                          ("action/gripper_action_lowdim", "variance")),
-               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"),
-                       ("obs/gripper_state_lowdim", "variance"))},
-}
-
 NORMALIZATION_MODES = ("variance", "identity")
 
 
@@ -1670,16 +1443,233 @@ class VideoActionModel(nn.Module):
 
 
 # ================================================================================================
-# Part II, around the model: saving, representations, encoders, the comparison models, the Policy and its folder
-# with the released checkpoints, the toy world, the command line. Part I above is the whole method.
+# Part II, around the model: checkpoint files, representations, encoders, the comparison models, the Policy and its
+# folder with the released checkpoints, the toy world, the command line. Part I above is the whole method.
 # ================================================================================================
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. Saving: atomic files, model checkpoints, LoRA adapters
+# 8. Checkpoint files: reading them (a local path or the Hub; .pt, .safetensors, diffusers folders), saving
+#    them (atomic files, model checkpoints, LoRA adapters)
 # ------------------------------------------------------------------------------------------------
-# Everything written goes to a temp file or folder that is flushed and renamed into place: a crash or a
-# full disk leaves the previous version, never half of a new one.
+
+
+def make_config(cls, preset_or_dict, presets=None, **overrides):
+    """Build a config dataclass from a preset name, a dict or an instance, then apply overrides.
+
+    Unknown field names raise an error that lists the valid ones (no silent typos).
+    """
+    if isinstance(preset_or_dict, str):
+        if presets is None or preset_or_dict not in presets:
+            raise ValueError(f"unknown {cls.__name__} preset {preset_or_dict!r}; choose from {sorted(presets or {})}")
+        cfg = presets[preset_or_dict]
+    elif isinstance(preset_or_dict, dict):
+        cfg, overrides = cls(), {**preset_or_dict, **overrides}
+    else:
+        cfg = preset_or_dict
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(valid)}")
+    return replace(cfg, **overrides)
+
+
+COSMOS_HUB_REPO = "nvidia/Cosmos-Predict2-2B-Video2World"  # gated: accept the license, then `hf auth login`
+
+COSMOS_DEFAULT_FILE = "model-480p-10fps.pt"  # what mimic-video started from (also model-{480,720}p-{10,16}fps.pt)
+
+def resolve_file(source, filename=None, revision=None, cache_dir=None):
+    """A local path, or `filename` from the Hub repo `source` (cached by huggingface_hub).
+
+    With HF_HUB_OFFLINE=1 only the local cache is used; a missing file raises FileNotFoundError
+    that says how to get it.
+    """
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if filename is None:
+            raise FileNotFoundError(f"{source} is a folder: pass filename= (a file inside it)")
+        if not (path / filename).exists():
+            raise FileNotFoundError(f"{path / filename} does not exist")
+        return path / filename
+    if filename is None or source.count("/") != 1 or source.startswith((".", "/")):
+        raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a Hub repo id with a filename")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, filename, revision=revision, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, EntryNotFoundError, RepositoryNotFoundError) as e:
+        raise FileNotFoundError(
+            f"could not get {filename!r} from the Hub repo {source!r} ({type(e).__name__}). "
+            f"Either download it on a machine with internet access (gated repos: accept the license on "
+            f"huggingface.co, run `hf auth login`, then `hf download {source} {filename}`), unset "
+            f"HF_HUB_OFFLINE if it is set, or pass the local path of the file instead of the repo id."
+        ) from e
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file that cannot be read as it should (truncated, corrupt, inconsistent): names the file."""
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _read_tensor_file(path):
+    """Tensors of a .pt (torch.load, weights_only) or .safetensors file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            # Transformer Engine writes its `*._extra_state` as a uint8 tensor or, in some versions, as a pickled
+            # io.BytesIO: let exactly that class through the weights-only unpickler (they are dropped below)
+            with torch.serialization.safe_globals([io.BytesIO]):
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # safetensors and torch raise their own types for truncated or corrupt files
+        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    if isinstance(sd, dict):
+        sd = {k: v for k, v in sd.items() if not (k.endswith("._extra_state") and isinstance(v, io.BytesIO))}
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointReadError(f"{path} holds a {type(sd).__name__}, expected a flat dict of tensors")
+    return sd
+
+
+def is_diffusers_folder(path):
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    return any((folder / name).is_file() for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json"))
+
+
+def _read_diffusers_folder(path):
+    """A diffusers folder, (transformer/)diffusion_pytorch_model.safetensors or the shards its index names: exactly
+    the files the index lists, each holding exactly its keys. Stray files (an old shard, a precision variant such
+    as *.fp16.safetensors) are never read."""
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    index, single = folder / (DIFFUSERS_WEIGHTS + ".index.json"), folder / DIFFUSERS_WEIGHTS
+    if not index.is_file():
+        if not single.is_file():
+            found = sorted(p.name for p in folder.glob("*.safetensors*"))
+            raise FileNotFoundError(f"{folder} has neither {single.name} nor {index.name} (found: "
+                                    f"{found or 'nothing'}); pass the file to load instead of the folder")
+        return _read_tensor_file(single)
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointReadError(f"cannot read the shard index {index}: {type(e).__name__}: {e}") from e
+    sd, origin = {}, {}
+    for name in sorted(set(weight_map.values())):
+        part = _read_tensor_file(folder / name)
+        for key, value in part.items():
+            if key in sd:
+                raise CheckpointReadError(f"{key!r} is defined twice: in {origin[key]} and in {folder / name}")
+            if weight_map.get(key) != name:
+                raise CheckpointReadError(f"{folder / name} holds {key!r}, which {index.name} assigns to "
+                                          f"{weight_map.get(key, 'no file')}")
+            sd[key], origin[key] = value, folder / name
+    missing = sorted(set(weight_map) - set(sd))
+    if missing:
+        raise CheckpointReadError(f"{index} lists {len(missing)} key(s) that its shards do not hold, e.g. "
+                                  f"{missing[0]!r} in {weight_map[missing[0]]}")
+    return sd
+
+
+def read_state_dict(path):
+    """Tensors of a .pt (torch.load, weights_only) or .safetensors file, or of a diffusers transformer folder."""
+    path = Path(path)
+    return _read_diffusers_folder(path) if path.is_dir() else _read_tensor_file(path)
+def check_parameter_dtypes(sd, where):
+    """Every parameter must be floating point, all of one dtype (a mix means a broken or half-converted file)."""
+    bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if bad:
+        raise CheckpointReadError(f"{where}: non-floating parameters, e.g. {bad[0]!r} ({sd[bad[0]].dtype})")
+    dtypes = {}
+    for k, v in sd.items():
+        dtypes.setdefault(v.dtype, []).append(k)
+    if len(dtypes) > 1:
+        mix = ", ".join(f"{len(keys)} in {dt} (e.g. {keys[0]!r})" for dt, keys in dtypes.items())
+        raise CheckpointReadError(f"{where}: mixed parameter dtypes: {mix}")
+
+
+# Files this project writes carry the config of their model in the safetensors metadata, so a checkpoint is
+# rebuilt without being told its shape; official .pt files do not, and take a preset (the released sizes).
+CONFIG_METADATA_KEY = "mimic_video_config"
+
+
+def read_config(path):
+    """The model config (a dict) stored in a safetensors file's metadata, or None (official files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else None
+
+
+def _shape_hint(sd):
+    """One line on the size of a checkpoint's network, to tell a wrong config from a wrong file."""
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    width = sd["t_embedding_norm.weight"].shape[0] if "t_embedding_norm.weight" in sd else "?"
+    return f"the checkpoint holds {len(blocks)} blocks of width {width}"
+
+
+def load_official(model_cls, config, presets, default_preset, source, filename=None, revision=None, cache_dir=None,
+                  device="cpu", dtype=None):
+    """Build model_cls(cfg) on the meta device and assign a checkpoint's tensors strictly (one copy in memory).
+
+    source: a Hub repo id (with filename), a local .pt / .safetensors file, or a folder (filename inside it;
+    a diffusers folder when filename is None). config: a preset name, dict or config; None takes the config the
+    file carries (files this project wrote) or else `default_preset` (the released model).
+    """
+    path = Path(source)
+    missing = filename is None or not (path / filename).exists()
+    diffusers_folder = path.is_dir() and (filename is None or (missing and is_diffusers_folder(path)))
+    file = path if diffusers_folder else resolve_file(source, filename, revision, cache_dir)
+    sd = official_keys(read_state_dict(file))
+    check_parameter_dtypes(sd, str(file))
+    saved = None if file.is_dir() else read_config(file)
+    cfg = make_config(model_cls.config_class, config if config is not None else (saved or default_preset), presets)
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    try:
+        load_state_dict_strict(model, sd, f"{model_cls.__name__} checkpoint {file}", assign=True)
+    except CheckpointMismatchError as e:
+        hint = (f"\n  {_shape_hint(sd)}; the config has {getattr(cfg, 'num_blocks', '?')} blocks of width "
+                f"{getattr(cfg, 'model_channels', '?')}")
+        if saved is not None and config is not None:
+            hint += f"; the file says it was saved with config {saved}: pass config=None to use it"
+        elif saved is None:
+            hint += " (the file carries no config: pass the config it was trained with, e.g. config='toy')"
+        raise CheckpointMismatchError(str(e) + hint) from None
+    model = model.to(device=device, dtype=dtype)
+    # own, aligned memory: tensors still sliced from the file's buffer run other CPU kernel paths, so results would
+    # depend on the file's layout
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
+    return model
+
+
+def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config=None, revision=None, cache_dir=None,
+                   device="cpu", dtype=None):
+    """Load a Cosmos-Predict2 Video2World DiT, or a fused mimic-video backbone (same layout), strictly.
+
+    config None: the config stored in the file (our safetensors files), else the released 2B preset."""
+    return load_official(VideoDiT, config, VIDEO_DIT_PRESETS, "cosmos-predict2-2b", source, filename, revision,
+                         cache_dir, device, dtype)
+
+def load_action_decoder(source, filename=None, config=None, revision=None, cache_dir=None, device="cpu", dtype=None):
+    """Load a mimic-video action decoder (`net.` keys; released .pt or our .safetensors) strictly.
+
+    config None: the config stored in the file (our safetensors files), else the released LIBERO preset."""
+    return load_official(ActionDecoder, config, ACTION_DECODER_PRESETS, "libero", source, filename, revision,
+                         cache_dir, device, dtype)
+
+# Saving. Everything written goes to a temp file or folder that is flushed and renamed into place: a crash
+# or a full disk leaves the previous version, never half of a new one.
 
 
 def _umask():
@@ -1964,6 +1954,21 @@ def episode_chunks(values, starts, horizon, pad="repeat", length=None):
     if pad == "zero":
         out = np.where((t < length)[..., None], out, 0)
     return out.astype(values.dtype)
+
+
+# The released statistics' groups for the Normalizer (section 6): (key, mode) in concat order: position (3),
+# 6-D rotation (6), gripper (1).
+NORMALIZATION_GROUPS = {
+    "libero": {"action": (("action/eef_pos_ref_delta_lowdim", "variance"),
+                          ("action/eef_rot_ref_delta_lowdim", "identity"),
+                          ("action/gripper_action_lowdim", "variance")),
+               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"),
+                       ("obs/gripper_lowdim", "variance"))},
+    "bridge": {"action": (("action/eef_pos_lowdim", "variance"), ("action/eef_rot_lowdim", "identity"),
+                          ("action/gripper_action_lowdim", "variance")),
+               "obs": (("obs/eef_pos_lowdim", "variance"), ("obs/eef_rot_lowdim", "identity"),
+                       ("obs/gripper_state_lowdim", "variance"))},
+}
 
 
 # Representations: how a dataset's or simulator's state and action vectors become the decoder's vectors and back.
