@@ -106,13 +106,15 @@ def test_the_joint_model_denoises_video_and_actions_together():
     assert not torch.allclose(v1, v2)
 
 
-def test_a_shortened_experiment_writes_every_result(tmp_path, capsys):
+def test_a_shortened_experiment_writes_every_result(tmp_path, capsys, monkeypatch):
     """One tiny point per method: the pipeline of the full experiment (CSV, plots, latency), in seconds."""
     out = tmp_path / "exp"
+    latency = train.experiment_latency
+    monkeypatch.setattr(train, "experiment_latency", lambda *a: latency(*a, rounds=3))  # 30 rounds take 20 s
     train.main(["--stage=experiment", f"--out_dir={out}", "--experiment_demos=6", "--experiment_seeds=1",
                 "--experiment_convergence=6", "--experiment_eval_every=2", "--experiment_patience=2",
                 "--pretrain_steps=2", "--num_pretrain=8", "--stage1_steps=2", "--experiment_steps=8", "--batch_size=8",
-                "--eval_episodes=4", "--quick_eval_episodes=4", "--experiment_workers=1"])
+                "--eval_episodes=4", "--quick_eval_episodes=4", "--experiment_workers=2"])
     rows = list(csv.DictReader(open(out / "efficiency.csv")))
     assert sorted(r["method"] for r in rows) == ["joint", "mimic-video", "scratch", "vla"]
     assert all(0 <= float(r["success"]) <= 1 and r["demos"] == "6" for r in rows)

@@ -311,7 +311,8 @@ def test_activation_checkpointing_in_every_stage_that_trains_the_video(smoke, tm
     runs = {"pretrain": ["--stage=pretrain", "--pretrain_steps=1"], "1": ["--stage=1", "--stage1_steps=1"],
             "image": ["--stage=pretrain", "--method=vla", "--pretrain_steps=1"],
             "scratch": ["--stage=2", "--method=scratch", "--stage1_steps=1", "--stage2_steps=1"],
-            "joint": ["--stage=2", "--method=joint", "--stage2_steps=1"], "2": ["--stage=2", "--stage2_steps=1"]}
+            "joint": ["--stage=2", "--method=joint", "--stage1_steps=1", "--stage2_steps=1"],
+            "2": ["--stage=2", "--stage2_steps=1"]}
     for name, args in runs.items():
         weights = []
         for on in ("true", "false"):
