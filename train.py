@@ -37,6 +37,7 @@ from contextlib import nullcontext
 from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -482,13 +483,6 @@ class ToyData:
         """(latent shape, action chunk shape) of one sample."""
         S = self.world_cfg.image_size
         return (model.video.cfg.in_channels, model.cfg.latent_frames, S, S), (self.world_cfg.chunk, model.action_dim)
-
-
-def toy_validation(cfg, world_cfg, encoders, representation, rank, world):
-    """--patience in the toy world: validation demonstrations whose action loss it stops on (None without it)."""
-    if not cfg.patience:
-        return None
-    return ToyData(load_demos("val", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1236,22 +1230,6 @@ TOY_FPS = 10
 
 
 # ----------------------------------------------------------------------------------------------
-# models
-
-def build_model(cfg, device, video=None, stats=None, representation=None):
-    video = video if video is not None else mv.VideoDiT(mv.make_config(mv.VideoDiTConfig, cfg.video_preset,
-                                                                       mv.VIDEO_DIT_PRESETS))
-    if video.cfg.in_channels != 5:
-        sys.exit("error: the toy world's frames become 5-channel latents (RGB + x, y); the real presets need a latent "
-                 "dataset")
-    decoder = mv.ActionDecoder(mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS))
-    obs_norm, act_norm = representation.normalizers(stats) if stats is not None else (None, None)
-    va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
-    model_cls = mv.VLAModel if cfg.method == "vla" else mv.VideoActionModel  # vla: its image pretraining
-    return model_cls(video, decoder, va_cfg, obs_norm, act_norm).to(device)
-
-
-# ----------------------------------------------------------------------------------------------
 # the training loop, shared by all stages
 
 def lr_schedule(stage, cfg, steps):
@@ -1827,87 +1805,121 @@ def decoder_stage(model, demos, steps, cfg, env, inputs, policy_cfg, method="mim
     barrier(env[1])
 
 
-def run_toy(cfg, stages, env):
+@dataclass
+class Source:
+    """What the stages need to know of where a run's data comes from: the toy world or an encoded dataset."""
+
+    name: str  # how the benchmark names it
+    videos: Callable  # () -> the pretraining videos (ToyData or CachedData)
+    demos: Callable  # () -> the demonstrations
+    val: Callable  # stage ("pretrain", "1", "2") -> the held-out data it logs and --patience stops on, or None
+    configs: tuple  # the VideoDiTConfig, ActionDecoderConfig and VideoActionConfig that fit the data
+    representation: mv.Representation  # environment vectors <-> the decoder's
+    inputs: dict  # fingerprints of the data, checked on resume
+    policy: Callable  # (model, offset) -> (the PolicyConfig the policy folder is written with, a quick eval or None)
+
+
+def toy_source(cfg, env):
+    """The toy world: episodes made on the fly, encoded as the policy encodes its observations; stage 2 evaluates the
+    policy in closed loop at each checkpoint (and stops on that with --patience)."""
     rank, world, device, autocast = env
     world_cfg = mv.ToyWorldConfig()
-    out = Path(cfg.out_dir)
     # the policy around the model: the toy world's camera, encoders (pixels, hashed words) and representation
     policy_cfg = mv.make_config(mv.PolicyConfig, "toy", mv.POLICY_PRESETS, stop_after_step=cfg.stop_after_step)
     encoders = (mv.build_video_encoder(policy_cfg.video_encoder, device),
                 mv.build_text_encoder(policy_cfg.text_encoder))
     representation = mv.Representation.from_config(policy_cfg.representation)
+    configs = (mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS),
+               mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS),
+               mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS))
+    if configs[0].in_channels != 5:
+        sys.exit("error: the toy world's frames become 5-channel latents (RGB + x, y); the real presets need a latent "
+                 "dataset")
 
-    if "pretrain" in stages:
-        videos = ToyData(load_demos(cfg.pretrain_data, cfg, world_cfg, rank, world), world_cfg, encoders,
-                         representation)
-        pretrain_stage(build_model(cfg, device), videos, cfg, env)
+    def episodes(kind):
+        return ToyData(load_demos(kind, cfg, world_cfg, rank, world), world_cfg, encoders, representation)
+
+    def policy(model, offset):
+        p = mv.Policy(model, policy_cfg, *encoders, method=cfg.method)
+        return p.config, quick_eval(p, model, cfg, rank, offset)
+
+    return Source("toy world", lambda: episodes(cfg.pretrain_data), lambda: episodes("demos"),
+                  lambda stage: episodes("val") if stage == "2" and cfg.patience else None, configs, representation,
+                  {}, policy)
+
+
+def dataset_source(cfg, env):
+    """An encoded dataset (the cache --stage=encode wrote): windows read from memory maps; the validation episodes
+    are logged in every stage."""
+    out = Path(cfg.out_dir)
+    data = CachedData(out / "cache")
+    val = CachedData(out / "cache", "val") if data.meta["val"] else None
+    plan = data.meta["plan"]
+    representation = mv.Representation.from_config(plan["representation"])
+    videos = (lambda: CachedData(out / "cache_videos")) if cfg.pretrain_videos else (lambda: data)
+    return Source(f"cache {out / 'cache'}", videos, lambda: data, lambda stage: val,
+                  dataset_models(cfg, data, representation), representation, {"cache": plan["fingerprint"]},
+                  lambda model, offset: (dataset_policy_config(cfg, plan, representation), None))
+
+
+def run_stages(cfg, stages, env, src):
+    """The recipe on any data source: pretraining (without a pretrained backbone), stage 1 (LoRA on the video model),
+    stage 2 (the decoder on the frozen backbone), or a comparison's training on the demonstrations."""
+    rank, world, device, autocast = env
+    out = Path(cfg.out_dir)
+    video_cfg, decoder_cfg, model_cfg = src.configs
+    rep = src.representation
+
+    def model_with(video, stats=None):
+        """mimic-video's network around a video DiT (vla: with its image pretraining); stage 2 adds the statistics."""
+        norms = rep.normalizers(stats) if stats is not None else (None, None)
+        model_cls = mv.VLAModel if cfg.method == "vla" else mv.VideoActionModel
+        return model_cls(video, mv.ActionDecoder(decoder_cfg), model_cfg, *norms).to(device)
+
+    def load_frozen(source, filename=None, config=None):
+        return mv.load_video_dit(source, filename, config, device=device, dtype=frozen_dtype(autocast))
+
+    if "pretrain" in stages:  # no pretrained backbone: a small video (vla: image) model learns the frames
+        videos = src.videos()
+        pretrain_stage(model_with(mv.VideoDiT(video_cfg)), videos, cfg, env, src.inputs, src.val("pretrain"))
 
     if "1" in stages:
-        demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
-        source = out / "pretrain" / "video.safetensors"
-        video = mv.load_video_dit(source, None, device=device)
+        demos = src.demos()
+        if cfg.video_init:  # a pretrained backbone, e.g. Cosmos-Predict2-2B (the paper's setup)
+            video = load_frozen(cfg.video_init, cfg.video_init_file or None, video_cfg)
+            start = f"{cfg.video_init}:{cfg.video_init_file}"
+        else:
+            video = load_frozen(out / "pretrain" / "video.safetensors")
+            start = fingerprint(out / "pretrain" / "video.safetensors")
         mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
-        lora_stage(build_model(cfg, device, video), demos, cfg, env, {"video": fingerprint(source)})
+        lora_stage(model_with(video), demos, cfg, env, {**src.inputs, "video": start}, src.val("1"))
 
-    if ("2" in stages or "benchmark" in stages) and cfg.method != "mimic-video":
-        train_baseline(cfg, stages, env, encoders, representation, policy_cfg)
-    elif "2" in stages or "benchmark" in stages:
-        demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
+    if "2" not in stages and "benchmark" not in stages:
+        return
+    demos = src.demos()
+    if cfg.method == "mimic-video":  # the decoder on the frozen, LoRA-finetuned backbone
         source = out / "stage1" / "video_fused.safetensors"
-        video = mv.load_video_dit(source, None, device=device) if source.exists() else None
-        model = build_model(cfg, device, video.requires_grad_(False) if video else None, demos.stats(), representation)
-        if "benchmark" in stages:
-            return benchmark_data("toy world", freeze_video(model), demos, cfg, env)
-        policy = mv.Policy(model, policy_cfg, *encoders)
-        decoder_stage(model, demos, cfg.stage2_steps, cfg, env, {"video": fingerprint(source)}, policy.config,
-                      on_checkpoint=quick_eval(policy, model, cfg, rank, offset=cfg.stage1_steps),
-                      val_data=toy_validation(cfg, world_cfg, encoders, representation, rank, world))
-
-    if "eval" in stages and rank == 0:
-        policy = mv.load_policy(out / "policy", device=device, stop_after_step=cfg.stop_after_step)
-        seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.eval_episodes)]
-        random, expert = mv.toy_baselines(seeds, world_cfg, cfg.seed)
-        rate = evaluate(policy, cfg.eval_episodes, world_cfg)
-        tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
-        how = (f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}" if cfg.method == "mimic-video" else
-               "the same network, image-pretrained, end to end" if cfg.method == "vla" else
-               "the same network from random initialisation, end to end" if cfg.method == "scratch"
-               else f"{policy.model.joint.num_steps} joint denoising steps")
-        print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
-        print(f"  random policy     {random:6.1%}")
-        print(f"  scripted expert   {expert:6.1%}")
-        print(f"  {cfg.method:<17} {rate:6.1%}   ({how})")
-
-
-def train_baseline(cfg, stages, env, encoders, representation, policy_cfg):
-    """The comparisons of the toy world, trained for as many optimiser steps on the demonstrations as mimic-video's
-    stages 1 and 2 together. "vla" and "scratch": the same network as mimic-video (video DiT + decoder, the same
-    inputs at a k = 0 query), trained end to end on the action loss, from the image-pretrained backbone or from
-    random initialisation. "joint": VideoVLA-style, the pretrained video DiT with action tokens, trained on video +
-    action loss."""
-    rank, world, device, autocast = env
-    world_cfg, out = mv.ToyWorldConfig(), Path(cfg.out_dir)
-    demos = ToyData(load_demos("demos", cfg, world_cfg, rank, world), world_cfg, encoders, representation)
-    norms = representation.normalizers(demos.stats())
-    va_cfg = mv.make_config(mv.VideoActionConfig, cfg.model_preset, mv.VIDEO_ACTION_PRESETS)
-    steps = cfg.stage1_steps + cfg.stage2_steps
-    if cfg.method in ("vla", "scratch"):
-        model, inputs = vla_model(cfg, mv.make_config(mv.VideoDiTConfig, cfg.video_preset, mv.VIDEO_DIT_PRESETS),
-                                  mv.make_config(mv.ActionDecoderConfig, cfg.decoder_preset, mv.ACTION_DECODER_PRESETS),
-                                  va_cfg, norms, device)
-    else:
-        source = out / "pretrain" / "video.safetensors"
-        chunk, action_dim = world_cfg.chunk, representation.model_action_dim
-        jcfg = mv.JointConfig(state_dim=representation.model_state_dim, action_dim=action_dim, chunk=chunk)
-        model = mv.JointVideoActionModel(mv.load_video_dit(source, None, device=device), jcfg, va_cfg,
-                                         *norms).to(device)
-        inputs = {"video": fingerprint(source)}
+        video = load_frozen(source).requires_grad_(False) if source.exists() else mv.VideoDiT(video_cfg)
+        model, steps, start = model_with(video, demos.stats()), cfg.stage2_steps, {"video": fingerprint(source)}
+    else:  # a comparison, for as many steps on the demonstrations as mimic-video's stages 1 and 2 together
+        norms, steps = rep.normalizers(demos.stats()), cfg.stage1_steps + cfg.stage2_steps
+        if cfg.method == "joint":  # the pretrained (or given) video model with action tokens
+            source = cfg.video_init or pretrained_file(cfg)
+            video = mv.load_video_dit(source, cfg.video_init_file or None, video_cfg if cfg.video_init else None,
+                                      device=device)
+            jcfg = mv.JointConfig(state_dim=rep.model_state_dim, action_dim=rep.model_action_dim,
+                                  chunk=decoder_cfg.num_actions)
+            model = mv.JointVideoActionModel(video, jcfg, model_cfg, *norms).to(device)
+            start = {"video": f"{cfg.video_init}:{cfg.video_init_file}" if cfg.video_init else fingerprint(source)}
+        else:
+            model, start = vla_model(cfg, video_cfg, decoder_cfg, model_cfg, norms, device)
     if "benchmark" in stages:
-        return benchmark_data(f"toy world ({cfg.method})", model, demos, cfg, env)
-    policy = mv.Policy(model, policy_cfg, *encoders, method=cfg.method)
-    decoder_stage(model, demos, steps, cfg, env, inputs, policy.config, cfg.method,
-                  on_checkpoint=quick_eval(policy, model, cfg, rank),
-                  val_data=toy_validation(cfg, world_cfg, encoders, representation, rank, world))
+        if cfg.method == "mimic-video":
+            return benchmark_data(src.name, freeze_video(model), demos, cfg, env)
+        return benchmark_data(f"{src.name} ({cfg.method})", model, demos, cfg, env)
+    policy_cfg, on_checkpoint = src.policy(model, cfg.stage1_steps if cfg.method == "mimic-video" else 0)
+    decoder_stage(model, demos, steps, cfg, env, {**src.inputs, **start}, policy_cfg, cfg.method, on_checkpoint,
+                  src.val("2"))
 
 
 def vla_model(cfg, video_cfg, decoder_cfg, model_cfg, norms, device):
@@ -1936,80 +1948,46 @@ def freeze_video(model):
     return model
 
 
-def run_dataset(cfg, stages, env):
-    rank, world, device, autocast = env
-    out, cache = Path(cfg.out_dir), Path(cfg.out_dir) / "cache"
-    log_fn = lambda *a: log(rank, *a)  # noqa: E731
+def run_toy(cfg, stages, env):
+    """The toy world: the stages, then the closed-loop evaluation of the policy on held-out episodes."""
+    run_stages(cfg, stages, env, toy_source(cfg, env))
+    if "eval" in stages and env[0] == 0:
+        world_cfg = mv.ToyWorldConfig()
+        policy = mv.load_policy(Path(cfg.out_dir) / "policy", device=env[2], stop_after_step=cfg.stop_after_step)
+        seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.eval_episodes)]
+        random, expert = mv.toy_baselines(seeds, world_cfg, cfg.seed)
+        rate = evaluate(policy, cfg.eval_episodes, world_cfg)
+        tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
+        how = (f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}" if cfg.method == "mimic-video" else
+               "the same network, image-pretrained, end to end" if cfg.method == "vla" else
+               "the same network from random initialisation, end to end" if cfg.method == "scratch"
+               else f"{policy.model.joint.num_steps} joint denoising steps")
+        print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
+        print(f"  random policy     {random:6.1%}")
+        print(f"  scripted expert   {expert:6.1%}")
+        print(f"  {cfg.method:<17} {rate:6.1%}   ({how})")
 
+
+def run_dataset(cfg, stages, env):
+    """A LeRobot dataset: encode it once (and the pretraining videos), then the stages on the cache."""
+    rank, world, device, autocast = env
+    out = Path(cfg.out_dir)
     if "encode" in stages:
         # the ranks wait for each other on gloo, whose timeout we set: NCCL's 10 minutes would abort a long encode
         group = dist.new_group(backend="gloo", timeout=timedelta(days=1)) if world > 1 else None
-        for source, folder in ((cfg.pretrain_videos, out / "cache_videos"), (cfg.data, cache)):
+        for source, folder in ((cfg.pretrain_videos, out / "cache_videos"), (cfg.data, out / "cache")):
             if source:
                 ds = LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
                 representation = (mv.Representation("libero") if cfg.representation == "libero" else
                                   mv.Representation("identity", ds.state_dim, ds.action_dim))
-                log_fn(f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
-                       f"state {ds.state_dim}-D, action {ds.action_dim}-D")
+                log(rank, f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
+                          f"state {ds.state_dim}-D, action {ds.action_dim}-D")
                 encode_dataset(cfg, ds, folder, timing_preset(cfg.timing, ds.fps), representation, env, group,
-                               log_fn)
+                               lambda *a: log(rank, *a))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the encoders are gone: give their memory back before training
-    if not set(stages) & {"pretrain", "1", "2", "benchmark"}:
-        return
-    data = CachedData(cache)
-    val = CachedData(cache, "val") if data.meta["val"] else None
-    plan = data.meta["plan"]
-    representation = mv.Representation.from_config(plan["representation"])
-    video_cfg, decoder_cfg, model_cfg = dataset_models(cfg, data, representation)
-    inputs = {"cache": plan["fingerprint"]}
-
-    def model_with(video, stats=None):
-        norms = representation.normalizers(stats) if stats is not None else (None, None)
-        model_cls = mv.VLAModel if cfg.method == "vla" else mv.VideoActionModel  # vla: its image pretraining
-        return model_cls(video, mv.ActionDecoder(decoder_cfg), model_cfg, *norms).to(device)
-
-    if "pretrain" in stages:  # no pretrained backbone: a small video (vla: image) model learns the dataset's frames
-        videos = CachedData(out / "cache_videos") if cfg.pretrain_videos else data
-        pretrain_stage(model_with(mv.VideoDiT(video_cfg)), videos, cfg, env, inputs, val)
-
-    if "1" in stages:
-        if cfg.video_init:  # a pretrained backbone, e.g. Cosmos-Predict2-2B (the paper's setup)
-            video = mv.load_video_dit(cfg.video_init, cfg.video_init_file or None, video_cfg, device=device,
-                                      dtype=frozen_dtype(autocast))
-            source = {"video": f"{cfg.video_init}:{cfg.video_init_file}"}
-        else:
-            video = mv.load_video_dit(out / "pretrain" / "video.safetensors", None, device=device,
-                                      dtype=frozen_dtype(autocast))
-            source = {"video": fingerprint(out / "pretrain" / "video.safetensors")}
-        mv.inject_lora(video, mv.LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
-        lora_stage(model_with(video), data, cfg, env, {**inputs, **source}, val)
-
-    if ("2" in stages or "benchmark" in stages) and cfg.method != "mimic-video":
-        norms = representation.normalizers(data.stats())
-        if cfg.method == "joint":  # the pretrained (or given) video model with action tokens
-            source = cfg.video_init or pretrained_file(cfg)
-            video = mv.load_video_dit(source, cfg.video_init_file or None, video_cfg if cfg.video_init else None,
-                                      device=device)
-            jcfg = mv.JointConfig(state_dim=representation.model_state_dim,
-                                  action_dim=representation.model_action_dim, chunk=decoder_cfg.num_actions)
-            model = mv.JointVideoActionModel(video, jcfg, model_cfg, *norms).to(device)
-            start = {"video": f"{cfg.video_init}:{cfg.video_init_file}" if cfg.video_init else fingerprint(source)}
-        else:
-            model, start = vla_model(cfg, video_cfg, decoder_cfg, model_cfg, norms, device)
-        if "benchmark" in stages:
-            return benchmark_data(f"cache {cache} ({cfg.method})", model, data, cfg, env)
-        decoder_stage(model, data, cfg.stage1_steps + cfg.stage2_steps, cfg, env, {**inputs, **start},
-                      dataset_policy_config(cfg, plan, representation), cfg.method, val_data=val)
-    elif "2" in stages or "benchmark" in stages:
-        source = out / "stage1" / "video_fused.safetensors"
-        video = (mv.load_video_dit(source, None, device=device, dtype=frozen_dtype(autocast)).requires_grad_(False)
-                 if source.exists() else mv.VideoDiT(video_cfg))
-        model = model_with(video, data.stats())
-        if "benchmark" in stages:
-            return benchmark_data(f"cache {cache}", freeze_video(model), data, cfg, env)
-        decoder_stage(model, data, cfg.stage2_steps, cfg, env, {**inputs, "video": fingerprint(source)},
-                      dataset_policy_config(cfg, plan, representation), val_data=val)
+    if set(stages) & {"pretrain", "1", "2", "benchmark"}:
+        run_stages(cfg, stages, env, dataset_source(cfg, env))
 
 
 if __name__ == "__main__":
