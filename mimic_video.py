@@ -2508,13 +2508,16 @@ class JointVideoActionModel(nn.Module):
         B, HA = latents.shape[0], self.joint.chunk
         x_v, x_a = VideoActionModel._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.joint.action_dim)), seed,
                                            numpy_noise, latents.device)
-        dt = -1.0 / self.joint.num_steps
-        tau = torch.ones(B, device=latents.device)
-        for _ in range(self.joint.num_steps):
+        n_v = x_v[0].numel()
+
+        def velocity(x, tau):  # x: the video latents and the actions of each sample side by side, (B, n_v + n_a)
+            x_v, x_a = x[:, :n_v].view_as(latents), x[:, n_v:].view(B, HA, -1)
             net_in, tau_BT, condition_mask = video2world_inputs(x_v, tau, latents, cond)
             v_v, v_a = self.velocities(net_in, tau_BT, text, condition_mask, proprio, x_a, tau)
-            x_v, x_a = x_v + dt * v_v.float(), x_a + dt * v_a.float()  # x_{tau + dt} = x_tau + dt * v
-            tau = tau + dt
+            return torch.cat([v_v.flatten(1), v_a.flatten(1)], dim=1).float()
+
+        x = euler_integrate(velocity, torch.cat([x_v.flatten(1), x_a.flatten(1)], dim=1), self.joint.num_steps)
+        x_a = x[:, n_v:].view(B, HA, -1)  # the imagined video x[:, :n_v] is not needed
         return self.action_normalizer.unnormalize(x_a) if raw else x_a
 
     def head_state_dict(self):
