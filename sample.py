@@ -20,7 +20,6 @@ action decoder; n_action_steps actions of the chunk run before the next query.
 import gc
 import os
 import sys
-from types import SimpleNamespace
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -605,15 +604,10 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     except ImportError:
         print("  (diffusers not installed: pip install diffusers, to time our DiT against CosmosTransformer3DModel)")
         return
-    import diffusers.models.transformers.transformer_cosmos as cosmos_module
-    if not hasattr(cosmos_module, "transforms"):  # torchvision is missing; it only resizes the padding mask, which is
-        # already at latent resolution: nearest-neighbour interpolation to the same size is the identity
-        resize = lambda m, size, interpolation=None: torch.nn.functional.interpolate(m, size=size,
-                                                                                     mode="nearest")  # noqa: E731
-        cosmos_module.transforms = SimpleNamespace(functional=SimpleNamespace(resize=resize),
-                                                   InterpolationMode=SimpleNamespace(NEAREST="nearest"))
     v = video.cfg
-    ref = CosmosTransformer3DModel(in_channels=v.in_channels + 1, out_channels=v.out_channels,
+    # the padding-mask channel is passed with the condition mask (concatenated in the same order), so diffusers does
+    # not resize it (with torchvision, which has no build for the CPU torch)
+    ref = CosmosTransformer3DModel(in_channels=v.in_channels + 2, out_channels=v.out_channels,
                                    num_attention_heads=v.num_heads, attention_head_dim=v.model_channels // v.num_heads,
                                    num_layers=v.num_blocks, mlp_ratio=v.mlp_ratio,
                                    text_embed_dim=v.crossattn_emb_channels,
@@ -621,7 +615,7 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
                                    patch_size=(v.patch_temporal, v.patch_spatial, v.patch_spatial),
                                    rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio,
                                                v.rope_w_extrapolation_ratio),
-                                   concat_padding_mask=True, extra_pos_embed_type=None).to(device).eval()
+                                   concat_padding_mask=False, extra_pos_embed_type=None).to(device).eval()
     sd = {mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k}
     ref.load_state_dict(sd, strict=True)
     for m in ref.modules():  # the official q/k-norm eps (diffusers' default is 1e-5)
@@ -629,10 +623,10 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
             m.eps = 1e-6
     tau = torch.full((latents.shape[0],), 0.5, device=device)
     net_in, tau_BT, mask = mv.video2world_inputs(latents, tau, latents, cond)
-    pad = torch.zeros(latents.shape[0], 1, latents.shape[3], latents.shape[4], device=device)
+    masks = torch.cat([mask, torch.zeros_like(mask)], dim=1)  # (B, 2, T, H, W): condition, padding (zeros)
     with torch.no_grad():
         ours = lambda: video(net_in, tau_BT, text, mask)  # noqa: E731
-        theirs = lambda: ref(net_in, tau_BT[:, None, :, None, None], text, condition_mask=mask, padding_mask=pad,
+        theirs = lambda: ref(net_in, tau_BT[:, None, :, None, None], text, condition_mask=masks,
                              return_dict=False)[0]  # noqa: E731
         diff = (ours() - theirs()).abs().max().item()
         a, b = median_ms(ours, device, runs), median_ms(theirs, device, runs)
