@@ -50,13 +50,14 @@ import mimic_video as mv
 
 @dataclass
 class TrainConfig:
-    stage: str = "all"  # "all" = pretrain, 1, 2 and eval; or one of "pretrain", "1", "2", "eval"
+    # "all": every stage the method has (pretrain, 1, 2, then eval or, with --data, encode first); or one of STAGES
+    stage: str = "all"
     # "mimic-video"; "vla": the same network, its backbone pretrained on the same frames as static images with their
     # instructions (no future), then trained end to end; "scratch": the same, not pretrained at all; "joint":
     # VideoVLA-style, video and actions denoised together by the pretrained video DiT
     method: str = "mimic-video"
     out_dir: str = "out/toy"  # <out_dir>/{pretrain,stage1,stage2}/ and the policy folder <out_dir>/policy
-    seed: int = 0
+    seed: int = 0  # the data, the initialisation and every training draw
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
     compile: bool = False  # torch.compile the model
     # data: the toy world
@@ -67,8 +68,8 @@ class TrainConfig:
     data: str = ""  # a LeRobot dataset folder (v3.0 or v2.1) or Hub id; empty: the built-in toy world
     pretrain_videos: str = ""  # another LeRobot dataset to pretrain the video model on (default: --data's own videos)
     camera: str = ""  # the camera to read (e.g. "image" for observation.images.image; needed when there are several)
-    state_key: str = "observation.state"
-    action_key: str = "action"
+    state_key: str = "observation.state"  # the dataset feature holding the proprio state
+    action_key: str = "action"  # the dataset feature holding the actions
     # window timing: "small" (toy-like: 1 frame, 4 future frames, 8 actions), "libero" (official), "bridge"
     timing: str = "small"
     image_size: str = "32x32"  # HxW every frame is resized to (the official LIBERO data: 480x640)
@@ -79,11 +80,11 @@ class TrainConfig:
     pixel_keep: int = 1
     pixel_coords: bool = False  # pixels: two more channels, each latent pixel's x, y (the toy world's encoder has them)
     pixel_mean: float = 0.0  # pixels: latents = (frames - mean) / std, as the VAE normalizes its latents
-    pixel_std: float = 1.0
+    pixel_std: float = 1.0  # pixels: see pixel_mean
     vae_source: str = mv.COSMOS_HUB_REPO  # wan: a diffusers repo or folder holding the VAE (subfolder "vae")
     text_encoder: str = "hashed"  # "hashed" (hashed words, CPU) or "t5" (--t5_source)
     text_tokens: int = 16  # hashed words: instruction length after padding / truncation (T5: 512)
-    t5_source: str = "google-t5/t5-11b"
+    t5_source: str = "google-t5/t5-11b"  # t5: a transformers repo or folder (the official text encoder)
     representation: str = "identity"  # "identity" (any state/action dims) or "libero" (8-D state, 7-D action -> 10-D)
     val_fraction: float = 0.1  # episodes held out for the validation loss (0: none)
     anchor_stride: int = 1  # a training window at every this-many frames of each episode
@@ -93,29 +94,29 @@ class TrainConfig:
     video_init_file: str = ""
     n_action_steps: int = 0  # actions executed per query by the trained policy (0: half the chunk; official 5 of 60)
     # models: presets of mimic_video.py
-    video_preset: str = "toy"
-    decoder_preset: str = "toy"
-    model_preset: str = "toy"
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
+    video_preset: str = "toy"  # VIDEO_DIT_PRESETS: "toy", "tiny" or "cosmos-predict2-2b" (the released 2B)
+    decoder_preset: str = "toy"  # ACTION_DECODER_PRESETS: "toy", "tiny", "libero", "bridge"
+    model_preset: str = "toy"  # VIDEO_ACTION_PRESETS: the tap block and the window ("mimic-video": official)
+    lora_rank: int = 16  # stage 1 LoRA rank (official 256)
+    lora_alpha: float = 16.0  # the update is scaled by alpha / rank (official 32 / 256)
     # optimisation
     batch_size: int = 64  # global batch (split across DDP ranks)
     # micro-batches per step on each rank (the same update in less memory: batch_size / (ranks x this))
     grad_accum: int = 1
-    pretrain_steps: int = 4000
+    pretrain_steps: int = 4000  # optimiser steps of the video (vla: image) pretraining
     pretrain_lr: float = 1e-3  # cosine decay to 0.1 x (stands in for Cosmos' own pretraining)
     pretrain_data: str = "expert"  # "expert": the expert in other episodes; "play": the expert at random speeds
-    stage1_steps: int = 300
+    stage1_steps: int = 300  # LoRA steps on the demonstrations' videos
     stage1_lr: float = 1e-3  # constant
     stage2_steps: int = 12000  # the toy decoder still improves after 6000 (two seeds: 92.5, 88.5% -> 96.5, 94.5%)
     stage2_lr: float = 1e-3  # peak; the paper: 1e-4 at 0.5B
     stage2_warmup: int = 100  # linear warmup, then linear decay to 0.2 x peak (official LambdaLinearScheduler)
-    weight_decay: float = 0.1
-    grad_clip: float = 10.0
+    weight_decay: float = 0.1  # AdamW, every stage
+    grad_clip: float = 10.0  # max global gradient norm
     # every stage that trains the video DiT: recompute its blocks in the backward
     activation_checkpointing: bool = False
     # logging, evaluation, checkpoints
-    log_every: int = 100
+    log_every: int = 100  # a loss line (binned by flow time) every this many steps
     ckpt_every: int = 500  # checkpoint (and, in stage 2, a quick closed-loop eval) every this many steps
     # stage 2: stop when the validation score (toy world: quick-eval success on validation episodes; a dataset: the
     # validation loss) has not improved for this many steps, and keep the best checkpoint's weights (0: train all)
@@ -126,8 +127,8 @@ class TrainConfig:
     allow_config_change: str = ""  # on resume, fields that may differ from the checkpoint's (comma-separated, or "all")
     stop_after_step: int = 0  # the policy query of the eval: k = 0 is one video forward at sigma = 80
     # --stage=experiment: the four methods on nested demonstration sets, each to convergence within one cap
-    experiment_demos: str = "25,100,500,2000"
-    experiment_seeds: int = 2
+    experiment_demos: str = "25,100,500,2000"  # the nested demonstration counts
+    experiment_seeds: int = 2  # seeds per point (each with its own pretraining)
     experiment_workers: int = 2  # training processes at once, one thread each
     experiment_steps: int = 3000  # the cap: optimiser steps on the demonstrations (mimic-video: stage 1 + stage 2)
     experiment_eval_every: int = 250  # a quick eval on the validation episodes every this many steps ...
