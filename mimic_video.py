@@ -3286,13 +3286,33 @@ def toy_probe_observation(cfg: ToyWorldConfig = None):
 # ------------------------------------------------------------------------------------------------
 
 
+def field_comments(cfg_cls):
+    """{field: its comment} from the config's source (what --help prints): the comment on the field's line, or else
+    the comment lines just above it (above a commented field, they head a group of fields)."""
+    import inspect
+
+    notes, above = {}, []
+    for line in inspect.getsource(cfg_cls).splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            above.append(line.lstrip("# "))
+            continue
+        code, _, comment = line.partition("  # ")
+        name = re.match(r"(\w+): [\w.]+ = ", code)
+        if name:
+            notes[name.group(1)] = comment or " ".join(above)
+        above = []
+    return notes
+
+
 def parse_config(argv, cfg_cls):
     """--field=value overrides of a config dataclass. An unknown field or a value of the wrong type exits with a
     one-line message; the config's own `validate()` (if any) checks ranges the same way, before any work starts."""
     cfg, types = cfg_cls(), {f.name: type(f.default) for f in fields(cfg_cls)}
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: --field=value ...; fields and defaults:\n" + "\n".join(f"  --{k}={getattr(cfg, k)}"
-                                                                             for k in types))
+        notes = field_comments(cfg_cls)
+        print("usage: --field=value ...; fields, defaults and what they mean:\n" + "\n".join(
+            f"  --{k}={getattr(cfg, k)}" + (f"\n      {notes[k]}" if notes.get(k) else "") for k in types))
         raise SystemExit(0)
     for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")

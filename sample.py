@@ -44,7 +44,7 @@ class SampleConfig:
     gif: str = ""  # toy: write the first episodes' rollout next to the imagined plans to this GIF
     suite: str = "libero_spatial"  # libero: libero_spatial, libero_object, libero_goal or libero_10
     trials: int = 50  # libero: trials per task (official: 50)
-    device: str = "auto"
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
     seed: int = 0  # toy: the random baseline's seed
     benchmark: bool = False  # time policy queries and training steps: the real shapes on a GPU, reduced on a CPU
     bench_runs: int = 10  # benchmark: timed runs per measurement (after warm-up), the median is reported

@@ -50,7 +50,8 @@ import mimic_video as mv
 
 @dataclass
 class TrainConfig:
-    # "all": every stage the method has (pretrain, 1, 2, then eval or, with --data, encode first); or one of STAGES
+    # "all": every stage the method has (pretrain, 1, 2, then eval; with --data: encode, pretrain, 1, 2); or one of
+    # "export", "encode", "pretrain", "1", "2", "eval", "benchmark", "experiment"
     stage: str = "all"
     # "mimic-video"; "vla": the same network, its backbone pretrained on the same frames as static images with their
     # instructions (no future), then trained end to end; "scratch": the same, not pretrained at all; "joint":

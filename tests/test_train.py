@@ -60,7 +60,12 @@ def test_help_lists_every_field(capsys):
     with pytest.raises(SystemExit) as exit_info:
         mv.parse_config(["--help"], train.TrainConfig)
     assert exit_info.value.code == 0
-    assert "--stage2_steps=12000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--stage2_steps=12000" in out
+    # each field with what it means, from its comment in the config
+    assert "--grad_accum=1\n      micro-batches per step on each rank" in out
+    assert all(mv.field_comments(cls).get(f.name) for cls in (train.TrainConfig, sample.SampleConfig)
+               for f in mv.fields(cls))
 
 
 def test_smoke_run_writes_every_artifact(smoke, capsys):
