@@ -1454,6 +1454,8 @@ class VideoActionModel(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+# Reading. A checkpoint names its network by its keys and shapes only: configs come from a preset, a dict or (files
+# this project wrote) the file's own metadata.
 def make_config(cls, preset_or_dict, presets=None, **overrides):
     """Build a config dataclass from a preset name, a dict or an instance, then apply overrides.
 
@@ -1477,6 +1479,7 @@ def make_config(cls, preset_or_dict, presets=None, **overrides):
 COSMOS_HUB_REPO = "nvidia/Cosmos-Predict2-2B-Video2World"  # gated: accept the license, then `hf auth login`
 
 COSMOS_DEFAULT_FILE = "model-480p-10fps.pt"  # what mimic-video started from (also model-{480,720}p-{10,16}fps.pt)
+
 
 def resolve_file(source, filename=None, revision=None, cache_dir=None):
     """A local path, or `filename` from the Hub repo `source` (cached by huggingface_hub).
@@ -1578,6 +1581,8 @@ def read_state_dict(path):
     """Tensors of a .pt (torch.load, weights_only) or .safetensors file, or of a diffusers transformer folder."""
     path = Path(path)
     return _read_diffusers_folder(path) if path.is_dir() else _read_tensor_file(path)
+
+
 def check_parameter_dtypes(sd, where):
     """Every parameter must be floating point, all of one dtype (a mix means a broken or half-converted file)."""
     bad = sorted(k for k, v in sd.items() if not v.is_floating_point())
@@ -1661,12 +1666,14 @@ def load_video_dit(source=COSMOS_HUB_REPO, filename=COSMOS_DEFAULT_FILE, config=
     return load_official(VideoDiT, config, VIDEO_DIT_PRESETS, "cosmos-predict2-2b", source, filename, revision,
                          cache_dir, device, dtype)
 
+
 def load_action_decoder(source, filename=None, config=None, revision=None, cache_dir=None, device="cpu", dtype=None):
     """Load a mimic-video action decoder (`net.` keys; released .pt or our .safetensors) strictly.
 
     config None: the config stored in the file (our safetensors files), else the released LIBERO preset."""
     return load_official(ActionDecoder, config, ACTION_DECODER_PRESETS, "libero", source, filename, revision,
                          cache_dir, device, dtype)
+
 
 # Saving. Everything written goes to a temp file or folder that is flushed and renamed into place: a crash
 # or a full disk leaves the previous version, never half of a new one.

@@ -1,4 +1,5 @@
-"""Shared test helpers. Everything runs offline on CPU; fixtures come from the official code (tests/fixtures/README.md)."""
+"""Shared test helpers. Everything runs offline on CPU; fixtures come from the official code
+(tests/fixtures/README.md)."""
 
 import os
 from pathlib import Path

@@ -118,7 +118,8 @@ def test_errors_name_the_file_and_the_episode(tmp_path):
     video = root / "videos/observation.images.top/chunk-000/file-000.mp4"
     data = video.read_bytes()
     video.write_bytes(data[: len(data) // 3])  # truncated: episode 1's frames are gone
-    with pytest.raises(train.DatasetError, match=r"episode 1: (cannot decode .*file-000.mp4|.*file-000.mp4 has no frame)"):
+    with pytest.raises(train.DatasetError,
+                       match=r"episode 1: (cannot decode .*file-000.mp4|.*file-000.mp4 has no frame)"):
         train.LeRobotDataset(root).frames(1, [5])
     video.unlink()
     with pytest.raises(train.DatasetError, match="episode 0: its video .*file-000.mp4 does not exist"):
@@ -321,7 +322,8 @@ def test_the_encode_is_shared_by_the_ranks(tmp_path):
     assert "rank 0 encoded 3 episodes" in res.stdout and "rank 1 encoded 2 episodes" in res.stdout
     a, b = tmp_path / "single" / "cache", tmp_path / "ddp" / "cache"
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-    assert json.loads((a / "meta.json").read_text()) | {"plan": 0} == json.loads((b / "meta.json").read_text()) | {"plan": 0}
+    meta_a, meta_b = (json.loads((c / "meta.json").read_text()) for c in (a, b))
+    assert meta_a | {"plan": 0} == meta_b | {"plan": 0}
     for f in a.glob("*.safetensors"):
         x, y = load_file(f), load_file(b / f.name)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name
@@ -414,7 +416,8 @@ def test_validation_is_split_across_ranks(encoded, monkeypatch):
         cfg.grad_accum = 3  # in micro-batches of 2 (training's), not all 7 windows at once
         calls, forward = [], model.forward
         model.forward = lambda *a, **k: calls.append(len(k["noise"]["sigma"])) or forward(*a, **k)
-        assert train.validation_loss(model, val, loss, cfg, (0, 1, cpu, nullcontext())) == pytest.approx(single, rel=1e-5)
+        one = train.validation_loss(model, val, loss, cfg, (0, 1, cpu, nullcontext()))
+        assert one == pytest.approx(single, rel=1e-5)
         del model.forward
         cfg.grad_accum = 1
         assert calls == [2, 2, 2, 1] * 4, calls

@@ -1,4 +1,5 @@
-"""Checkpoint loading: official .pt / safetensors / diffusers layouts, local and through the Hub cache, strict errors."""
+"""Checkpoint loading: official .pt / safetensors / diffusers layouts, local and through the Hub cache, strict
+errors."""
 
 import json
 import shutil

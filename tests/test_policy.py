@@ -75,7 +75,8 @@ def test_identity_representation_any_dimension_and_explicit_modes():
     assert rep.action_from_model(rep.action_to_model(x)) is x and rep.model_state_dim == 5
     states, chunks = np.random.randn(300, 1, 5), np.random.randn(300, 4, 3)
     stats = rep.stats(states, chunks)
-    assert stats["action/action_lowdim"]["normalization"] == "variance" and np.shape(stats["action/action_lowdim"]["mean"]) == (4, 3)
+    action = stats["action/action_lowdim"]
+    assert action["normalization"] == "variance" and np.shape(action["mean"]) == (4, 3)
     obs_norm, act_norm = rep.normalizers(stats)
     assert act_norm.shift.shape == (4, 3) and obs_norm.shift.shape == (1, 5)
     with pytest.raises(ValueError, match="unknown representation kind"):
@@ -225,7 +226,8 @@ def test_save_load_gives_identical_actions(policy, tmp_path):
         "action_decoder.safetensors", "config.json", "stats.json", "video_backbone.safetensors"]
     assert not list(tmp_path.glob(".*"))  # the temp folder was renamed into place
     stats = json.loads((tmp_path / "policy" / "stats.json").read_text())
-    assert "action/eef_rot_ref_delta_lowdim" in stats and np.shape(stats["action/eef_pos_ref_delta_lowdim"]["mean"]) == (4, 3)
+    assert "action/eef_rot_ref_delta_lowdim" in stats
+    assert np.shape(stats["action/eef_pos_ref_delta_lowdim"]["mean"]) == (4, 3)
     loaded = mv.load_policy(tmp_path / "policy")
     a, b = [], []
     for p, out in ((policy, a), (loaded, b)):

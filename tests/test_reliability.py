@@ -104,7 +104,8 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(stage1, tmp_path,
 
     monkeypatch.setattr(train.torch, "save", full_disk)
     with pytest.raises(SystemExit,
-                       match=r"could not write the step 4 checkpoint to .*stage2/checkpoint: .*no space left on device"):
+                       match=r"could not write the step 4 checkpoint to .*stage2/checkpoint: "
+                             r".*no space left on device"):
         train.main([f"--out_dir={out}", *STAGE2, "--stage2_steps=6"])
     monkeypatch.undo()
     assert train.read_train_state(out / "stage2")["step"] == 2  # intact and usable

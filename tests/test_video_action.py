@@ -195,12 +195,14 @@ def write_release(root, task="libero_spatial_full"):
 
 def test_released_file_names():
     f = mv.released_files("libero_spatial_full")
-    assert f["video"] == "video_backbone/v2w_libero_spatial_agentview_lora_rank256_lr1.778e-04_bsz32_iter_000007540_fused.pt"
-    assert f["decoder"] == ("action_decoder/w2a_libero_spatial_full_v2w_libero_spatial_agentview_lora_rank256_lr1.778e-04"
-                            "_bsz32_iter_000007540_fused_lr1.000e-04_layer20_bsz128_iter_000051212.pt")
+    assert f["video"] == ("video_backbone/v2w_libero_spatial_agentview_lora_rank256_lr1.778e-04_bsz32_"
+                          "iter_000007540_fused.pt")
+    assert f["decoder"] == ("action_decoder/w2a_libero_spatial_full_v2w_libero_spatial_agentview_lora_rank256_"
+                            "lr1.778e-04_bsz32_iter_000007540_fused_lr1.000e-04_layer20_bsz128_iter_000051212.pt")
     assert f["statistics"] == "dataset_statistics/libero_spatial_full.json"
     b = mv.released_files("bridge_ptcosmos")
-    assert b["decoder"] == "action_decoder/w2a_bridge_v2w_pretrained_cosmos_lr1.000e-04_layer20_bsz256_iter_000014112.pt"
+    assert b["decoder"] == ("action_decoder/w2a_bridge_v2w_pretrained_cosmos_lr1.000e-04_layer20_bsz256_"
+                            "iter_000014112.pt")
     with pytest.raises(ValueError, match="unknown released task"):
         mv.released_files("libero_goal_full")
 
