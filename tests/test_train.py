@@ -64,8 +64,9 @@ def test_help_lists_every_field(capsys):
     assert "--stage2_steps=12000" in out
     # each field with what it means, from its comment in the config
     assert "--grad_accum=1\n      micro-batches per step on each rank" in out
-    assert all(mv.field_comments(cls).get(f.name) for cls in (train.TrainConfig, sample.SampleConfig)
-               for f in mv.fields(cls))
+    for cls in (train.TrainConfig, sample.SampleConfig):
+        notes = mv.field_comments(cls)
+        assert all(notes.get(f.name) for f in mv.fields(cls)), cls
 
 
 def test_smoke_run_writes_every_artifact(smoke, capsys):
