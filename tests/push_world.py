@@ -8,7 +8,7 @@ mark"). A scripted expert on the true state makes the demonstrations and the unl
     python tests/push_world.py export OUT [--demos=30] [--videos=300]   # OUT/demos, OUT/videos (LeRobot v3.0)
     python tests/push_world.py eval POLICY_FOLDER [--episodes=200]      # closed-loop success on held-out seeds
 
-tests/test_push_world.py checks the expert and the export; the README reports mimic-video, vla and scratch here.
+tests/test_datasets.py checks the expert and the export; the README reports mimic-video, vla and scratch here.
 """
 
 import argparse
