@@ -819,7 +819,7 @@ def fused_state_dict(model, prefix="net."):
 # Our module names are the official ones, so loading released weights is: normalize the checkpoint's keys (strip
 # `net.`, drop the entries that are not parameters, undo the diffusers renames), check that keys and shapes are
 # exactly the model's, and copy. Finding and reading the files (a Hub repo or a local path; .pt, .safetensors or a
-# diffusers folder) is plumbing: `load_video_dit` and `load_action_decoder` in Part II, section 8.
+# diffusers folder) is plumbing: `load_video_dit` and `load_action_decoder` in section 8, after the method.
 
 # Entries of official checkpoints that are not parameters: RoPE tables (recomputed), training counters
 # (`WeightTrainingStat`) and Transformer Engine metadata. The diffusers converter drops exactly these.
