@@ -3312,6 +3312,18 @@ def field_comments(cfg_cls):
     return notes
 
 
+def check_device(device):
+    """--device: 'auto', 'cpu', 'cuda' or 'cuda:N' that exists on this machine."""
+    if device in ("auto", "cpu"):
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device={device} but this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def parse_config(argv, cfg_cls):
     """--field=value overrides of a config dataclass. An unknown field or a value of the wrong type exits with a
     one-line message; the config's own `validate()` (if any) checks ranges the same way, before any work starts."""

@@ -21,7 +21,6 @@ import gc
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ class SampleConfig:
     trials: int = 50  # libero: trials per task (official: 50)
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"
     seed: int = 0  # toy: the random baseline's seed
-    benchmark: bool = False  # time policy queries and training steps: the real shapes on a GPU, reduced on a CPU
+    benchmark: bool = False  # time policy queries against the floor: the real shapes on a GPU, reduced on a CPU
     bench_runs: int = 10  # benchmark: timed runs per measurement (after warm-up), the median is reported
     bench_shapes: str = "auto"  # benchmark: real (bf16), reduced (fp32), tiny (fp32, seconds: a smoke run); auto =
     #                             real on a GPU, reduced on a CPU
@@ -86,10 +85,7 @@ class SampleConfig:
             folder = Path(self.gif).resolve().parent
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise ValueError(f"--gif={self.gif}: the folder {folder} does not exist or is not writable")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device={self.device} but this machine has no CUDA device")
+        mv.check_device(self.device)
         for folder in filter(None, self.latency.split(",")):
             if not (Path(folder) / "config.json").is_file():
                 raise ValueError(f"--latency: no policy at {folder} (no config.json there)")
@@ -450,17 +446,9 @@ def benchmark(cfg, device):
               f"{r['decoder keys/values']:>8.1f} {r['decoder steps']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} "
               f"{r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
     if not (rows[1].get("failed") or rows[2].get("failed")):
-        print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)"
-              + ("" if not reduced else "; the context encode (Wan VAE, 5 frames) is timed below when "
-                                        "diffusers is installed"))
-    run_phase("noise", lambda: bench_noise(model, x, device, cfg.bench_runs), device)
-    if reduced:  # before the training steps, which inject LoRA into the video model
-        run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
-                                                                          cfg.bench_runs), device)
-        run_phase("decoder cache", lambda: bench_decoder_cache(model, x, ctx, sigma, noise, device, cfg.bench_runs),
-                  device)
-    bench_training(model, x, latent, device, cfg)
-    run_phase("context encode", lambda: bench_vae(device, shapes, cfg.bench_runs), device)
+        print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)")
+    run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
+                                                                      cfg.bench_runs), device)
     if shapes != "tiny":  # a smoke run skips it (it builds real-width blocks)
         run_phase("stage 1 memory", stage1_memory, device)
     return rows
@@ -487,57 +475,8 @@ def compile_model(model, backend="inductor"):
     return model
 
 
-def bench_noise(model, x, device, runs):
-    """A k = 0 query with the official numpy noise (drawn on the host, then copied) against noise drawn on the device
-    (PolicyConfig.numpy_noise=False, e.g. load_policy(..., numpy_noise=False)): the same network, other random draws."""
-    ms = {flag: median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=0,
-                                                       numpy_noise=flag), device, runs) for flag in (True, False)}
-    print(f"  query k = 0 with numpy noise (official, bit-exact) {ms[True]:.1f} ms vs device noise {ms[False]:.1f} ms "
-          f"({ms[True] / ms[False]:.2f}x)")
 
 
-def bench_training(model, x, latent, device, cfg):
-    """One training step of each stage at the benchmark's shapes (batch 1), with peak memory: stage 1 (LoRA rank 256,
-    alpha 32, adaLN trained) with and without activation checkpointing, and stage 2 (the decoder on the frozen
-    video)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    C, T, H, W = latent
-    Tc = model.cfg.context_latents
-    future = torch.randn(1, C, T - Tc, H, W).to(device)
-    batch = {"context": x["context"], "future": future, "text": x["text"]}
-    actions = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
-    video = mv.fp32_trainable(mv.inject_lora(model.video, mv.LORA_PRESETS["mimic-video-stage1"]).to(device))
-    # as train.py trains: the backbone frozen in its dtype, LoRA and adaLN in fp32 under bf16 autocast
-    def time_step(name, loss, params, **inputs):
-        """Median ms and peak memory of one AdamW step on `loss`, printed on its own row (a failure too)."""
-        def run():
-            opt = torch.optim.AdamW(params, lr=1e-5)
-
-            def step():
-                with autocast:
-                    model(loss, **batch, **inputs)["loss"].backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            ms = median_ms(step, device, max(2, cfg.bench_runs // 3), warmup=1)
-            print(f"  training step, batch 1, {name}: {ms:.0f} ms, peak {peak_memory(device):.2f} GiB")
-
-        run_phase(f"training step, batch 1, {name}", run, device)
-        for p in params:
-            p.grad = None
-
-    for checkpointing in (True, False):  # the one that fits first: without, a real-shape step may run out of memory
-        video.activation_checkpointing = checkpointing
-        time_step(f"stage 1 (LoRA, activation checkpointing {'on' if checkpointing else 'off'})", "video",
-                  [p for p in video.parameters() if p.requires_grad])
-    video.activation_checkpointing = False
-    mv.merge_lora(video)
-    video.requires_grad_(False)
-    model.decoder.float().requires_grad_(True)
-    time_step("stage 2 (decoder, frozen video)", "action", list(model.decoder.parameters()),
-              proprio=x["proprio"].float(), actions=actions)
 
 
 def stage1_memory(device=torch.device("cpu")):
@@ -615,7 +554,9 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
                                    patch_size=(v.patch_temporal, v.patch_spatial, v.patch_spatial),
                                    rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio,
                                                v.rope_w_extrapolation_ratio),
-                                   concat_padding_mask=False, extra_pos_embed_type=None).to(device).eval()
+                                   concat_padding_mask=False, extra_pos_embed_type=None)
+    dtype = next(video.parameters()).dtype  # bf16 at the real shapes: both networks in it
+    ref = ref.to(device, dtype).eval()
     sd = {mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k}
     ref.load_state_dict(sd, strict=True)
     for m in ref.modules():  # the official q/k-norm eps (diffusers' default is 1e-5)
@@ -626,41 +567,16 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     masks = torch.cat([mask, torch.zeros_like(mask)], dim=1)  # (B, 2, T, H, W): condition, padding (zeros)
     with torch.no_grad():
         ours = lambda: video(net_in, tau_BT, text, mask)  # noqa: E731
-        theirs = lambda: ref(net_in, tau_BT[:, None, :, None, None], text, condition_mask=masks,
-                             return_dict=False)[0]  # noqa: E731
-        diff = (ours() - theirs()).abs().max().item()
+        theirs = lambda: ref(net_in.to(dtype), tau_BT[:, None, :, None, None].to(dtype), text.to(dtype),
+                             condition_mask=masks.to(dtype), return_dict=False)[0]  # noqa: E731
+        diff = (ours().float() - theirs().float()).abs().max().item()
         a, b = median_ms(ours, device, runs), median_ms(theirs, device, runs)
     print(f"  our VideoDiT forward {a:.1f} ms vs diffusers CosmosTransformer3DModel {b:.1f} ms, same weights and "
           f"inputs: ratio {a / b:.2f} ({'not slower' if a <= b else 'SLOWER'}); outputs agree to {diff:.1e}")
 
 
-def bench_decoder_cache(model, x, ctx, sigma, noise, device, runs):
-    """The decoder's 10 Euler steps with the video context's keys/values computed once, against recomputing them."""
-    d = model.decoder
-    with torch.no_grad():
-        cached = median_ms(lambda: d.sample(x["proprio"], ctx, sigma, noise), device, runs)
-        recomputed = median_ms(lambda: mv.euler_integrate(lambda a, t: d.denoise(a, t, x["proprio"], ctx, sigma),
-                                                          noise), device, runs)
-    print(f"  decoder, 10 steps: context keys/values once {cached:.1f} ms vs every step {recomputed:.1f} ms "
-          f"({recomputed / cached:.1f}x)")
 
 
-def bench_vae(device, shapes, runs):
-    """The context encode of a query: the Wan2.1 VAE on 5 frames (the real config at 480 x 640; a reduced VAE at
-    96 x 128, or at 16 x 16 for the tiny smoke run)."""
-    reduced = shapes != "real"
-    try:
-        import diffusers
-    except ImportError:
-        print("  (diffusers not installed: the context encode is not timed)")
-        return
-    kw = dict(base_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1) if reduced else {}
-    torch.manual_seed(0)
-    vae = mv.WanVAE(diffusers.AutoencoderKLWan(**kw).eval()).to(device, torch.float32 if reduced else torch.bfloat16)
-    H, W = {"real": (480, 640), "reduced": (96, 128), "tiny": (16, 16)}[shapes]
-    frames = torch.rand(1, 3, 5, H, W, device=device) * 2 - 1
-    ms = median_ms(lambda: vae.encode(frames), device, max(2, runs // 3), warmup=1)
-    print(f"  context encode: {'reduced ' if reduced else ''}Wan2.1 VAE, 5 frames at {H} x {W}: {ms:.0f} ms")
 
 
 def latency_side_by_side(cfg, device, rounds=30):

@@ -174,7 +174,7 @@ class TrainConfig:
                              "starts from its own image pretraining (vla) or from nothing (scratch)")
         if not self.out_dir.strip():
             raise ValueError("--out_dir must not be empty")
-        check_device(self.device)
+        mv.check_device(self.device)
         for name, presets in (("video_preset", mv.VIDEO_DIT_PRESETS), ("decoder_preset", mv.ACTION_DECODER_PRESETS),
                               ("model_preset", mv.VIDEO_ACTION_PRESETS)):
             if getattr(self, name) not in presets:
@@ -222,18 +222,6 @@ class TrainConfig:
 
 STAGES = ("all", "export", "encode", "pretrain", "1", "2", "eval", "benchmark", "experiment")
 METHODS = ("mimic-video", "vla", "scratch", "joint")
-
-
-def check_device(device):
-    """'auto', 'cpu', 'cuda' or 'cuda:N' that exists on this machine."""
-    if device in ("auto", "cpu"):
-        return
-    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device={device} but this machine has no CUDA device (torch.cuda.is_available() is False)")
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ----------------------------------------------------------------------------------------------
