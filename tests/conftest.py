@@ -45,6 +45,23 @@ def make_stats(H, keys, seed=0):
     return stats
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the checks that take minutes (marked slow)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a check that takes minutes; runs with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite stays within 10 minutes on 2 cores: the minutes-long checks run only when asked for (--slow)."""
+    if not config.getoption("--slow"):
+        skip = pytest.mark.skip(reason="takes minutes: run with --slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
