@@ -1287,7 +1287,7 @@ def loss_levels(model, data, cfg, batches=4):
 
     def level(m, s2):  # the posterior mean of x0 under the prior N(m, s2), given x_tau = a x0 + b eps
         x0_hat = m + a * s2 / (a ** 2 * s2 + b ** 2) * (x_tau - a * m)
-        return ((x_tau - x0_hat) / b - u).pow(2).mean().item()  # v_hat = (x_tau - x0_hat) / tau
+        return mv.flow_loss((x_tau - x0_hat) / b, u).mean().item()  # v_hat = (x_tau - x0_hat) / tau
 
     return level(future.mean(0), future.var(0)), level(now, (future - now).pow(2).mean(0))
 
