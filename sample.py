@@ -553,17 +553,17 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     v = video.cfg
     # the padding-mask channel is passed with the condition mask (concatenated in the same order), so diffusers does
     # not resize it (with torchvision, which has no build for the CPU torch)
-    ref = CosmosTransformer3DModel(in_channels=v.in_channels + 2, out_channels=v.out_channels,
-                                   num_attention_heads=v.num_heads, attention_head_dim=v.model_channels // v.num_heads,
-                                   num_layers=v.num_blocks, mlp_ratio=v.mlp_ratio,
-                                   text_embed_dim=v.crossattn_emb_channels,
-                                   adaln_lora_dim=v.adaln_lora_dim, max_size=(v.max_frames, v.max_img_h, v.max_img_w),
-                                   patch_size=(v.patch_temporal, v.patch_spatial, v.patch_spatial),
-                                   rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio,
-                                               v.rope_w_extrapolation_ratio),
-                                   concat_padding_mask=False, extra_pos_embed_type=None)
+    with torch.device(device):  # built where it runs: the 2B model's init is fast on a GPU
+        ref = CosmosTransformer3DModel(
+            in_channels=v.in_channels + 2, out_channels=v.out_channels, num_attention_heads=v.num_heads,
+            attention_head_dim=v.model_channels // v.num_heads, num_layers=v.num_blocks, mlp_ratio=v.mlp_ratio,
+            text_embed_dim=v.crossattn_emb_channels, adaln_lora_dim=v.adaln_lora_dim,
+            max_size=(v.max_frames, v.max_img_h, v.max_img_w), patch_size=(v.patch_temporal, v.patch_spatial,
+                                                                          v.patch_spatial),
+            rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio, v.rope_w_extrapolation_ratio),
+            concat_padding_mask=False, extra_pos_embed_type=None)
     dtype = next(video.parameters()).dtype  # bf16 at the real shapes: both networks in it
-    ref = ref.to(device, dtype).eval()
+    ref = ref.to(dtype).eval()
     sd = {mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k}
     ref.load_state_dict(sd, strict=True)
     for m in ref.modules():  # the official q/k-norm eps (diffusers' default is 1e-5)
