@@ -563,7 +563,7 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
             rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio, v.rope_w_extrapolation_ratio),
             concat_padding_mask=False, extra_pos_embed_type=None)
     dtype = next(video.parameters()).dtype  # bf16 at the real shapes: both networks in it
-    ref = ref.to(dtype).eval()
+    ref = (ref if dtype == torch.float32 else ref.to(dtype)).eval()
     sd = {mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k}
     ref.load_state_dict(sd, strict=True)
     for m in ref.modules():  # the official q/k-norm eps (diffusers' default is 1e-5)
