@@ -347,36 +347,26 @@ def query_flops(model, latent, text, k):
             "decoder steps": model.cfg.num_action_steps * step}
 
 
-def matmul_throughput(device, dtype, n=None):
-    """Measured FLOP/s of a large square matmul on this device and dtype (the floor's denominator)."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0, reps = time.perf_counter(), 20 if device.type == "cuda" else 5
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn, device, runs, warmup=2):
+    """Median wall time of fn() in ms after `warmup` calls; on a GPU, each run waits for its kernels."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
-        sync(device)
+        sync()
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        sync()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
+
+
+def matmul_throughput(device, dtype):
+    """Measured FLOP/s of a large square matmul on this device and dtype (the floor's denominator)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / (median_ms(lambda: a @ b, device, 20 if device.type == "cuda" else 5, warmup=3) / 1000)
 
 
 def peak_memory(device):
@@ -392,63 +382,54 @@ def benchmark(cfg, device):
     """Per stop_after_step in {0, 1, 5, 35}: median ms of a policy query after warm-up, split into phases, peak
     memory, and the ratio to the floor (analytic FLOPs / measured matmul throughput), all in this one run."""
     shapes = cfg.bench_shapes if cfg.bench_shapes != "auto" else ("real" if device.type == "cuda" else "reduced")
-    reduced = shapes != "real"
     model, x, latent, text = bench_setup(device, shapes)
     if cfg.compile:
         compile_model(model)
-    dtype = next(model.parameters()).dtype
+    dtype, runs, tap = next(model.parameters()).dtype, cfg.bench_runs, model.cfg.tap_block
     flops_per_s = matmul_throughput(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"benchmark on {device} "
-          f"({name}), {dtype}{', torch.compile' if cfg.compile else ''}; "
-          + (f"{shapes.upper()} shapes (not the real 2B model: --bench_shapes=real for those)" if reduced
-             else "the real LIBERO shapes")
-          + f"; matmul throughput {flops_per_s / 1e12:.2f} TFLOP/s; median of {cfg.bench_runs} runs")
-    v = model.video.cfg
-    print(f"  video DiT {sum(p.numel() for p in model.video.parameters()) / 1e6:.1f}M ({v.num_blocks} blocks, width "
-          f"{v.model_channels}, tap block {model.cfg.tap_block}), decoder "
-          f"{sum(p.numel() for p in model.decoder.parameters()) / 1e6:.1f}M, latent {latent}, text {text}")
+    which = ("the real LIBERO shapes" if shapes == "real"
+             else f"{shapes.upper()} shapes (not the real 2B model: --bench_shapes=real for those)")
+    print(f"benchmark on {device} ({name}), {dtype}{', torch.compile' if cfg.compile else ''}; {which}; matmul "
+          f"throughput {flops_per_s / 1e12:.2f} TFLOP/s; median of {runs} runs")
+    v, millions = model.video.cfg, lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f"  video DiT {millions(model.video):.1f}M ({v.num_blocks} blocks, width {v.model_channels}, tap block "
+          f"{tap}), decoder {millions(model.decoder):.1f}M, latent {latent}, text {text}")
     latents, cond = model.window(x["context"], None)
     eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    rows = []
-    with torch.no_grad():
-        hidden, sigma = mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0,
-                                         hidden_block=model.cfg.tap_block)
-        ctx = hidden.flatten(1, 3)
-        noise = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
-        kv_ms = median_ms(lambda: model.decoder.context_kv(ctx), device, cfg.bench_runs)
-        sample_ms = median_ms(lambda: model.decoder.sample(x["proprio"], ctx, sigma, noise), device, cfg.bench_runs)
-        truncated_ms = median_ms(lambda: mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0,
-                                                          hidden_block=model.cfg.tap_block), device, cfg.bench_runs)
-        for k in (0, 1, 5, 35):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            runs = cfg.bench_runs if k <= 5 or not reduced else max(2, cfg.bench_runs // 3)
+    noise = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
 
-            def row(k=k, runs=runs):
-                total = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"],
-                                                               stop_after_step=k),
-                                  device, runs)
-                flops = query_flops(model, latent, text, k)
-                return {"k": k, "ms": total, "video steps": total - truncated_ms - sample_ms if k else 0.0,
-                        "truncated forward": truncated_ms, "decoder keys/values": kv_ms,
-                        "decoder steps": sample_ms - kv_ms,
-                        "peak GiB": peak_memory(device), "TFLOP": sum(flops.values()) / 1e12,
-                        "floor ms": 1000 * sum(flops.values()) / flops_per_s}
-            rows.append(run_phase(f"query k = {k}", row, device) or {"k": k, "failed": True})
+    def truncated():  # the video forward every query makes: from x_sigma, stopped after the tap block
+        return mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0, hidden_block=tap)
+
+    def row(k):  # one query at k, timed whole; its phases were timed alone (below)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k),
+                       device, runs if k <= 5 or shapes == "real" else max(2, runs // 3))
+        flops = sum(query_flops(model, latent, text, k).values())
+        return {"k": k, "ms": ms, "video steps": ms - phase["truncated"] - phase["decoder"] if k else 0.0,
+                "peak GiB": peak_memory(device), "TFLOP": flops / 1e12, "floor ms": 1000 * flops / flops_per_s}
+
+    with torch.no_grad():
+        hidden, sigma = truncated()
+        ctx = hidden.flatten(1, 3)
+        phase = {"truncated": median_ms(truncated, device, runs),
+                 "K/V": median_ms(lambda: model.decoder.context_kv(ctx), device, runs),
+                 "decoder": median_ms(lambda: model.decoder.sample(x["proprio"], ctx, sigma, noise), device, runs)}
+        rows = [run_phase(f"query k = {k}", lambda k=k: row(k), device) or {"k": k, "failed": True}
+                for k in (0, 1, 5, 35)]
     print(f"{'k':>3} {'ms/query':>9} {'video steps':>11} {'truncated':>9} {'dec K/V':>8} {'dec steps':>9} {'TFLOP':>7} "
           f"{'floor ms':>8} {'x floor':>7} {'peak GiB':>8}")
     for r in rows:
-        if r.get("failed"):
-            print(f"{r['k']:>3} FAILED (above)")
-            continue
-        print(f"{r['k']:>3} {r['ms']:>9.1f} {r['video steps']:>11.1f} {r['truncated forward']:>9.1f} "
-              f"{r['decoder keys/values']:>8.1f} {r['decoder steps']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} "
+        print(f"{r['k']:>3} FAILED (above)" if r.get("failed") else
+              f"{r['k']:>3} {r['ms']:>9.1f} {r['video steps']:>11.1f} {phase['truncated']:>9.1f} {phase['K/V']:>8.1f} "
+              f"{phase['decoder'] - phase['K/V']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} "
               f"{r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
     if not (rows[1].get("failed") or rows[2].get("failed")):
         print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)")
     run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
-                                                                      cfg.bench_runs), device)
+                                                                      runs), device)
     if shapes != "tiny":  # a smoke run skips it (it builds real-width blocks)
         run_phase("stage 1 memory", stage1_memory, device)
     return rows
