@@ -1669,11 +1669,11 @@ def check_out_dir(cfg, stages):
     if cfg.method in ("vla", "joint"):  # start from the pretrained image or video model
         needs["2"] = ("pretrain", pretrained_file(cfg))
     fresh = cfg.method == "scratch" or (cfg.method == "joint" and cfg.video_init)  # stage 2 needs no pretraining
+    if cfg.video_init:  # stage 1 starts from the given backbone
+        needs.pop("1")
     if cfg.data:
         needs.update({s: ("encode", out / "cache" / "meta.json") for s in ("pretrain", "benchmark")})
         needs["2"] = ("encode", out / "cache" / "meta.json") if fresh else needs["2"]
-        if cfg.video_init:
-            needs.pop("1")
     elif fresh:
         needs.pop("2")
     for stage in stages:
