@@ -1489,8 +1489,6 @@ def resolve_file(source, filename=None, revision=None, cache_dir=None):
     """
     path = Path(source)
     if path.is_file():
-        if filename:  # a file and a name inside it: one of the two is a mistake
-            raise FileNotFoundError(f"{source} is a file: a filename ({filename!r}) goes with a folder or a Hub repo")
         return path
     if path.is_dir():
         if filename is None:

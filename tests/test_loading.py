@@ -119,12 +119,9 @@ def test_long_mismatch_lists_are_capped(official_sd, tmp_path):
                           config=mv.replace(mv.VIDEO_DIT_PRESETS["tiny"], model_channels=32))
 
 
-def test_missing_local_file_and_a_filename_given_with_a_file(tmp_path):
+def test_missing_local_file():
     with pytest.raises(FileNotFoundError, match="neither an existing file"):
         mv.load_video_dit("no/such/dir/model.pt", filename=None, config="tiny")
-    (tmp_path / "w.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"w.pt is a file: a filename \('model.pt'\) goes with a folder"):
-        mv.load_video_dit(tmp_path / "w.pt", filename="model.pt", config="tiny")
 
 
 def test_hub_offline_without_cache_says_how_to_get_the_file(tmp_path):
