@@ -172,6 +172,9 @@ class TrainConfig:
         if self.video_init and self.method in ("vla", "scratch"):
             raise ValueError(f"--video_init is a video backbone for mimic-video or joint; --method={self.method} "
                              "starts from its own image pretraining (vla) or from nothing (scratch)")
+        if self.video_init_file and Path(self.video_init).is_file():
+            raise ValueError(f"--video_init={self.video_init} is a file: --video_init_file={self.video_init_file!r} "
+                             "names a file inside a folder or a Hub repo (drop one of the two)")
         if not self.out_dir.strip():
             raise ValueError("--out_dir must not be empty")
         mv.check_device(self.device)

@@ -262,6 +262,7 @@ def bad_startup_args(tmp_path):
         (["--text_encoder=t5", f"--t5_source={t5}"], "gives 48-wide embeddings; --video_preset=toy reads 32"),
         (["--video_init=no/such/file.pt"], "no local file or folder; a Hub repo id needs --video_init_file"),
         (["--video_init=nobody/nothing", "--video_init_file=model.pt"], "could not get 'model.pt' from the Hub repo"),
+        ([f"--video_init={weights}", "--video_init_file=model.pt"], "is a file: --video_init_file='model.pt' names"),
         ([f"--video_init={weights}", "--video_preset=cosmos-predict2-2b", "--stage=1"],
          "3-channel latents; .* reads 16"),
     ]
