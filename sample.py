@@ -18,6 +18,7 @@ action decoder; n_action_steps actions of the chunk run before the next query.
 """
 
 import gc
+import importlib.util
 import os
 import sys
 import time
@@ -74,6 +75,8 @@ class SampleConfig:
             raise ValueError(f"--env must be toy or libero, got {self.env!r}")
         if self.env == "libero" and self.suite not in LIBERO_MAX_STEPS:
             raise ValueError(f"--suite must be one of {', '.join(LIBERO_MAX_STEPS)}, got {self.suite!r}")
+        if self.env == "libero" and not self.benchmark and importlib.util.find_spec("libero") is None:
+            raise ValueError(LIBERO_MISSING)  # before the policy (gigabytes for a released one) is loaded
         if self.episodes < 1 or self.trials < 1 or self.bench_runs < 1:
             raise ValueError(f"--episodes, --trials and --bench_runs must be at least 1, got {self.episodes}, "
                              f"{self.trials}, {self.bench_runs}")
@@ -225,6 +228,8 @@ def toy_sweep(cfg, policy):
 LIBERO_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
 LIBERO_DUMMY_ACTION = [0, 0, 0, 0, 0, 0, -1]
 LIBERO_SETTLE_STEPS = 10
+LIBERO_MISSING = ("--env=libero needs the LIBERO simulator: pip install hf-libero (its scene assets come from the "
+                  "Hugging Face Hub or the LIBERO GitHub repository)")
 
 
 def libero_observation(obs, task):
@@ -248,8 +253,7 @@ def libero_tasks(suite):
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
     except ImportError:
-        sys.exit("error: --env=libero needs the LIBERO simulator: pip install hf-libero (its scene assets come from "
-                 "the Hugging Face Hub or the LIBERO GitHub repository)")
+        sys.exit(f"error: {LIBERO_MISSING}")
     bench = benchmark.get_benchmark_dict()[suite]()
     tasks = []
     for i in range(bench.n_tasks):

@@ -132,6 +132,17 @@ def test_wrong_instruction_scores_the_named_square():
     assert (np.linalg.norm(result["agent"] - named_pos, axis=-1) < world.success_radius).all()
 
 
+def test_libero_without_its_simulator_stops_before_the_policy_loads(monkeypatch):
+    """A released policy is gigabytes: without the libero package, sample.py says so before it loads one."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # the package is missing, whether or not this machine has it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libero" else find_spec(name, *a))
+    monkeypatch.setattr(mv, "load_policy", lambda *a, **k: pytest.fail("the policy was loaded"))
+    with pytest.raises(SystemExit, match="^error: --env=libero needs the LIBERO simulator: pip install hf-libero"):
+        sample.main(["--env=libero", "--policy=libero_spatial_full"])
+
+
 @pytest.mark.parametrize("stage,flag", [("1", "--stage1_steps"), ("2", "--stage2_steps")])
 def test_resume_continues_exactly(smoke, tmp_path, stage, flag, monkeypatch):
     """4 steps in one go == 4 steps interrupted (Ctrl-C) after the step-2 checkpoint, then --resume=true. The checkpoint
