@@ -1951,14 +1951,15 @@ def run_toy(cfg, stages, env):
         random, expert = mv.toy_baselines(seeds, world_cfg, cfg.seed)
         rate = evaluate(policy, cfg.eval_episodes, world_cfg)
         tau_v = float(mv.sigma_to_tau(mv.karras_sigmas(35)[cfg.stop_after_step]))
-        how = (f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}" if cfg.method == "mimic-video" else
-               "the same network, image-pretrained, end to end" if cfg.method == "vla" else
-               "the same network from random initialisation, end to end" if cfg.method == "scratch"
+        method = policy.method  # the folder's (--stage=eval reads whatever policy it holds)
+        how = (f"stop_after_step={cfg.stop_after_step}, tau_v={tau_v:.4f}" if method == "mimic-video" else
+               "the same network, image-pretrained, end to end" if method == "vla" else
+               "the same network from random initialisation, end to end" if method == "scratch"
                else f"{policy.model.joint.num_steps} joint denoising steps")
         print(f"\nclosed-loop success on {cfg.eval_episodes} held-out episodes:")
         print(f"  random policy     {random:6.1%}")
         print(f"  scripted expert   {expert:6.1%}")
-        print(f"  {cfg.method:<17} {rate:6.1%}   ({how})")
+        print(f"  {method:<17} {rate:6.1%}   ({how})")
 
 
 def run_dataset(cfg, stages, env):

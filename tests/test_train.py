@@ -89,6 +89,14 @@ def test_smoke_run_writes_every_artifact(smoke, capsys):
     assert mv.toy_rollout(policy, [1, 2], mv.ToyWorldConfig())["success"].shape == (2,)
 
 
+def test_eval_names_the_method_of_the_policy_it_finds(smoke, tmp_path, capsys):
+    """--stage=eval evaluates the policy folder as it is: a mimic-video policy is reported as one, whatever --method
+    says."""
+    shutil.copytree(smoke / "policy", tmp_path / "policy")
+    run_train(tmp_path, "--stage=eval", "--method=joint")
+    assert re.search(r"^  mimic-video +[\d.]+%   \(stop_after_step=0", capsys.readouterr().out, re.M)
+
+
 def test_sample_script_table_and_oracle(smoke, capsys):
     sample.main([f"--policy={smoke / 'policy'}", "--episodes=4", "--stop_after_step=0,35"])
     sample.main([f"--policy={smoke / 'policy'}", "--episodes=4", "--tau_v=0.9", "--oracle=true"])
