@@ -54,6 +54,10 @@ def test_unknown_field_and_bad_value_exit_with_a_message():
         parse(["--ckpts=x"], sample.SampleConfig)
     with pytest.raises(SystemExit, match="--pretrain_data must be play or expert"):
         parse(["--pretrain_data=web"])
+    for option in ("--image_size=64x64", "--text_encoder=t5", "--pretrain_videos=.", "--n_action_steps=2"):
+        with pytest.raises(SystemExit, match=f"{option.split('=')[0]} applies to a LeRobot dataset \\(--data=PATH\\)"):
+            parse([option])  # the toy world would ignore it
+    assert parse(["--data=.", "--image_size=64x64"]).image_size == "64x64"
 
 
 def test_help_lists_every_field(capsys):
