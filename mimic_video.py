@@ -2290,7 +2290,7 @@ class PixelEncoder(nn.Module):
 
 
 def _check_texts(texts):
-    texts = [texts] if isinstance(texts, str) else list(texts)
+    texts = [texts] if isinstance(texts, str) or not hasattr(texts, "__iter__") else list(texts)
     bad = [t for t in texts if not isinstance(t, str)]
     if bad or not texts:
         raise ValueError(f"instructions must be a string or a non-empty list of strings, got {bad[:3] or texts!r}")

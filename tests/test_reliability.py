@@ -367,6 +367,16 @@ def test_non_finite_inputs_are_refused_and_non_finite_actions_never_returned():
         policy.select_action(toy_obs())
 
 
+def test_an_instruction_that_is_not_text_is_named():
+    policy = toy_policy()
+    for task in (3, [3, "go"], [], None):
+        policy.reset()
+        with pytest.raises(ValueError, match="instructions must be a string or a non-empty list of strings"):
+            policy.select_action({**toy_obs(1), "task": task})
+    policy.reset()
+    assert policy.select_action({**toy_obs(2), "task": np.array(["go to red", "go to blue"])}).shape == (2, 2)
+
+
 def test_shape_and_range_mistakes_name_the_argument():
     video = mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"])
     x = torch.zeros(1, 5, 5, 8, 8)
