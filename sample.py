@@ -92,6 +92,12 @@ class SampleConfig:
         for folder in filter(None, self.latency.split(",")):
             if not (Path(folder) / "config.json").is_file():
                 raise ValueError(f"--latency: no policy at {folder} (no config.json there)")
+        libero, bench = ("suite", "trials"), ("bench_runs", "bench_shapes", "compile")
+        for needs, names in (("--env=libero", libero if self.env != "libero" else ()),
+                             ("--benchmark=true", bench if not self.benchmark else ())):
+            given = [n for n in names if getattr(self, n) != getattr(SampleConfig, n)]
+            if given:  # it would be ignored
+                raise ValueError(f"--{given[0]} applies only with {needs}")
         folder = (Path(self.policy) / "config.json").is_file()
         if not self.benchmark and not self.latency and not folder and self.policy not in mv.RELEASED_POLICIES:
             raise ValueError(f"no policy at {self.policy} (no config.json there) and not a released task; run `python "

@@ -322,7 +322,9 @@ def test_a_device_that_does_not_exist():
     ("--stop_after_step=36", r"must be in \[0, 35\]"), ("--stop_after_step=-1", r"must be in \[0, 35\]"),
     ("--stop_after_step=a", "comma-separated numbers"), ("--tau_v=1.5", r"--tau_v values must be in \(0, 1\)"),
     ("--episodes=0", "must be at least 1"), ("--gif=/no/such/folder/r.gif", "does not exist or is not writable"),
-    ("--env=mujoco", "--env must be toy or libero"), ("--policy=/no/policy", "no policy at /no/policy")])
+    ("--env=mujoco", "--env must be toy or libero"), ("--policy=/no/policy", "no policy at /no/policy"),
+    ("--trials=10", "--trials applies only with --env=libero"),
+    ("--compile=true", "--compile applies only with --benchmark=true")])
 def test_sample_values_are_validated_before_any_work(arg, message):
     with pytest.raises(SystemExit, match=message):
         sample.main([arg])
