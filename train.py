@@ -161,11 +161,14 @@ class TrainConfig:
         if not 0 <= self.val_fraction < 1 or small < 1 or self.n_action_steps < 0:
             raise ValueError("--val_fraction must be in [0, 1), --anchor_stride, --pixel_patch and --text_tokens at "
                              "least 1, --n_action_steps at least 0")
-        if not self.data:  # the toy world has its own camera, encoders and timing: a dataset's options do nothing there
-            given = [f for f in DATASET_FIELDS if getattr(self, f) != getattr(TrainConfig, f)]
-            if given:
-                raise ValueError(f"--{given[0]} applies to a LeRobot dataset (--data=PATH); the toy world has its "
-                                 "own camera, encoders and timing")
+        # an option of the other data source would be ignored: say so
+        other = TOY_FIELDS if self.data else DATASET_FIELDS
+        given = [f for f in other if getattr(self, f) != getattr(TrainConfig, f)]
+        if given and self.data:
+            raise ValueError(f"--{given[0]} applies to the toy world; with --data the dataset's episodes are used")
+        if given:
+            raise ValueError(f"--{given[0]} applies to a LeRobot dataset (--data=PATH); the toy world has its own "
+                             "camera, encoders and timing")
         if self.data and not (Path(self.data).is_dir() or self.data.count("/") == 1):
             raise ValueError(f"--data={self.data}: no such folder (and not a Hub dataset id owner/name)")
         if self.pretrain_videos and not Path(self.pretrain_videos).is_dir():
@@ -344,6 +347,7 @@ EXACT_FIELDS = {
 }
 EXACT_FIELDS = {name: fields + DATA_FIELDS + ("method",) for name, fields in EXACT_FIELDS.items()}
 DATASET_FIELDS = DATA_FIELDS[1:] + ("vae_source", "t5_source", "n_action_steps")  # what --data runs alone read
+TOY_FIELDS = ("num_demos", "num_pretrain", "eval_episodes", "pretrain_data", "quick_eval_episodes")  # and the toy
 
 
 def trainable(model):

@@ -58,6 +58,8 @@ def test_unknown_field_and_bad_value_exit_with_a_message():
         with pytest.raises(SystemExit, match=f"{option.split('=')[0]} applies to a LeRobot dataset \\(--data=PATH\\)"):
             parse([option])  # the toy world would ignore it
     assert parse(["--data=.", "--image_size=64x64"]).image_size == "64x64"
+    with pytest.raises(SystemExit, match="--num_demos applies to the toy world; with --data the dataset's episodes"):
+        parse(["--data=.", "--num_demos=100"])
 
 
 def test_help_lists_every_field(capsys):
