@@ -216,7 +216,8 @@ def toy_sweep(cfg, policy):
         policy.seconds, policy.queries = 0.0, 0
         result = mv.toy_rollout(Oracle(policy, world) if cfg.oracle else policy, seeds, world, tasks=tasks)
         ms = 1000 * policy.seconds / policy.queries / cfg.episodes  # per query of one episode (batched)
-        line = f"{name + '=' + str(value):>22} {tau_v:>8.4f} {result['success'].mean():>8.1%} {ms:>9.2f}"
+        setting = f"{name}={value}" if policy.method == "mimic-video" else policy.method  # the others: k = 0 or joint
+        line = f"{setting:>22} {tau_v:>8.4f} {result['success'].mean():>8.1%} {ms:>9.2f}"
         if cfg.wrong_instruction:
             at_named = np.linalg.norm(result["agent"] - named_pos, axis=-1) < world.success_radius
             line += f"   ends at the named square: {at_named.mean():.1%}"
@@ -596,6 +597,9 @@ def main(argv):
         return latency_side_by_side(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.env == "libero" else None
     policy = mv.load_policy(cfg.policy, device=device, dtype=dtype)
+    if policy.method != "mimic-video" and (cfg.oracle or cfg.gif or cfg.settings() != [("stop_after_step", 0)]):
+        sys.exit(f"error: --oracle, --gif and the stop_after_step / tau_v sweep act on mimic-video's partial "
+                 f"denoising; {cfg.policy} holds a {policy.method} policy")
     if cfg.env == "libero":
         for name, value in cfg.settings():
             apply_setting(policy, name, value)

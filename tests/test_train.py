@@ -114,6 +114,20 @@ def test_sample_script_table_and_oracle(smoke, capsys):
     assert "ends at the named square" in capsys.readouterr().out
 
 
+def test_partial_denoising_options_on_a_joint_policy_are_refused(smoke, tmp_path, capsys):
+    """--oracle, --gif and the k / tau_v sweep act on mimic-video's partial denoising: for a joint policy (which
+    denoises its future fully), one line says so; its plain evaluation runs."""
+    shutil.copytree(smoke / "pretrain", tmp_path / "pretrain")
+    run_train(tmp_path, "--stage=2", "--method=joint", "--stage1_steps=1", "--stage2_steps=1")
+    folder = f"--policy={tmp_path / 'policy'}"
+    for option in ("--oracle=true", f"--gif={tmp_path / 'j.gif'}", "--stop_after_step=0,5", "--tau_v=0.5"):
+        with pytest.raises(SystemExit, match="act on mimic-video's partial denoising; .* holds a joint policy"):
+            sample.main([folder, "--episodes=2", option])
+    capsys.readouterr()
+    sample.main([folder, "--episodes=2"])
+    assert re.search(r"^ +joint +[\d.]+ +[\d.]+%", capsys.readouterr().out, re.M)
+
+
 def test_gif_or_a_clear_install_hint(smoke, tmp_path):
     path = tmp_path / "rollout.gif"
     try:
