@@ -467,10 +467,6 @@ def compile_model(model, backend="inductor"):
     return model
 
 
-
-
-
-
 def stage1_memory(device=torch.device("cpu")):
     """Memory of one stage-1 step at the real LIBERO shapes (2B DiT, 16 latent frames of 60 x 80 = 19,200 tokens),
     estimated from measurements on a CPU: the bytes autograd saves for the backward pass, counted on 1- and 2-block
@@ -572,10 +568,6 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
         a, b = median_ms(ours, device, runs), median_ms(theirs, device, runs)
     print(f"  our VideoDiT forward {a:.1f} ms vs diffusers CosmosTransformer3DModel {b:.1f} ms, same weights and "
           f"inputs: ratio {a / b:.2f} ({'not slower' if a <= b else 'SLOWER'}); outputs agree to {diff:.1e}")
-
-
-
-
 
 
 def latency_side_by_side(cfg, device, rounds=30):
