@@ -899,7 +899,6 @@ def load_state_dict_strict(model, sd, what="checkpoint", assign=False):
     return model
 
 
-
 # ------------------------------------------------------------------------------------------------
 # 6. The action decoder (official `World2ActionDIT`) and its normalizer
 # ------------------------------------------------------------------------------------------------
@@ -2343,7 +2342,6 @@ def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512,
         raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a "
                                 f"local folder, or download it first (`hf download {source}`)") from e
     return T5TextEncoder(model.to(device), tokenizer, max_length, t5_spec(source, subfolder, max_length))
-
 
 
 class HashedWordEncoder:
