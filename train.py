@@ -1043,6 +1043,9 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
     `group` (gloo, no 10-minute NCCL timeout); rank 0 alone then loads the text encoder and writes the rest. The
     cache is complete when meta.json exists. The encoders are released when this returns."""
     rank, world, device, _ = env
+    if cache_is_complete(cfg, ds, cache, timing, representation):
+        log_fn(f"{cache}: already encoded for these settings (meta.json): nothing to encode")
+        return
     dtype = encoder_dtype(device)
     video_encoder = make_video_encoder(cfg, device, dtype)
     plan = cache_plan(cfg, ds, timing, video_encoder.spec, text_encoder_spec(cfg), representation)
@@ -1088,6 +1091,27 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
         dist.barrier(group=group)
 
 
+def validation_split(cfg, n):
+    """The validation episodes (sorted indices of n): a split by episode, fixed by the seed."""
+    n_val = int(round(cfg.val_fraction * n)) if n > 1 else 0
+    return sorted(np.random.RandomState(cfg.seed).permutation(n)[:n_val].tolist())
+
+
+def cache_is_complete(cfg, ds, cache, timing, representation):
+    """Whether `cache` is finished (meta.json is written last) for this plan and this split: then a resumed or
+    repeated run loads no encoder (T5-11B alone takes minutes). Any doubt answers no, and the encode checks all."""
+    try:
+        meta = json.loads((cache / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    video_spec = (make_video_encoder(cfg, "cpu").spec if cfg.video_encoder != "wan"
+                  else {"kind": "wan", "source": str(cfg.vae_source), "subfolder": "vae"})  # mv.load_vae's spec
+    plan = cache_plan(cfg, ds, timing, video_spec, text_encoder_spec(cfg), representation)
+    files = [cache / f"episode_{ep['index']:06d}.safetensors" for ep in ds.episodes]
+    return (meta.get("plan") == plan and "context_latents" in meta and all(f.exists() for f in files)
+            and meta.get("val") == validation_split(cfg, len(files)))
+
+
 def write_cache_meta(cfg, cache, plan, files, context_latents, device, dtype, log_fn=print):
     """Rank 0, once every episode file exists: the instructions' embeddings, the split, the statistics, meta.json."""
     from safetensors import safe_open
@@ -1103,12 +1127,10 @@ def write_cache_meta(cfg, cache, plan, files, context_latents, device, dtype, lo
     emb = torch.cat([text_encoder(names[i:i + 8]).float().cpu() for i in range(0, len(names), 8)])  # (n_texts, L, D)
     del text_encoder
     mv.atomic_write(cache / "text.safetensors", lambda p: save_file({"embeddings": emb.contiguous()}, p))
-    rng = np.random.RandomState(cfg.seed)  # a validation split by episode, fixed by the seed
-    n_val = int(round(cfg.val_fraction * len(episodes))) if len(episodes) > 1 else 0
-    val = set(rng.permutation(len(episodes))[:n_val].tolist())
+    val = validation_split(cfg, len(episodes))
     meta = {"plan": plan, "episodes": episodes, "texts": names,
-            "train": [i for i in range(len(episodes)) if i not in val],
-            "val": sorted(val), "context_latents": context_latents}
+            "train": sorted(set(range(len(episodes))) - set(val)),
+            "val": val, "context_latents": context_latents}
     data = CachedData(cache, meta=meta)
     meta["stats"] = mv.Representation.from_config(plan["representation"]).stats(*data.all_states_and_actions("train"))
     mv.atomic_write(cache / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))

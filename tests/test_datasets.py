@@ -181,13 +181,21 @@ def test_the_cache_holds_every_window_and_the_statistics(encoded):
     assert np.allclose(stats["mean"], chunks.mean(0)) and np.shape(stats["percentiles"]) == (1001, 8, 2)
 
 
-def test_encoding_resumes_and_refuses_other_settings(encoded, capsys):
+def test_encoding_resumes_and_refuses_other_settings(encoded, capsys, monkeypatch):
     out = encoded / "out"
     first = (out / "cache" / "episode_000000.safetensors").stat().st_mtime_ns
     (out / "cache" / "episode_000003.safetensors").unlink()  # as if interrupted before the last episode
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.25", *SMALL])
     assert (out / "cache" / "episode_000000.safetensors").stat().st_mtime_ns == first  # not encoded again
     assert (out / "cache" / "episode_000003.safetensors").exists()
+    # a finished cache of these settings: a repeated or resumed run loads no encoder (T5-11B takes minutes)
+    with monkeypatch.context() as m:
+        m.setattr(train, "make_text_encoder", lambda *a, **k: pytest.fail("the text encoder was loaded"))
+        train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.25", *SMALL])
+    assert "already encoded for these settings" in capsys.readouterr().out
+    train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.5", *SMALL])
+    assert len(json.loads((out / "cache" / "meta.json").read_text())["val"]) == 2  # another split: meta.json redone
+    train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.25", *SMALL])
     with pytest.raises(SystemExit, match="was encoded from another dataset or with other settings"):
         train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", *SMALL, "--anchor_stride=2"])
 
