@@ -2987,6 +2987,8 @@ def load_policy(task_or_folder, source=MIMIC_VIDEO_HUB_REPO, device="cpu", dtype
     video_config, decoder_config, model_config: the released task's model configs (default: the released sizes).
     overrides: PolicyConfig fields (e.g. stop_after_step=0, n_action_steps=8). bf16 (dtype) on a GPU.
     """
+    if str(device).startswith("cuda") and not torch.cuda.is_available():  # before any file is read
+        raise ValueError(f"device={str(device)!r} but this machine has no CUDA device")
     path = Path(task_or_folder)
     hub_id = not path.exists() and str(task_or_folder) not in RELEASED_POLICIES and str(task_or_folder).count("/") == 1
     if hub_id:  # a policy folder pushed to the Hub (Policy.push_to_hub); offline: the local cache

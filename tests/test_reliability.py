@@ -316,6 +316,8 @@ def test_train_values_are_validated_before_any_work(arg, message, tmp_path):
 def test_a_device_that_does_not_exist():
     with pytest.raises(SystemExit, match="--device=cuda but this machine has no CUDA device"):
         mv.parse_config(["--device=cuda"], train.TrainConfig)
+    with pytest.raises(ValueError, match="device='cuda:0' but this machine has no CUDA device"):
+        mv.load_policy("libero_spatial_full", device="cuda:0")
 
 
 @pytest.mark.parametrize("arg,message", [
