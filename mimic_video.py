@@ -2197,6 +2197,11 @@ class WanVAE(nn.Module):
         return self.vae.decode(x.to(dtype)).sample.float().clamp(-1, 1)
 
 
+def wan_spec(source=COSMOS_HUB_REPO, subfolder="vae"):
+    """The spec a Wan VAE carries in a policy's config.json (and a cache's plan); known without loading it."""
+    return {"kind": "wan", "source": str(source), "subfolder": subfolder}
+
+
 def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, revision=None, cache_dir=None):
     """The Wan2.1 VAE from a diffusers layout: the Cosmos repo's `vae` subfolder, `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`
     (subfolder "vae"), or a local folder (the VAE folder itself, or one with a `vae` subfolder).
@@ -2212,8 +2217,7 @@ def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, 
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): {e}. Pass a "
                                 f"local diffusers folder, or download it first (`hf download {source}`)") from e
-    spec = {"kind": "wan", "source": str(source), "subfolder": subfolder}
-    return WanVAE(vae.eval().requires_grad_(False), spec).to(device)
+    return WanVAE(vae.eval().requires_grad_(False), wan_spec(source, subfolder)).to(device)
 
 
 def dct_basis(n, keep):

@@ -920,6 +920,11 @@ def make_text_encoder(cfg, device, dtype=None):
     return mv.HashedWordEncoder(32, cfg.text_tokens)
 
 
+def video_encoder_spec(cfg):
+    """The spec make_video_encoder's encoder will carry, known without loading it (the Wan VAE)."""
+    return mv.wan_spec(cfg.vae_source, "vae") if cfg.video_encoder == "wan" else make_video_encoder(cfg, "cpu").spec
+
+
 def text_encoder_spec(cfg):
     """The spec make_text_encoder's encoder will carry, known without loading it (T5-11B takes minutes)."""
     if cfg.text_encoder == "t5":
@@ -1104,9 +1109,7 @@ def cache_is_complete(cfg, ds, cache, timing, representation):
         meta = json.loads((cache / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    video_spec = (make_video_encoder(cfg, "cpu").spec if cfg.video_encoder != "wan"
-                  else {"kind": "wan", "source": str(cfg.vae_source), "subfolder": "vae"})  # mv.load_vae's spec
-    plan = cache_plan(cfg, ds, timing, video_spec, text_encoder_spec(cfg), representation)
+    plan = cache_plan(cfg, ds, timing, video_encoder_spec(cfg), text_encoder_spec(cfg), representation)
     files = [cache / f"episode_{ep['index']:06d}.safetensors" for ep in ds.episodes]
     return (meta.get("plan") == plan and "context_latents" in meta and all(f.exists() for f in files)
             and meta.get("val") == validation_split(cfg, len(files)))
