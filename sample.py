@@ -441,8 +441,6 @@ def benchmark(cfg, device):
         print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)")
     run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
                                                                       runs), device)
-    if shapes != "tiny":  # a smoke run skips it (it builds real-width blocks)
-        run_phase("stage 1 memory", stage1_memory, device)
     return rows
 
 
@@ -465,70 +463,6 @@ def compile_model(model, backend="inductor"):
     model.video.compile(backend=backend)
     model.decoder.compile(backend=backend)
     return model
-
-
-def stage1_memory(device=torch.device("cpu")):
-    """Memory of one stage-1 step at the real LIBERO shapes (2B DiT, 16 latent frames of 60 x 80 = 19,200 tokens),
-    estimated from measurements on a CPU: the bytes autograd saves for the backward pass, counted on 1- and 2-block
-    models of the real width under bf16 autocast at two token counts (so one block's share per token is exact),
-    plus the weights (frozen bf16: 2 B/param) and what trains (fp32 weight, gradient, AdamW m and v: 16 B/param)."""
-    cfg, lora = mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], mv.LORA_PRESETS["mimic-video-stage1"]
-    with torch.device("meta"):
-        full = mv.inject_lora(mv.VideoDiT(cfg), lora)
-    n_train = sum(p.numel() for p in full.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in full.parameters() if not p.requires_grad)
-    fixed_gb = (2 * n_frozen + 16 * n_train) / 2**30
-
-    def build(blocks):  # what autograd saves does not depend on the values: fill, do not initialise (15 s saved)
-        with torch.device("meta"):
-            video = mv.fp32_trainable(mv.inject_lora(mv.VideoDiT(mv.replace(cfg, num_blocks=blocks)), lora))
-        video = video.to_empty(device=device)
-        for p in video.parameters():
-            p.data.normal_(0, 0.02, generator=g)
-        return video
-
-    g = torch.Generator(device).manual_seed(0)
-    models = {n: build(n) for n in (1, 2)}
-
-    def saved_bytes(blocks, tokens_hw, checkpointing):
-        video = models[blocks]
-        video.activation_checkpointing = checkpointing
-        H, W = tokens_hw
-        x = torch.randn(1, cfg.in_channels, 1, 2 * H, 2 * W, device=device)  # 1 latent frame, H x W tokens
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type,
-                                                                                         dtype=torch.bfloat16):
-            video(x, torch.full((1, 1), 0.5, device=device),
-                  torch.randn(1, 512, cfg.crossattn_emb_channels, device=device),
-                  torch.zeros(1, 1, 1, 2 * H, 2 * W, device=device))
-        return sum(storages.values())
-
-    small, big = (8, 8), (8, 16)  # 64 and 128 tokens
-    per_token, per_block = {}, {}
-    for ckpt in (False, True):
-        (a, b), (c, d) = [[saved_bytes(n, s, ckpt) for s in (small, big)] for n in (1, 2)]
-        per_token[ckpt] = ((d - c) - (b - a)) / 64  # one block's bytes per token
-        per_block[ckpt] = (c - a) - per_token[ckpt] * 64  # one block's bytes per sample, whatever the tokens (the text)
-    tokens, blocks = 16 * 30 * 40, cfg.num_blocks
-    print(f"  stage 1 memory at the real shapes (estimate; {n_frozen / 1e9:.2f}B frozen params in bf16, "
-          f"{n_train / 1e6:.0f}M trained in fp32 with AdamW: {fixed_gb:.1f} GiB; activations saved per token per "
-          f"block: {per_token[False] / 1024:.0f} KiB, with activation checkpointing {per_token[True] / 1024:.1f} KiB)")
-    print(f"  {'batch per GPU':>14} {'checkpointing':>14} {'GiB':>6}  fits in")
-    for batch in (1, 4):
-        for ckpt in (False, True):
-            act = batch * blocks * (per_token[ckpt] * tokens + per_block[ckpt])
-            if ckpt:  # the backward pass recomputes one block at a time and keeps its activations meanwhile
-                act += batch * (per_token[False] * tokens + per_block[False])
-            gib = fixed_gb + act / 2**30
-            # 10% allocator slack + context
-            fits = [f"{g} GB" for g in (24, 40, 80) if gib * 1.1 + 1 <= g * 1e9 / 2**30]
-            fits = ", ".join(fits) or "none of 24/40/80 GB"
-            print(f"  {batch:>14} {'on' if ckpt else 'off':>14} {gib:>6.1f}  {fits}")
 
 
 def bench_against_diffusers(video, latents, text, cond, device, runs):

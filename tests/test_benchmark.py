@@ -1,14 +1,18 @@
 """sample.py --benchmark at tiny shapes: every part of the latency benchmark runs end to end on the code path the
-GPU run takes (the same functions; only the shapes and the dtype differ)."""
+GPU run takes (the same functions; only the shapes and the dtype differ). And the README's stage-1 memory table,
+worked out from what autograd saves on real-width blocks: `python -m pytest tests/test_benchmark.py -k memory -s`
+prints it."""
 
 import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import mimic_video as mv  # noqa: E402
 import sample  # noqa: E402
 
 
@@ -38,10 +42,6 @@ def test_benchmark_shapes_are_validated():
 def test_a_failing_phase_is_reported_on_its_row_and_the_rest_run(capsys, monkeypatch):
     """An out-of-memory error (raised here in the k = 5 query and in the comparison with diffusers, as on a GPU that
     is too small) is printed on its row; every other phase still runs."""
-    import torch
-
-    import mimic_video as mv
-
     sample_actions = mv.VideoActionModel.sample_actions
 
     def oom_query(self, *a, stop_after_step=None, **k):
@@ -65,8 +65,6 @@ def test_a_failing_phase_is_reported_on_its_row_and_the_rest_run(capsys, monkeyp
 def test_compile_runs_the_compiled_sampling_path():
     """sample.compile_model compiles in place: the decoder's own sample() (and the video sampler) run compiled
     graphs. A counting backend counts the calls of compiled code."""
-    import torch
-
     model, x, latent, text = sample.bench_setup(torch.device("cpu"), "tiny")
     calls = []
 
@@ -84,11 +82,77 @@ def test_compile_runs_the_compiled_sampling_path():
     torch._dynamo.reset()
 
 
+def stage1_memory(device=torch.device("cpu")):
+    """Memory of one stage-1 step at the real LIBERO shapes (2B DiT, 16 latent frames of 60 x 80 = 19,200 tokens),
+    estimated from measurements on a CPU: the bytes autograd saves for the backward pass, counted on 1- and 2-block
+    models of the real width under bf16 autocast at two token counts (so one block's share per token is exact),
+    plus the weights (frozen bf16: 2 B/param) and what trains (fp32 weight, gradient, AdamW m and v: 16 B/param)."""
+    cfg, lora = mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], mv.LORA_PRESETS["mimic-video-stage1"]
+    with torch.device("meta"):
+        full = mv.inject_lora(mv.VideoDiT(cfg), lora)
+    n_train = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in full.parameters() if not p.requires_grad)
+    fixed_gb = (2 * n_frozen + 16 * n_train) / 2**30
+
+    def build(blocks):  # what autograd saves does not depend on the values: fill, do not initialise (15 s saved)
+        with torch.device("meta"):
+            video = mv.fp32_trainable(mv.inject_lora(mv.VideoDiT(mv.replace(cfg, num_blocks=blocks)), lora))
+        video = video.to_empty(device=device)
+        for p in video.parameters():
+            p.data.normal_(0, 0.02, generator=g)
+        return video
+
+    g = torch.Generator(device).manual_seed(0)
+    models = {n: build(n) for n in (1, 2)}
+
+    def saved_bytes(blocks, tokens_hw, checkpointing):
+        video = models[blocks]
+        video.activation_checkpointing = checkpointing
+        H, W = tokens_hw
+        x = torch.randn(1, cfg.in_channels, 1, 2 * H, 2 * W, device=device)  # 1 latent frame, H x W tokens
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type,
+                                                                                         dtype=torch.bfloat16):
+            video(x, torch.full((1, 1), 0.5, device=device),
+                  torch.randn(1, 512, cfg.crossattn_emb_channels, device=device),
+                  torch.zeros(1, 1, 1, 2 * H, 2 * W, device=device))
+        return sum(storages.values())
+
+    small, big = (8, 8), (8, 16)  # 64 and 128 tokens
+    per_token, per_block = {}, {}
+    for ckpt in (False, True):
+        (a, b), (c, d) = [[saved_bytes(n, s, ckpt) for s in (small, big)] for n in (1, 2)]
+        per_token[ckpt] = ((d - c) - (b - a)) / 64  # one block's bytes per token
+        per_block[ckpt] = (c - a) - per_token[ckpt] * 64  # one block's bytes per sample, whatever the tokens (the text)
+    tokens, blocks = 16 * 30 * 40, cfg.num_blocks
+    print(f"  stage 1 memory at the real shapes (estimate; {n_frozen / 1e9:.2f}B frozen params in bf16, "
+          f"{n_train / 1e6:.0f}M trained in fp32 with AdamW: {fixed_gb:.1f} GiB; activations saved per token per "
+          f"block: {per_token[False] / 1024:.0f} KiB, with activation checkpointing {per_token[True] / 1024:.1f} KiB)")
+    print(f"  {'batch per GPU':>14} {'checkpointing':>14} {'GiB':>6}  fits in")
+    for batch in (1, 4):
+        for ckpt in (False, True):
+            act = batch * blocks * (per_token[ckpt] * tokens + per_block[ckpt])
+            if ckpt:  # the backward pass recomputes one block at a time and keeps its activations meanwhile
+                act += batch * (per_token[False] * tokens + per_block[False])
+            gib = fixed_gb + act / 2**30
+            # 10% allocator slack + context
+            fits = [f"{g} GB" for g in (24, 40, 80) if gib * 1.1 + 1 <= g * 1e9 / 2**30]
+            fits = ", ".join(fits) or "none of 24/40/80 GB"
+            print(f"  {batch:>14} {'on' if ckpt else 'off':>14} {gib:>6.1f}  {fits}")
+
+
 def test_the_stage1_memory_estimate(capsys):
     """The README's memory table: one stage-1 step at the real shapes, from the bytes autograd saves per block and
     token (measured on real-width blocks) and the parameter and optimizer bytes."""
-    sample.stage1_memory()
+    stage1_memory()
     out = capsys.readouterr().out
+    with capsys.disabled():  # the table, shown with -s
+        print("\n" + out)
     rows = re.findall(r"^\s+([14])\s+(on|off)\s+([0-9.]+)  (.*)$", out, re.M)
     gib = {(int(b), c): float(g) for b, c, g, _ in rows}
     assert len(gib) == 4 and gib[(1, "on")] < gib[(1, "off")] and gib[(4, "on")] < gib[(4, "off")]
