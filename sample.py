@@ -307,34 +307,28 @@ def libero_eval(policy, suite, trials=50, tasks=None, log=print):
 # latency at real scale (--benchmark=true): a policy query split into its phases, against an analytic floor
 
 def bench_setup(device, shapes):
-    """Models with random weights at the real LIBERO shapes (2B video DiT, 0.5B decoder, 16 latent frames of 60 x 80,
-    T5 text of 512 tokens; bf16), or the same code at reduced shapes (fp32, for a CPU) or tiny ones (a smoke run)."""
-    if shapes == "real":
-        video_cfg, dec_cfg = mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], mv.ACTION_DECODER_PRESETS["libero"]
-        va_cfg, latent, text = mv.VIDEO_ACTION_PRESETS["mimic-video"], (16, 16, 60, 80), (512, 1024)
-    else:  # the same architecture, narrower and shallower, 16 latent frames of 12 x 16 (tiny: of 4 x 4)
-        width, blocks, dec_width, tap, (H, W), text = ((256, 8, 256, 6, (12, 16), (64, 128)) if shapes == "reduced"
-                                                       else (64, 2, 64, 1, (4, 4), (8, 32)))
-        video_cfg = mv.replace(mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], model_channels=width, num_blocks=blocks,
-                               num_heads=4,
-                               adaln_lora_dim=64, crossattn_emb_channels=text[1])
-        dec_cfg = mv.replace(mv.ACTION_DECODER_PRESETS["libero"], model_channels=dec_width,
-                             num_blocks=4 if shapes == "reduced" else 2,
-                             num_heads=4, crossattn_emb_channels=width, adaln_lora_dim=64,
-                             pair_timestep_feature_rank=dec_width)
-        va_cfg, latent = mv.replace(mv.VIDEO_ACTION_PRESETS["mimic-video"], tap_block=tap), (16, 16, H, W)
-    reduced = shapes != "real"
-    dtype = torch.float32 if reduced else torch.bfloat16
+    """Random weights at the real LIBERO shapes (2B video DiT, 0.5B decoder, 16 latent frames of 60 x 80, T5 text of
+    512 tokens; bf16), or the same architecture narrower and shallower: "reduced" (fp32, for a CPU), "tiny" (a smoke
+    run)."""
+    video_cfg, dec_cfg = mv.VIDEO_DIT_PRESETS["cosmos-predict2-2b"], mv.ACTION_DECODER_PRESETS["libero"]
+    va_cfg, latent, text = mv.VIDEO_ACTION_PRESETS["mimic-video"], (16, 16, 60, 80), (512, 1024)
+    if shapes != "real":  # width, video blocks, decoder blocks, tap block, latent H x W, text (tokens, width)
+        D, blocks, dec_blocks, tap, (H, W), text = {"reduced": (256, 8, 4, 6, (12, 16), (64, 128)),
+                                                     "tiny": (64, 2, 2, 1, (4, 4), (8, 32))}[shapes]
+        video_cfg = mv.replace(video_cfg, model_channels=D, num_blocks=blocks, num_heads=4, adaln_lora_dim=64,
+                               crossattn_emb_channels=text[1])
+        dec_cfg = mv.replace(dec_cfg, model_channels=D, num_blocks=dec_blocks, num_heads=4, adaln_lora_dim=64,
+                             crossattn_emb_channels=D, pair_timestep_feature_rank=D)
+        va_cfg, latent = mv.replace(va_cfg, tap_block=tap), (16, 16, H, W)
+    dtype = torch.bfloat16 if shapes == "real" else torch.float32
     with torch.device(device):
         torch.manual_seed(0)
         model = mv.VideoActionModel(mv.VideoDiT(video_cfg), mv.ActionDecoder(dec_cfg), va_cfg).to(dtype).eval()
-    model.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    C, T, H, W = latent
-    inputs = {"context": torch.randn(1, C, va_cfg.context_latents, H, W, generator=g).to(device),
+    inputs = {"context": torch.randn(1, 16, va_cfg.context_latents, *latent[2:], generator=g).to(device),
               "text": torch.randn(1, *text, generator=g).to(device, dtype),
               "proprio": torch.randn(1, 1, dec_cfg.in_channels, generator=g).to(device)}
-    return model, inputs, latent, text
+    return model.requires_grad_(False), inputs, latent, text
 
 
 def query_flops(model, latent, text, k):
@@ -380,15 +374,6 @@ def matmul_throughput(device, dtype):
     return 2 * n ** 3 / (median_ms(lambda: a @ b, device, 20 if device.type == "cuda" else 5, warmup=3) / 1000)
 
 
-def peak_memory(device):
-    """Peak memory so far: allocated GPU memory, or the process's peak resident set on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
-
-
 def benchmark(cfg, device):
     """Per stop_after_step in {0, 1, 5, 35}: median ms of a policy query after warm-up, split into phases, peak
     memory, and the ratio to the floor (analytic FLOPs / measured matmul throughput), all in this one run."""
@@ -419,8 +404,14 @@ def benchmark(cfg, device):
         ms = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k),
                        device, runs if k <= 5 or shapes == "real" else max(2, runs // 3))
         flops = sum(query_flops(model, latent, text, k).values())
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+        else:  # the process's peak resident set (Linux: in KiB)
+            import resource
+
+            peak = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"k": k, "ms": ms, "video steps": ms - phase["truncated"] - phase["decoder"] if k else 0.0,
-                "peak GiB": peak_memory(device), "TFLOP": flops / 1e12, "floor ms": 1000 * flops / flops_per_s}
+                "peak GiB": peak / 2**30, "TFLOP": flops / 1e12, "floor ms": 1000 * flops / flops_per_s}
 
     with torch.no_grad():
         hidden, sigma = truncated()
