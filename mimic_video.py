@@ -23,11 +23,11 @@ Part I, the method (a reader can stop at its end and has all of it):
     2. building blocks: sinusoids, attention with q/k RMSNorm and 3D RoPE, AdaLN-LoRA DiT block
     3. the Cosmos-Predict2 video DiT, Video2World conditioning and partial denoising
     4. LoRA (PEFT-compatible names), merge and fuse
-    5. checkpoint loading: the official key layout (and diffusers'), a strict copy
+    5. checkpoint loading: the official key layout, a strict copy
     6. the action decoder and its normalizer
     7. the video-action model: stage-1/2 losses, partial-denoising sampling
 Part II, around the model:
-    8. checkpoint files: reading (local or Hugging Face Hub; .pt, .safetensors, diffusers folders), saving
+    8. checkpoint files: reading (local or Hugging Face Hub; .pt, .safetensors, diffusers' layout), saving
     9. rotations and state/action representations
    10. encoders: the Wan2.1 VAE and T5 (optional packages), and offline stand-ins
    11. the comparison models: VideoVLA-style joint denoising, the VLA-style baseline
@@ -795,58 +795,19 @@ def unmerge_lora(model):
         m.unmerge()
 
 
-def fused_state_dict(model, prefix="net."):
-    """The base model's state dict with every adapter fused, W + (alpha / r) B @ A (official [FUSE] layout).
-
-    This is how the released mimic-video backbones are stored: no lora_* or base_layer keys.
-    """
-    sd = {}
-    for name, t in model.state_dict().items():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        if name.endswith("base_layer.weight"):
-            layer = model.get_submodule(name[: -len(".base_layer.weight")])
-            if not layer.merged:
-                t = (t.float() + layer.delta_weight()).to(t.dtype)
-            name = name.replace(".base_layer", "")
-        sd[prefix + name] = t.detach().clone()
-    return sd
-
-
 # ------------------------------------------------------------------------------------------------
 # 5. Checkpoint loading: the official key layout, and a strict copy into our modules
 # ------------------------------------------------------------------------------------------------
 # Our module names are the official ones, so loading released weights is: normalize the checkpoint's keys (strip
-# `net.`, drop the entries that are not parameters, undo the diffusers renames), check that keys and shapes are
-# exactly the model's, and copy. Finding and reading the files (a Hub repo or a local path; .pt, .safetensors or a
-# diffusers folder) is plumbing: `load_video_dit` and `load_action_decoder` in section 8, after the method.
+# `net.`, drop the entries that are not parameters), check that keys and shapes are exactly the model's, and copy.
+# Finding and reading the files (a Hub repo or a local path; .pt, .safetensors or diffusers' layout) is plumbing:
+# `load_video_dit` and `load_action_decoder` in section 8, after the method.
 
 # Entries of official checkpoints that are not parameters: RoPE tables (recomputed), training counters
 # (`WeightTrainingStat`) and Transformer Engine metadata. The diffusers converter drops exactly these.
 NON_PARAMETER_KEYS = ("pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_embedder.dim_temporal_range",
                       "accum_video_sample_counter", "accum_image_sample_counter", "accum_iteration",
                       "accum_train_in_hours", "*._extra_state")
-
-
-# official -> diffusers renames (diffusers scripts/convert_cosmos_to_diffusers.py, applied in order)
-DIFFUSERS_RENAMES = (
-    ("t_embedder.1", "time_embed.t_embedder"), ("t_embedding_norm", "time_embed.norm"),
-    ("blocks", "transformer_blocks"),
-    ("adaln_modulation_self_attn.1", "norm1.linear_1"), ("adaln_modulation_self_attn.2", "norm1.linear_2"),
-    ("adaln_modulation_cross_attn.1", "norm2.linear_1"), ("adaln_modulation_cross_attn.2", "norm2.linear_2"),
-    ("adaln_modulation_mlp.1", "norm3.linear_1"), ("adaln_modulation_mlp.2", "norm3.linear_2"),
-    ("self_attn", "attn1"), ("cross_attn", "attn2"), ("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"),
-    ("output_proj", "to_out.0"), ("q_norm", "norm_q"), ("k_norm", "norm_k"),
-    ("mlp.layer1", "ff.net.0.proj"), ("mlp.layer2", "ff.net.2"), ("x_embedder.proj.1", "patch_embed.proj"),
-    ("final_layer.adaln_modulation.1", "norm_out.linear_1"), ("final_layer.adaln_modulation.2", "norm_out.linear_2"),
-    ("final_layer.linear", "proj_out"),
-)
-
-
-def to_diffusers_key(key):
-    for old, new in DIFFUSERS_RENAMES:
-        key = key.replace(old, new)
-    return key
 
 
 class CheckpointMismatchError(ValueError):
@@ -867,17 +828,8 @@ def check_state_dict(expected, sd, what="checkpoint"):
         raise CheckpointMismatchError(f"{what} does not match the model:\n  " + "\n  ".join(parts))
 
 
-def _video_dit_param_names(sd):
-    """Official parameter names of a video DiT with as many blocks as the diffusers file has."""
-    n_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")), default=-1)
-    with torch.device("meta"):
-        names = VideoDiT(replace(VIDEO_DIT_PRESETS["tiny"], num_blocks=n_blocks)).state_dict().keys()
-    return names
-
-
 def official_keys(sd, prefix="net."):
-    """Normalize a checkpoint to our (= official) module names: strip `net.`, drop non-parameters,
-    and undo the diffusers renames if the file is in diffusers layout.
+    """Normalize a checkpoint to our (= official) module names: strip `net.` and drop the non-parameters.
 
     A training checkpoint may hold EMA weights (`net_ema.`) beside the regular ones (`net.`). We load `net.`, as the
     official pipeline does by default (`load_ema_to_reg=False`), and drop `net_ema.`; a file with only `net_ema.`
@@ -885,11 +837,7 @@ def official_keys(sd, prefix="net."):
     if not any(k.startswith(prefix) for k in sd) and any(k.startswith("net_ema.") for k in sd):
         prefix = "net_ema."
     sd = {k.removeprefix(prefix): v for k, v in sd.items() if not k.startswith("net_ema.") or prefix == "net_ema."}
-    sd = {k: v for k, v in sd.items() if not any(fnmatch.fnmatchcase(k, pat) for pat in NON_PARAMETER_KEYS)}
-    if any(k.startswith(("transformer_blocks.", "patch_embed.", "time_embed.")) for k in sd):
-        inverse = {to_diffusers_key(k): k for k in _video_dit_param_names(sd)}
-        sd = {inverse.get(k, k): v for k, v in sd.items()}
-    return sd
+    return {k: v for k, v in sd.items() if not any(fnmatch.fnmatchcase(k, pat) for pat in NON_PARAMETER_KEYS)}
 
 
 def load_state_dict_strict(model, sd, what="checkpoint", assign=False):
@@ -1538,6 +1486,39 @@ def _read_tensor_file(path):
     return sd
 
 
+# official -> diffusers renames (diffusers scripts/convert_cosmos_to_diffusers.py, applied in order)
+DIFFUSERS_RENAMES = (
+    ("t_embedder.1", "time_embed.t_embedder"), ("t_embedding_norm", "time_embed.norm"),
+    ("blocks", "transformer_blocks"),
+    ("adaln_modulation_self_attn.1", "norm1.linear_1"), ("adaln_modulation_self_attn.2", "norm1.linear_2"),
+    ("adaln_modulation_cross_attn.1", "norm2.linear_1"), ("adaln_modulation_cross_attn.2", "norm2.linear_2"),
+    ("adaln_modulation_mlp.1", "norm3.linear_1"), ("adaln_modulation_mlp.2", "norm3.linear_2"),
+    ("self_attn", "attn1"), ("cross_attn", "attn2"), ("q_proj", "to_q"), ("k_proj", "to_k"), ("v_proj", "to_v"),
+    ("output_proj", "to_out.0"), ("q_norm", "norm_q"), ("k_norm", "norm_k"),
+    ("mlp.layer1", "ff.net.0.proj"), ("mlp.layer2", "ff.net.2"), ("x_embedder.proj.1", "patch_embed.proj"),
+    ("final_layer.adaln_modulation.1", "norm_out.linear_1"), ("final_layer.adaln_modulation.2", "norm_out.linear_2"),
+    ("final_layer.linear", "proj_out"),
+)
+
+
+def to_diffusers_key(key):
+    for old, new in DIFFUSERS_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def from_diffusers_keys(sd):
+    """A video DiT in diffusers' layout (`transformer_blocks.`, `patch_embed.`, ...) -> the official names; other
+    checkpoints unchanged."""
+    if not any(k.startswith(("transformer_blocks.", "patch_embed.", "time_embed.")) for k in sd):
+        return sd
+    n_blocks = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")), default=-1)
+    with torch.device("meta"):  # the official names of a video DiT with as many blocks
+        names = VideoDiT(replace(VIDEO_DIT_PRESETS["tiny"], num_blocks=n_blocks)).state_dict().keys()
+    inverse = {to_diffusers_key(k): k for k in names}
+    return {inverse.get(k, k): v for k, v in sd.items()}
+
+
 def is_diffusers_folder(path):
     folder = path / "transformer" if (path / "transformer").is_dir() else path
     return any((folder / name).is_file() for name in (DIFFUSERS_WEIGHTS, DIFFUSERS_WEIGHTS + ".index.json"))
@@ -1631,7 +1612,7 @@ def load_official(model_cls, config, presets, default_preset, source, filename=N
     missing = filename is None or not (path / filename).exists()
     diffusers_folder = path.is_dir() and (filename is None or (missing and is_diffusers_folder(path)))
     file = path if diffusers_folder else resolve_file(source, filename, revision, cache_dir)
-    sd = official_keys(read_state_dict(file))
+    sd = official_keys(from_diffusers_keys(read_state_dict(file)))
     check_parameter_dtypes(sd, str(file))
     saved = None if file.is_dir() else read_config(file)
     cfg = make_config(model_cls.config_class, config if config is not None else (saved or default_preset), presets)
@@ -1796,6 +1777,24 @@ def save_state_dict(sd, path, config=None):
         atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in sd.items()}, p, metadata=meta))
     else:
         atomic_write(path, lambda p: torch.save(sd, p))
+
+
+def fused_state_dict(model, prefix="net."):
+    """The base model's state dict with every adapter fused, W + (alpha / r) B @ A (official [FUSE] layout).
+
+    This is how the released mimic-video backbones are stored: no lora_* or base_layer keys.
+    """
+    sd = {}
+    for name, t in model.state_dict().items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        if name.endswith("base_layer.weight"):
+            layer = model.get_submodule(name[: -len(".base_layer.weight")])
+            if not layer.merged:
+                t = (t.float() + layer.delta_weight()).to(t.dtype)
+            name = name.replace(".base_layer", "")
+        sd[prefix + name] = t.detach().clone()
+    return sd
 
 
 def save_video_dit_checkpoint(model, path):
