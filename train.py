@@ -906,30 +906,27 @@ def encoder_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else None
 
 
-def make_video_encoder(cfg, device, dtype=None):
-    """The video encoder as the config names it: the real Wan2.1 VAE, or the offline pixel stand-in."""
-    if cfg.video_encoder == "wan":
-        return mv.load_vae(cfg.vae_source, "vae", device=device, dtype=dtype)
-    return mv.PixelEncoder(cfg.pixel_patch, cfg.pixel_coords, cfg.pixel_mean, cfg.pixel_std, cfg.pixel_keep or None)
-
-
-def make_text_encoder(cfg, device, dtype=None):
-    """The text encoder as the config names it: T5 (--t5_source), or the offline hashed words."""
-    if cfg.text_encoder == "t5":
-        return mv.load_text_encoder(cfg.t5_source, device=device, dtype=dtype)
-    return mv.HashedWordEncoder(32, cfg.text_tokens)
-
-
 def video_encoder_spec(cfg):
-    """The spec make_video_encoder's encoder will carry, known without loading it (the Wan VAE)."""
-    return mv.wan_spec(cfg.vae_source, "vae") if cfg.video_encoder == "wan" else make_video_encoder(cfg, "cpu").spec
+    """The video encoder the config names, as the spec a policy's config.json carries: the real Wan2.1 VAE, or the
+    offline pixel stand-in (known without loading the VAE)."""
+    if cfg.video_encoder == "wan":
+        return mv.wan_spec(cfg.vae_source, "vae")
+    return mv.PixelEncoder(cfg.pixel_patch, cfg.pixel_coords, cfg.pixel_mean, cfg.pixel_std, cfg.pixel_keep or None).spec
 
 
 def text_encoder_spec(cfg):
-    """The spec make_text_encoder's encoder will carry, known without loading it (T5-11B takes minutes)."""
-    if cfg.text_encoder == "t5":
-        return mv.t5_spec(cfg.t5_source)
-    return mv.HashedWordEncoder(32, cfg.text_tokens).spec
+    """The text encoder the config names: T5 (--t5_source; known without loading it: T5-11B takes minutes), or the
+    offline hashed words."""
+    return mv.t5_spec(cfg.t5_source) if cfg.text_encoder == "t5" else mv.HashedWordEncoder(32, cfg.text_tokens).spec
+
+
+def make_video_encoder(cfg, device, dtype=None):
+    """The video encoder, built from its spec on `device`, buffers included (the pixel encoder's DCT basis)."""
+    return mv.build_video_encoder(video_encoder_spec(cfg), device, dtype)
+
+
+def make_text_encoder(cfg, device, dtype=None):
+    return mv.build_text_encoder(text_encoder_spec(cfg), device, dtype)
 
 
 def text_width(cfg):

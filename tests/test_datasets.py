@@ -373,6 +373,13 @@ def test_the_encoders_run_in_the_requested_dtype_and_are_gone_before_training(tm
     assert load_file(tmp_path / "out" / "cache" / "text.safetensors")["embeddings"].shape == (2, 512, 32)
 
 
+def test_the_video_encoder_is_built_on_the_run_device():
+    """On a GPU the encode runs there: the pixel encoder's DCT basis goes with it (it once stayed on the CPU, and a
+    GPU run's first encoded batch failed on mixed devices). The meta device stands in for cuda."""
+    cfg = train.TrainConfig(data="d", pixel_patch=4, pixel_keep=1)
+    assert train.make_video_encoder(cfg, torch.device("meta")).basis.device.type == "meta"
+
+
 def test_the_toy_world_round_trip_is_the_same_data(tmp_path):
     """Exported as LeRobot v3.0 and encoded back, a toy demonstration gives the windows the built-in path trains on."""
     world = mv.ToyWorldConfig()
