@@ -89,9 +89,12 @@ class SampleConfig:
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise ValueError(f"--gif={self.gif}: the folder {folder} does not exist or is not writable")
         mv.check_device(self.device)
-        for folder in filter(None, self.latency.split(",")):
+        folders = [f for f in self.latency.split(",") if f]
+        for folder in folders:
             if not (Path(folder) / "config.json").is_file():
                 raise ValueError(f"--latency: no policy at {folder} (no config.json there)")
+        if len({Path(f).resolve() for f in folders}) < len(folders):  # one row per folder
+            raise ValueError(f"--latency names a policy folder twice: {self.latency}")
         libero, bench = ("suite", "trials"), ("bench_runs", "bench_shapes", "compile")
         for needs, names in (("--env=libero", libero if self.env != "libero" else ()),
                              ("--benchmark=true", bench if not self.benchmark else ())):

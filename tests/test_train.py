@@ -126,6 +126,11 @@ def test_partial_denoising_options_on_a_joint_policy_are_refused(smoke, tmp_path
     capsys.readouterr()
     sample.main([folder, "--episodes=2"])
     assert re.search(r"^ +joint +[\d.]+ +[\d.]+%", capsys.readouterr().out, re.M)
+    # the two policies' query latency, side by side: a row each
+    sample.main([f"--latency={smoke / 'policy'},{tmp_path / 'policy'}", "--device=cpu"])
+    assert re.findall(r"^ +[\d.]+ ms per query  (\S+)", capsys.readouterr().out, re.M) == ["mimic-video", "joint"]
+    with pytest.raises(SystemExit, match="--latency names a policy folder twice"):
+        sample.main([f"--latency={smoke / 'policy'},{smoke / 'policy'}/"])
 
 
 def test_gif_or_a_clear_install_hint(smoke, tmp_path):
