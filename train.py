@@ -1375,14 +1375,17 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
         for i in range(cfg.grad_accum):  # micro-batches: gradients summed, each loss a 1/grad_accum share of the mean
             part = slice(i * m, (i + 1) * m)
             sync = nullcontext() if world == 1 or i + 1 == cfg.grad_accum else net.no_sync()  # all-reduce once
-            with sync:
-                with autocast:
-                    out = net(loss, **{k: v[part] for k, v in batch.items()},
-                              noise={k: v[part] for k, v in noise.items()})
-                if not torch.isfinite(out["loss"]):
-                    raise FloatingPointError(f"{name} step {step}: loss is {out['loss'].item()} (NaN/inf); lower the "
-                                             f"learning rate")
-                (out["loss"] / cfg.grad_accum).backward()
+            try:
+                with sync:
+                    with autocast:
+                        out = net(loss, **{k: v[part] for k, v in batch.items()},
+                                  noise={k: v[part] for k, v in noise.items()})
+                    if not torch.isfinite(out["loss"]):
+                        raise FloatingPointError(f"{name} step {step}: loss is {out['loss'].item()} (NaN/inf); lower "
+                                                 "the learning rate")
+                    (out["loss"] / cfg.grad_accum).backward()
+            except torch.OutOfMemoryError as e:  # a traceback from deep inside autograd would not say what to change
+                raise StepOutOfMemory(out_of_memory_advice(name, step, m, world, cfg, model)) from e
             outs.append(out)
         out = {k: torch.cat([o[k].detach().reshape(-1) for o in outs])
                for k in ("per_sample", "tau_a" if stage == 2 else "tau_v")}
@@ -1431,6 +1434,23 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
         log(rank, f"{name}: kept the weights of step {best[0]} (score {best[1]:.4f})")
     model.eval()
     return model
+
+
+class StepOutOfMemory(RuntimeError):
+    pass
+
+
+def out_of_memory_advice(name, step, micro_batch, world, cfg, model):
+    """One line for a training step that does not fit in the device's memory: what there is to change."""
+    fixes = []
+    if not cfg.activation_checkpointing and any(p.requires_grad for p in model.video.parameters()):
+        fixes.append("--activation_checkpointing=true (the video blocks recomputed in the backward pass)")
+    if micro_batch > 1:
+        fixes.append(f"--grad_accum={2 * cfg.grad_accum} (the same update in micro-batches of {micro_batch // 2}; "
+                     "--batch_size must divide by it times the processes)")
+    return (f"{name} step {step}: out of memory with {micro_batch} sample(s) per micro-batch in each of {world} "
+            f"process(es); try {' or '.join(fixes) or 'a device with more memory'} (the README's memory table "
+            "gives stage 1 at the real shapes)")
 
 
 def keep_best(directory, model, best, step, score, patience, rank, world):
@@ -1746,7 +1766,7 @@ def main(argv):
         else:
             run_toy(cfg, stages, env)
         log(rank, f"done in {time.perf_counter() - t_start:.0f} s")
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, StepOutOfMemory) as e:
         sys.exit(f"error: {e}")
     finally:
         lock.release()

@@ -322,6 +322,20 @@ def test_the_video_loss_levels_of_knowing_nothing():
     assert abs(train.loss_levels(model, gaussian, cfg)[0] / expected - 1) < 0.05
 
 
+def test_a_step_out_of_memory_says_what_to_change(smoke, tmp_path, monkeypatch):
+    """A step that does not fit (raised here as a GPU raises it) ends in one line naming the options that help."""
+    shutil.copytree(smoke / "pretrain", tmp_path / "pretrain")
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(mv.VideoActionModel, "forward", oom)
+    with pytest.raises(SystemExit, match=r"^error: stage1 step 0: out of memory with 4 sample\(s\) per micro-batch "
+                                         r"in each of 1 process\(es\); try --activation_checkpointing=true .* or "
+                                         r"--grad_accum=4 \(the same update in micro-batches of 2;"):
+        run_train(tmp_path, "--stage=1", "--stage1_steps=2", "--grad_accum=2")
+
+
 def test_nan_loss_stops_with_a_clear_error(smoke, tmp_path):
     shutil.copytree(smoke / "stage1", tmp_path / "stage1")
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf)"):
