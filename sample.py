@@ -328,7 +328,7 @@ def bench_setup(device, shapes):
         torch.manual_seed(0)
         model = mv.VideoActionModel(mv.VideoDiT(video_cfg), mv.ActionDecoder(dec_cfg), va_cfg).to(dtype).eval()
     g = torch.Generator().manual_seed(0)
-    inputs = {"context": torch.randn(1, 16, va_cfg.context_latents, *latent[2:], generator=g).to(device),
+    inputs = {"context": torch.randn(1, latent[0], va_cfg.context_latents, *latent[2:], generator=g).to(device),
               "text": torch.randn(1, *text, generator=g).to(device, dtype),
               "proprio": torch.randn(1, 1, dec_cfg.in_channels, generator=g).to(device)}
     return model.requires_grad_(False), inputs, latent, text
