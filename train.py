@@ -994,6 +994,9 @@ def check_dataset(cfg, stages):
         if cfg.n_action_steps > timing.chunk:
             raise ValueError(f"--n_action_steps={cfg.n_action_steps} is more than the {timing.chunk} actions of a "
                              f"chunk (--timing={cfg.timing})")
+        if cfg.patience and "2" in stages and not validation_split(cfg, len(ds)):
+            raise ValueError(f"--patience stops on the validation loss, and --val_fraction={cfg.val_fraction} of "
+                             f"{len(ds)} episode(s) holds out none: raise --val_fraction, or drop --patience")
         if cfg.representation == "libero" and (ds.state_dim, ds.action_dim) != (8, 7):
             raise ValueError(f"--representation=libero takes 8-D states and 7-D actions; {cfg.data} has "
                              f"{ds.state_dim}-D {cfg.state_key} and {ds.action_dim}-D {cfg.action_key} (use "
@@ -1899,6 +1902,9 @@ def dataset_source(cfg, env):
     out = Path(cfg.out_dir)
     data = CachedData(out / "cache")
     val = CachedData(out / "cache", "val") if data.meta["val"] else None
+    if cfg.patience and val is None:  # the encode held out no episode (it ran without --patience)
+        sys.exit(f"error: --patience stops on the validation loss, and {out / 'cache'} holds out no validation "
+                 "episode: encode again with a larger --val_fraction (--stage=encode), or drop --patience")
     plan = data.meta["plan"]
     representation = mv.Representation.from_config(plan["representation"])
     videos = (lambda: CachedData(out / "cache_videos")) if cfg.pretrain_videos else (lambda: data)

@@ -273,6 +273,7 @@ def bad_startup_args(tmp_path):
         ([f"--video_init={weights}", "--video_init_file=model.pt"], "is a file: --video_init_file='model.pt' names"),
         ([f"--video_init={weights}", "--video_preset=cosmos-predict2-2b", "--stage=1"],
          "3-channel latents; .* reads 16"),
+        (["--patience=5"], r"--val_fraction=0.1 of 2 episode\(s\) holds out none"),
     ]
 
 
@@ -290,6 +291,17 @@ def test_mismatches_are_refused_at_startup(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match="^error: .*" + message):
             train.main([f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL, *args])
     assert not (tmp_path / "out").exists()
+
+
+def test_patience_on_a_cache_without_validation_episodes_is_refused_before_training(tmp_path):
+    """--patience stops on the validation loss: a cache encoded without held-out episodes (2 episodes, 10%) cannot
+    give one. Said before the first step, not at the first checkpoint."""
+    train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    args = [f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL]
+    train.main([*args, "--stage=encode"])
+    with pytest.raises(SystemExit, match="--patience stops on the validation loss, and .* holds out no validation"):
+        train.main([*args, "--stage=2", "--method=scratch", "--patience=5"])
+    assert not (tmp_path / "out" / "stage2").exists()
 
 
 def test_tokens_wider_than_the_video_dit_are_warned_of(tmp_path, capsys):
