@@ -173,6 +173,10 @@ class TrainConfig:
             raise ValueError(f"--data={self.data}: no such folder (and not a Hub dataset id owner/name)")
         if self.pretrain_videos and not Path(self.pretrain_videos).is_dir():
             raise ValueError(f"--pretrain_videos={self.pretrain_videos}: no such folder")
+        if self.pretrain_videos and (self.video_init or self.method == "scratch"):  # they would be encoded, unused
+            raise ValueError("--pretrain_videos are what pretraining learns from; " +
+                             ("--video_init starts from a pretrained backbone" if self.video_init else
+                              "--method=scratch has no pretraining") + ": drop one of the two")
         if self.pretrain_data not in ("play", "expert"):
             raise ValueError(f"--pretrain_data must be play or expert, got {self.pretrain_data!r}")
         if self.method not in METHODS:

@@ -58,6 +58,9 @@ def test_unknown_field_and_bad_value_exit_with_a_message():
         with pytest.raises(SystemExit, match=f"{option.split('=')[0]} applies to a LeRobot dataset \\(--data=PATH\\)"):
             parse([option])  # the toy world would ignore it
     assert parse(["--data=.", "--image_size=64x64"]).image_size == "64x64"
+    for option in ("--video_init=x.pt", "--method=scratch"):  # no pretraining: the videos would be encoded for nothing
+        with pytest.raises(SystemExit, match="--pretrain_videos are what pretraining learns from; .*drop one"):
+            parse(["--data=.", "--pretrain_videos=.", option])
     with pytest.raises(SystemExit, match="--num_demos applies to the toy world; with --data the dataset's episodes"):
         parse(["--data=.", "--num_demos=100"])
 
