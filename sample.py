@@ -101,6 +101,12 @@ class SampleConfig:
             given = [n for n in names if getattr(self, n) != getattr(SampleConfig, n)]
             if given:  # it would be ignored
                 raise ValueError(f"--{given[0]} applies only with {needs}")
+        if self.benchmark or self.latency:  # random weights, or the folders --latency names, timed on one observation
+            rollout = ("policy", "env", "episodes", "stop_after_step", "tau_v", "oracle", "wrong_instruction", "gif",
+                       "seed", "latency" if self.benchmark else "benchmark")
+            given = [n for n in rollout if getattr(self, n) != getattr(SampleConfig, n)]
+            if given:
+                raise ValueError(f"--{given[0]} does not apply to {'--benchmark' if self.benchmark else '--latency'}")
         folder = (Path(self.policy) / "config.json").is_file()
         if not self.benchmark and not self.latency and not folder and self.policy not in mv.RELEASED_POLICIES:
             raise ValueError(f"no policy at {self.policy} (no config.json there) and not a released task; run `python "

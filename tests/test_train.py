@@ -134,6 +134,12 @@ def test_partial_denoising_options_on_a_joint_policy_are_refused(smoke, tmp_path
     assert re.findall(r"^ +[\d.]+ ms per query  (\S+)", capsys.readouterr().out, re.M) == ["mimic-video", "joint"]
     with pytest.raises(SystemExit, match="--latency names a policy folder twice"):
         sample.main([f"--latency={smoke / 'policy'},{smoke / 'policy'}/"])
+    for option in ("--oracle=true", "--episodes=5"):  # they would be ignored
+        with pytest.raises(SystemExit, match=f"{option.split('=')[0]} does not apply to --latency"):
+            sample.main([f"--latency={smoke / 'policy'}", option])
+    for option in ("--stop_after_step=5", f"--latency={smoke / 'policy'}"):
+        with pytest.raises(SystemExit, match=f"{option.split('=')[0]} does not apply to --benchmark"):
+            sample.main(["--benchmark=true", option])
 
 
 def test_gif_or_a_clear_install_hint(smoke, tmp_path):
