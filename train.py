@@ -181,6 +181,11 @@ class TrainConfig:
             raise ValueError(f"--pretrain_data must be play or expert, got {self.pretrain_data!r}")
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.stage == "1" and self.method != "mimic-video":  # the stages a method does not have (see stages_of)
+            raise ValueError(f"--stage=1 is mimic-video's LoRA stage; --method={self.method} trains in stage 2 alone")
+        if self.stage == "pretrain" and (self.method == "scratch" or self.video_init):
+            raise ValueError("--method=scratch starts from random weights: it has no pretraining" if not self.video_init
+                             else "--video_init is the pretrained backbone: there is no pretraining to run")
         if self.video_init and self.method in ("vla", "scratch"):
             raise ValueError(f"--video_init is a video backbone for mimic-video or joint; --method={self.method} "
                              "starts from its own image pretraining (vla) or from nothing (scratch)")
@@ -915,7 +920,8 @@ def video_encoder_spec(cfg):
     offline pixel stand-in (known without loading the VAE)."""
     if cfg.video_encoder == "wan":
         return mv.wan_spec(cfg.vae_source, "vae")
-    return mv.PixelEncoder(cfg.pixel_patch, cfg.pixel_coords, cfg.pixel_mean, cfg.pixel_std, cfg.pixel_keep or None).spec
+    pixels = mv.PixelEncoder(cfg.pixel_patch, cfg.pixel_coords, cfg.pixel_mean, cfg.pixel_std, cfg.pixel_keep or None)
+    return pixels.spec
 
 
 def text_encoder_spec(cfg):

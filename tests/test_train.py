@@ -58,6 +58,11 @@ def test_unknown_field_and_bad_value_exit_with_a_message():
         with pytest.raises(SystemExit, match=f"{option.split('=')[0]} applies to a LeRobot dataset \\(--data=PATH\\)"):
             parse([option])  # the toy world would ignore it
     assert parse(["--data=.", "--image_size=64x64"]).image_size == "64x64"
+    for args, message in ((["--stage=1", "--method=joint"], "--stage=1 is mimic-video's LoRA stage; --method=joint"),
+                          (["--stage=pretrain", "--method=scratch"], "--method=scratch starts from random weights"),
+                          (["--stage=pretrain", "--video_init=x.pt"], "--video_init is the pretrained backbone")):
+        with pytest.raises(SystemExit, match=message):  # a stage the run does not have: its output would go unread
+            parse(args)
     for option in ("--video_init=x.pt", "--method=scratch"):  # no pretraining: the videos would be encoded for nothing
         with pytest.raises(SystemExit, match="--pretrain_videos are what pretraining learns from; .*drop one"):
             parse(["--data=.", "--pretrain_videos=.", option])
