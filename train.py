@@ -144,6 +144,14 @@ class TrainConfig:
             raise ValueError(f"--stage={self.stage} is for the toy world; with --data there is no simulator to "
                              f"evaluate in (load the policy folder with mv.load_policy and run it on your robot "
                              "or simulator)")
+        if self.stage == "experiment":  # it sets its runs' methods, demonstrations, seeds and stage-2 steps itself
+            given = [f.name for f in self.__dataclass_fields__.values() if getattr(self, f.name) != f.default
+                     and f.name not in EXPERIMENT_SHARED + ("stage", "out_dir", "eval_episodes")
+                     and not f.name.startswith("experiment_")]
+            if given:
+                shared = ", ".join("--" + f for f in EXPERIMENT_SHARED)
+                raise ValueError(f"--{given[0]} does not apply to --stage=experiment (its runs take --experiment_*, "
+                                 f"--eval_episodes and {shared})")
         if self.data and self.video_preset == "toy" and self.video_encoder == "wan":
             raise ValueError("--video_encoder=wan makes 16-channel latents for the real video DiT: use "
                              "--video_preset=cosmos-predict2-2b")
