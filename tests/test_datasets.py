@@ -24,6 +24,7 @@ from conftest import tiny_t5  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402
 import train  # noqa: E402
 
 FPS = 10
@@ -215,6 +216,9 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
     assert action.shape == (2,) and torch.isfinite(action).all()
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=benchmark", *SMALL])
     assert "samples/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"reads observation.images.top and 3-D states, and acts in 2-D; --env=toy "
+                                         r"gives observation.images.top and 2-D states"):
+        sample.main([f"--policy={out / 'policy'}", "--episodes=1"])  # not a toy-world policy: one line, no episode
 
 
 def test_the_comparisons_train_on_a_dataset(encoded, capsys):
