@@ -202,6 +202,12 @@ class TrainConfig:
                              "names a file inside a folder or a Hub repo (drop one of the two)")
         if not self.out_dir.strip():
             raise ValueError("--out_dir must not be empty")
+        out = Path(self.out_dir).absolute()
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out_dir={self.out_dir} is a file, not a folder")
+        ancestor = next(p for p in (out, *out.parents) if p.exists())  # where the run's folders will be made
+        if not os.access(ancestor, os.W_OK):
+            raise ValueError(f"--out_dir={self.out_dir}: {ancestor} is not writable")
         mv.check_device(self.device)
         for name, presets in (("video_preset", mv.VIDEO_DIT_PRESETS), ("decoder_preset", mv.ACTION_DECODER_PRESETS),
                               ("model_preset", mv.VIDEO_ACTION_PRESETS)):

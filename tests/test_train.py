@@ -63,6 +63,8 @@ def test_unknown_field_and_bad_value_exit_with_a_message():
                           (["--stage=pretrain", "--video_init=x.pt"], "--video_init is the pretrained backbone")):
         with pytest.raises(SystemExit, match=message):  # a stage the run does not have: its output would go unread
             parse(args)
+    with pytest.raises(SystemExit, match="--out_dir=.* is a file, not a folder"):
+        parse([f"--out_dir={__file__}"])
     for option in ("--method=vla", "--num_demos=100", "--seed=1"):  # the experiment sets them for its runs
         with pytest.raises(SystemExit, match=f"{option.split('=')[0]} does not apply to --stage=experiment"):
             parse(["--stage=experiment", option])
