@@ -1121,8 +1121,9 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
 
 
 def validation_split(cfg, n):
-    """The validation episodes (sorted indices of n): a split by episode, fixed by the seed."""
-    n_val = int(round(cfg.val_fraction * n)) if n > 1 else 0
+    """The validation episodes (sorted indices of n): a split by episode, fixed by the seed; one episode at least is
+    left to train on."""
+    n_val = min(n - 1, int(round(cfg.val_fraction * n)))
     return sorted(np.random.RandomState(cfg.seed).permutation(n)[:n_val].tolist())
 
 

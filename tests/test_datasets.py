@@ -297,6 +297,12 @@ def test_mismatches_are_refused_at_startup(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_validation_split_leaves_an_episode_to_train_on():
+    split = lambda fraction, n: train.validation_split(train.TrainConfig(val_fraction=fraction), n)  # noqa: E731
+    assert split(0.9, 2) == [1] or split(0.9, 2) == [0]  # round(1.8) = 2 would leave no training episode
+    assert split(0.5, 1) == [] and len(split(0.1, 40)) == 4 and split(0.0, 5) == []
+
+
 def test_patience_on_a_cache_without_validation_episodes_is_refused_before_training(tmp_path):
     """--patience stops on the validation loss: a cache encoded without held-out episodes (2 episodes, 10%) cannot
     give one. Said before the first step, not at the first checkpoint."""
