@@ -75,6 +75,11 @@ class SampleConfig:
             raise ValueError(f"--env must be toy or libero, got {self.env!r}")
         if self.env == "libero" and self.suite not in LIBERO_MAX_STEPS:
             raise ValueError(f"--suite must be one of {', '.join(LIBERO_MAX_STEPS)}, got {self.suite!r}")
+        released = mv.RELEASED_POLICIES.get(self.policy, ("",))[0]  # "libero" or "bridge" for a released task
+        if released and (released, self.env) != ("libero", "libero") and not (self.benchmark or self.latency):
+            raise ValueError(f"--policy={self.policy} is a released {released} policy: " + (
+                "run it with --env=libero" if released == "libero" else "it runs in SimplerEnv (Bridge), which "
+                "sample.py does not drive; mv.load_policy gives it to your own loop"))  # before gigabytes load
         if self.env == "libero" and not self.benchmark and importlib.util.find_spec("libero") is None:
             raise ValueError(LIBERO_MISSING)  # before the policy (gigabytes for a released one) is loaded
         if self.episodes < 1 or self.trials < 1 or self.bench_runs < 1:
@@ -504,9 +509,18 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
           f"inputs: ratio {a / b:.2f} ({'not slower' if a <= b else 'SLOWER'}); outputs agree to {diff:.1e}")
 
 
+def load_policy(name, device, dtype=None):
+    """mv.load_policy, with what is wrong with a policy's files (missing, truncated, another format, not fitting the
+    model) in one line."""
+    try:
+        return mv.load_policy(name, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointReadError and CheckpointMismatchError are ValueErrors
+        sys.exit(f"error: {e}")
+
+
 def latency_side_by_side(cfg, device, rounds=30):
     """Milliseconds per query (one environment) of several policies, interleaved on one toy-world observation."""
-    policies = {folder: mv.load_policy(folder, device=device) for folder in cfg.latency.split(",")}
+    policies = {folder: load_policy(folder, device) for folder in cfg.latency.split(",")}
     for folder, ms in mv.query_latency(policies, mv.toy_probe_observation(), rounds).items():
         p = policies[folder]
         what = (f"{p.model.joint.num_steps} joint steps" if p.method == "joint" else f"k = {p.config.stop_after_step}")
@@ -522,7 +536,7 @@ def main(argv):
     if cfg.latency:
         return latency_side_by_side(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.env == "libero" else None
-    policy = mv.load_policy(cfg.policy, device=device, dtype=dtype)
+    policy = load_policy(cfg.policy, device, dtype)
     if policy.method != "mimic-video" and (cfg.oracle or cfg.gif or cfg.settings() != [("stop_after_step", 0)]):
         sys.exit(f"error: --oracle, --gif and the stop_after_step / tau_v sweep act on mimic-video's partial "
                  f"denoising; {cfg.policy} holds a {policy.method} policy")

@@ -445,6 +445,8 @@ def test_a_broken_policy_folder_names_the_file(policy, tmp_path):
         broken()
         with pytest.raises(error, match=message):
             mv.load_policy(folder)
+        with pytest.raises(SystemExit, match="^error: .*" + message):  # sample.py: one line
+            sample.main([f"--policy={folder}"])
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete: config.json missing"):
         mv.load_policy(folder)

@@ -193,6 +193,10 @@ def test_libero_without_its_simulator_stops_before_the_policy_loads(monkeypatch)
     monkeypatch.setattr(mv, "load_policy", lambda *a, **k: pytest.fail("the policy was loaded"))
     with pytest.raises(SystemExit, match="^error: --env=libero needs the LIBERO simulator: pip install hf-libero"):
         sample.main(["--env=libero", "--policy=libero_spatial_full"])
+    with pytest.raises(SystemExit, match="is a released libero policy: run it with --env=libero"):
+        sample.main(["--policy=libero_spatial_full"])  # the toy world: refused before the weights load
+    with pytest.raises(SystemExit, match="is a released bridge policy: it runs in SimplerEnv"):
+        sample.main(["--env=libero", "--policy=bridge"])
 
 
 @pytest.mark.parametrize("stage,flag", [("1", "--stage1_steps"), ("2", "--stage2_steps")])
