@@ -260,6 +260,8 @@ class Attention(nn.Module):
 
     def __init__(self, query_dim, context_dim, num_heads):
         super().__init__()
+        if query_dim % num_heads:  # a config mistake, said here rather than as a reshape error in the first forward
+            raise ValueError(f"model_channels={query_dim} does not split into num_heads={num_heads} heads")
         self.num_heads, self.head_dim = num_heads, query_dim // num_heads
         # registration order = official state-dict order
         self.q_proj = nn.Linear(query_dim, query_dim, bias=False)

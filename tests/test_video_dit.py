@@ -181,3 +181,5 @@ def test_config_presets_and_unknown_fields():
         mv.make_config(mv.VideoDiTConfig, "tiny", mv.VIDEO_DIT_PRESETS, num_block=2)
     with pytest.raises(ValueError, match="unknown VideoDiTConfig preset"):
         mv.make_config(mv.VideoDiTConfig, "huge", mv.VIDEO_DIT_PRESETS)
+    with pytest.raises(ValueError, match="model_channels=64 does not split into num_heads=3 heads"):
+        mv.VideoDiT(mv.replace(cfg, num_heads=3))
