@@ -1927,7 +1927,7 @@ def dataset_source(cfg, env):
     out = Path(cfg.out_dir)
     data = CachedData(out / "cache")
     val = CachedData(out / "cache", "val") if data.meta["val"] else None
-    if cfg.patience and val is None:  # the encode held out no episode (it ran without --patience)
+    if cfg.patience and val is None and cfg.stage in ("all", "2"):  # the encode held out none (without --patience)
         sys.exit(f"error: --patience stops on the validation loss, and {out / 'cache'} holds out no validation "
                  "episode: encode again with a larger --val_fraction (--stage=encode), or drop --patience")
     plan = data.meta["plan"]
