@@ -89,6 +89,8 @@ class SampleConfig:
             raise ValueError(f"--bench_shapes must be auto, real, reduced or tiny, got {self.bench_shapes!r}")
         if self.env == "libero" and (self.oracle or self.wrong_instruction or self.gif):
             raise ValueError("--oracle, --wrong_instruction and --gif are toy-world options (--env=toy)")
+        if self.gif and importlib.util.find_spec("PIL") is None:  # before the episodes, not after them
+            raise ValueError("--gif needs Pillow: pip install pillow")
         if self.gif:
             folder = Path(self.gif).resolve().parent
             if not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -188,10 +190,7 @@ def save_gif(policy, world, path, episodes=4):
     """Top row per episode: the rollout; bottom row: the plan the decoder read at each query (the video model's x0
     prediction at the noise level where partial denoising stopped; at k = 0, one forward from pure noise: a blurred
     average of the futures it considers likely)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        sys.exit("error: --gif needs Pillow: pip install pillow")
+    Image = mv.require("PIL.Image", "pillow")
     seeds = [mv.TOY_EVAL_SEEDS + i for i in range(episodes)]
     recorder = Imagining(policy)
     result = mv.toy_rollout(recorder, seeds, world)

@@ -1001,6 +1001,8 @@ def check_dataset(cfg, stages):
               "--pixel_keep=1 --pixel_coords=false)",
               file=sys.stderr)
     if "encode" in stages:
+        if wan:
+            mv.require("diffusers", "diffusers")  # the VAE's package: said now, not when the encode starts
         width = text_width(cfg)
         if width != video.crossattn_emb_channels:
             raise ValueError(f"--text_encoder={cfg.text_encoder} gives {width}-wide embeddings; --video_preset="
@@ -1770,7 +1772,7 @@ def main(argv):
     stages = stages_of(cfg)
     try:
         check_dataset(cfg, stages)
-    except (ValueError, FileNotFoundError) as e:  # DatasetError is a ValueError
+    except (ValueError, FileNotFoundError, ImportError) as e:  # DatasetError is a ValueError
         sys.exit(f"error: {e}")
     env = rank, world, device, autocast = setup(cfg)
     out = Path(cfg.out_dir)

@@ -314,6 +314,23 @@ def test_patience_on_a_cache_without_validation_episodes_is_refused_before_train
     assert not (tmp_path / "out" / "stage2").exists()
 
 
+def test_a_missing_encoder_package_is_named_at_startup(tmp_path, monkeypatch):
+    """--video_encoder=wan without diffusers (or t5 without transformers): the install line, before any work."""
+    train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+
+    def import_module(name, *a, _import=mv.importlib.import_module):
+        if name in ("diffusers", "transformers"):
+            raise ImportError(f"No module named {name!r}")
+        return _import(name, *a)
+
+    monkeypatch.setattr(mv.importlib, "import_module", import_module)
+    monkeypatch.setattr(train, "setup", lambda *a: pytest.fail("work started"))
+    for args, package in ((["--video_encoder=wan", "--video_preset=cosmos-predict2-2b"], "diffusers"),
+                          (["--text_encoder=t5"], "transformers")):
+        with pytest.raises(SystemExit, match=f"^error: {package} is not installed; .*pip install {package}"):
+            train.main([f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL, *args])
+
+
 def test_tokens_wider_than_the_video_dit_are_warned_of(tmp_path, capsys):
     """The pixel encoder's latents times the video DiT's patch must fit through its width (the velocity it predicts
     carries the noise it was given): 32 x 32 frames space-to-depth by 4 make 768-number tokens for the 64-wide toy

@@ -152,8 +152,16 @@ def test_partial_denoising_options_on_a_joint_policy_are_refused(smoke, tmp_path
             sample.main(["--benchmark=true", option])
 
 
-def test_gif_or_a_clear_install_hint(smoke, tmp_path):
+def test_gif_or_a_clear_install_hint(smoke, tmp_path, monkeypatch):
     path = tmp_path / "rollout.gif"
+    import importlib.util
+
+    with monkeypatch.context() as m:  # without Pillow: said before any episode runs
+        find_spec = importlib.util.find_spec
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else find_spec(name, *a))
+        m.setattr(mv, "load_policy", lambda *a, **k: pytest.fail("the policy was loaded"))
+        with pytest.raises(SystemExit, match="^error: --gif needs Pillow: pip install pillow"):
+            sample.main([f"--policy={smoke / 'policy'}", "--episodes=2", f"--gif={path}"])
     try:
         import PIL  # noqa: F401  (optional dependency)
     except ImportError:
