@@ -2072,5 +2072,5 @@ def run_dataset(cfg, stages, env):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (DatasetError, mv.CheckpointReadError, mv.CheckpointMismatchError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")  # a user's file or dataset: one line, not a traceback
+    except (DatasetError, mv.CheckpointReadError, mv.CheckpointMismatchError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")  # a user's file or dataset, or an optional package to install: one line

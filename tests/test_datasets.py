@@ -354,6 +354,16 @@ def test_a_broken_dataset_stops_train_py_in_one_line(tmp_path):
                           "--stage=encode", *SMALL], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("error: episode 0: ")
+    # an optional package missing where it is first needed (here PyAV, for --stage=export): its install line
+    no_av = ("import builtins, runpy, sys; real = builtins.__import__\n"
+             "def imp(name, *a, **k):\n"
+             "    if name.split('.')[0] == 'av': raise ImportError('No module named av')\n"
+             "    return real(name, *a, **k)\n"
+             f"builtins.__import__ = imp; sys.argv = ['train.py', '--stage=export', '--out_dir={tmp_path / 'exp'}']\n"
+             "runpy.run_path('train.py', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", no_av], cwd=ROOT, capture_output=True, text=True)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and last == "error: av is not installed; it is needed here: pip install av", last
 
 
 def test_the_encode_is_shared_by_the_ranks(tmp_path):
