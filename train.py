@@ -1008,9 +1008,9 @@ def check_dataset(cfg, stages):
             raise ValueError(f"--text_encoder={cfg.text_encoder} gives {width}-wide embeddings; --video_preset="
                              f"{cfg.video_preset} reads {video.crossattn_emb_channels} (hashed: toy, t5-11b: "
                              "cosmos-predict2-2b)")
-        if cfg.pretrain_videos:
-            LeRobotDataset(cfg.pretrain_videos, cfg.camera, cfg.state_key, cfg.action_key)
         ds = LeRobotDataset(cfg.data, cfg.camera, cfg.state_key, cfg.action_key)  # the camera, keys and episodes
+        datasets = [ds] + ([LeRobotDataset(cfg.pretrain_videos, cfg.camera, cfg.state_key, cfg.action_key)]
+                           if cfg.pretrain_videos else [])
         timing = timing_preset(cfg.timing, ds.fps)
         check_timing(timing, ds.fps)
         if wan:
@@ -1020,6 +1020,19 @@ def check_dataset(cfg, stages):
         if cfg.n_action_steps > timing.chunk:
             raise ValueError(f"--n_action_steps={cfg.n_action_steps} is more than the {timing.chunk} actions of a "
                              f"chunk (--timing={cfg.timing})")
+        # the latents the encode will write must fit on the disk (the paper's setup: 2.4 MB a window in bf16)
+        frames = timing.context_frames + timing.future_frames
+        latent_frames = 1 + (frames - 1) // 4 if wan else frames  # the VAE compresses time by 4
+        window = channels * latent_frames * (H // factor) * (W // factor) * (4 if cfg.cache_dtype == "float32" else 2)
+        windows = sum(-(-e["length"] // cfg.anchor_stride) for d in datasets for e in d.episodes)
+        out = Path(cfg.out_dir).absolute()
+        done = sum(f.stat().st_size for f in out.glob("cache*/episode_*.safetensors"))  # a resumed encode's
+        free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
+        if windows * window > free + done:
+            raise ValueError(f"the cache of {windows} windows needs about {windows * window / 2**30:.1f} GiB of "
+                             f"latents ({window / 2**20:.2f} MiB a window) and {free / 2**30:.1f} GiB are free under "
+                             f"{out}: anchor a window every k frames (--anchor_stride=k), store bfloat16 "
+                             "(--cache_dtype), or choose another --out_dir")
         if cfg.patience and "2" in stages and not validation_split(cfg, len(ds)):
             raise ValueError(f"--patience stops on the validation loss, and --val_fraction={cfg.val_fraction} of "
                              f"{len(ds)} episode(s) holds out none: raise --val_fraction, or drop --patience")

@@ -331,6 +331,21 @@ def test_a_missing_encoder_package_is_named_at_startup(tmp_path, monkeypatch):
             train.main([f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL, *args])
 
 
+def test_a_cache_that_would_not_fit_on_the_disk_is_refused_at_startup(tmp_path, monkeypatch):
+    """The encode's latents are counted before it starts: 15 windows of 3 x 5 x 8 x 8 float32 latents (3,840 bytes
+    each) do not fit in 40 KB."""
+    train.write_lerobot_dataset(tmp_path / "data", episodes(), fps=FPS)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage._replace(free=40_000))
+    monkeypatch.setattr(train, "setup", lambda *a: pytest.fail("work started"))
+    with pytest.raises(SystemExit, match=r"the cache of 15 windows needs about 0.0 GiB of latents \(0.00 MiB a "
+                                         r"window\) and 0.0 GiB are free .*--anchor_stride=k"):
+        train.main([f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL])
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage._replace(free=60_000))
+    with pytest.raises(pytest.fail.Exception, match="work started"):  # 57,600 bytes fit: the run goes on
+        train.main([f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", *SMALL])
+
+
 def test_tokens_wider_than_the_video_dit_are_warned_of(tmp_path, capsys):
     """The pixel encoder's latents times the video DiT's patch must fit through its width (the velocity it predicts
     carries the noise it was given): 32 x 32 frames space-to-depth by 4 make 768-number tokens for the 64-wide toy
