@@ -2936,6 +2936,21 @@ class Policy(ChunkedPolicy):
         x0 = cosmos_sample(m.video, eps, latents, cond, text, m.cfg.num_video_steps, k, tau_v, return_x0=True)
         return self.video_encoder.decode(x0)
 
+    def to(self, device):
+        """Move the model and the encoders to `device` (LeRobot's policy.to); the episode starts over. Returns self."""
+        self.model.to(device)
+        for encoder in (self.video_encoder, getattr(self.text_encoder, "model", None)):  # T5's model; hashed: none
+            if isinstance(encoder, nn.Module):
+                encoder.to(device)
+        if hasattr(self.text_encoder, "cache"):
+            self.text_encoder.cache = {}  # embeddings on the old device
+        self.reset()
+        return self
+
+    def eval(self):
+        """LeRobot's policy.eval(): a Policy's model is always in eval mode. Returns self."""
+        return self
+
     def save(self, folder):
         save_policy_folder(folder, self.model, self.config, self.method)
 

@@ -170,6 +170,16 @@ def test_policy_end_to_end_from_raw_frames_and_strings(policy):
     assert chunk.shape == (B_ENV, 4, 7) and not policy.queue
 
 
+def test_to_moves_the_model_and_the_encoders_as_lerobot_does(tmp_path):
+    """policy.eval() and policy.to(device), as a LeRobot eval loop calls them (the meta device stands in for cuda)."""
+    va, cfg = tiny_policy_parts(tmp_path)
+    p = mv.Policy(va, cfg, mv.build_video_encoder(cfg.video_encoder), mv.build_text_encoder(cfg.text_encoder))
+    p.select_action(observation(0))
+    assert p.eval() is p and p.to("meta") is p and p.history is None and not p.text_encoder.cache
+    assert p.device.type == "meta" and next(p.video_encoder.parameters()).device.type == "meta"
+    assert next(p.text_encoder.model.parameters()).device.type == "meta"
+
+
 def test_history_is_padded_with_the_first_frame_and_strided(policy):
     policy.reset()
     policy.select_action(observation(0))
