@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -1790,11 +1791,14 @@ def main(argv):
     env = rank, world, device, autocast = setup(cfg)
     out = Path(cfg.out_dir)
     lock = RunLock(out)
-    if rank == 0:
-        check_out_dir(cfg, stages)
-        lock.acquire(lambda *a: log(rank, *a))
-    barrier(world)
+    # a cluster's preemption (SIGTERM) ends the run as Ctrl-C does, through the `finally` that frees the folder (a
+    # job requeued on another machine would find the lock held); checkpoints are whole either way
+    terminate = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
+        if rank == 0:
+            check_out_dir(cfg, stages)
+            lock.acquire(lambda *a: log(rank, *a))
+        barrier(world)
         torch.manual_seed(cfg.seed)
         log(rank, "config:", json.dumps(asdict(cfg)))
         log(rank, f"device {device}, {world} process(es), {torch.get_num_threads()} thread(s) each")
@@ -1813,6 +1817,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     finally:
         lock.release()
+        signal.signal(signal.SIGTERM, terminate)
         if world > 1:
             dist.destroy_process_group()
 

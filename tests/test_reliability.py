@@ -205,6 +205,8 @@ def test_a_second_run_into_the_same_folder_stops_naming_the_first(stage1, tmp_pa
             time.sleep(0.1)
         with pytest.raises(SystemExit, match=rf"in use by another run \(pid {first.pid} on"):
             train.main([f"--out_dir={out}", *STAGE2, "--stage2_steps=4", "--overwrite=true"])
+        first.terminate()  # SIGTERM, as a cluster preempts a job: the run ends through its cleanup, the folder free
+        assert first.wait(timeout=60) == 128 + signal.SIGTERM and not (out / ".lock").exists()
     finally:
         first.kill()
         first.wait()
