@@ -265,8 +265,8 @@ METHODS = ("mimic-video", "vla", "scratch", "joint")
 def setup(cfg):
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if ddp:  # the ranks wait for rank 0 while it writes a checkpoint (GBs at real scale): an hour, not NCCL's 10 min
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
         rank, world = dist.get_rank(), dist.get_world_size()
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     else:

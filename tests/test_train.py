@@ -353,6 +353,19 @@ def test_the_video_loss_levels_of_knowing_nothing():
     assert abs(train.loss_levels(model, gaussian, cfg)[0] / expected - 1) < 0.05
 
 
+def test_the_ranks_wait_an_hour_for_each_other(monkeypatch):
+    """NCCL's default collective timeout (10 minutes) would end a multi-GPU run while rank 0 writes a real-scale
+    checkpoint and the others wait at the barrier."""
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **k: calls.update(backend=backend, **k))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    train.setup(mv.parse_config(["--device=cpu"], train.TrainConfig))
+    assert calls["backend"] == "gloo" and calls["timeout"].total_seconds() >= 3600
+
+
 def test_a_step_out_of_memory_says_what_to_change(smoke, tmp_path, monkeypatch):
     """A step that does not fit (raised here as a GPU raises it) ends in one line naming the options that help."""
     shutil.copytree(smoke / "pretrain", tmp_path / "pretrain")
