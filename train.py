@@ -922,6 +922,7 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
 # data: a LeRobot dataset, encoded once (--stage=encode) into <out_dir>/cache, then read by every stage
 
 CACHE_FORMAT = "mimic-video cache v1"
+EPISODE_DECODE_BYTES = 2 << 30  # an episode's frames are decoded whole up to this size, longer ones window by window
 
 
 def encoder_dtype(device):
@@ -1106,12 +1107,18 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
     mine = [n for n in range(rank, len(ds), world) if not files[n].exists()]
     for n in tqdm(mine, desc=f"encode (rank {rank})" if world > 1 else "encode", disable=not sys.stderr.isatty()):
         low = ds.lowdim(n)
-        anchors = low["timestamp"][:: cfg.anchor_stride]
-        frames = ds.frames(n, np.arange(ds.episodes[n]["length"]))  # the episode's frames, decoded once
+        anchors, length = low["timestamp"][:: cfg.anchor_stride], ds.episodes[n]["length"]
+        whole = length * math.prod(ds.info["features"][ds.camera].get("shape", [])) <= EPISODE_DECODE_BYTES
+        frames = ds.frames(n, np.arange(length)) if whole else None  # the episode's frames, decoded once
         latents = []
         for i in range(0, len(anchors), 16):  # 16 windows at a time through the encoder
             ctx, fut = zip(*(ds.window_indices(low["timestamp"], t, timing) for t in anchors[i:i + 16]))
-            pix = frames[np.concatenate([np.stack(ctx), np.stack(fut)], axis=1)]  # (b, Tc + Tf, H, W, 3)
+            idx = np.concatenate([np.stack(ctx), np.stack(fut)], axis=1)  # (b, Tc + Tf) frame numbers
+            if whole:
+                pix = frames[idx]  # (b, Tc + Tf, H, W, 3)
+            else:  # a long episode: the frames these windows span, decoded for them
+                pix = ds.frames(n, idx.ravel())
+                pix = pix.reshape(*idx.shape, *pix.shape[1:])  # (b * (Tc + Tf), H, W, 3) -> (b, Tc + Tf, H, W, 3)
             pix = mv.resize_frames(mv.images_to_frames(torch.from_numpy(pix)), cfg.image_hw())  # (b, T, 3, h, w)
             z = video_encoder.encode(pix.transpose(1, 2).to(device))  # (b, C, T', h', w')
             latents.append(z.cpu().to(getattr(torch, cfg.cache_dtype)))

@@ -182,6 +182,19 @@ def test_the_cache_holds_every_window_and_the_statistics(encoded):
     assert np.allclose(stats["mean"], chunks.mean(0)) and np.shape(stats["percentiles"]) == (1001, 8, 2)
 
 
+def test_a_long_episode_is_decoded_window_by_window_into_the_same_cache(encoded, tmp_path, monkeypatch):
+    """An episode whose frames would not fit in memory is decoded a group of windows at a time (here every episode,
+    the budget set to 0): the cache is the same, file for file."""
+    monkeypatch.setattr(train, "EPISODE_DECODE_BYTES", 0)
+    train.main([f"--data={encoded / 'data'}", f"--out_dir={tmp_path}", "--stage=encode", "--val_fraction=0.25",
+                *SMALL])
+    files = sorted((encoded / "out" / "cache").glob("episode_*.safetensors"))
+    for f in files:
+        a, b = load_file(f), load_file(tmp_path / "cache" / f.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
+    assert len(files) == 4
+
+
 def test_encoding_resumes_and_refuses_other_settings(encoded, capsys, monkeypatch):
     out = encoded / "out"
     first = (out / "cache" / "episode_000000.safetensors").stat().st_mtime_ns
