@@ -315,6 +315,8 @@ class RunLock:
     def _alive(owner):
         if owner.get("host") != socket.gethostname():
             return True  # another machine's process: cannot tell, so it is not taken over
+        if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process there, not ask about it
+            return True
         try:
             os.kill(owner["pid"], 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:

@@ -212,6 +212,13 @@ def test_a_second_run_into_the_same_folder_stops_naming_the_first(stage1, tmp_pa
         first.wait()
 
 
+def test_on_windows_a_lock_is_never_probed_with_os_kill(monkeypatch):
+    """os.kill(pid, 0) asks whether a process exists on POSIX; on Windows it terminates it."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("os.kill called"))
+    assert train.RunLock._alive({"host": socket.gethostname(), "pid": os.getpid()})
+
+
 def test_a_stale_lock_is_taken_over(stage1, tmp_path, capsys):
     out = copy_base(stage1, tmp_path / "run")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
