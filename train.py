@@ -595,7 +595,7 @@ class LeRobotDataset:
         info_path = root / "meta" / "info.json"
         if not info_path.is_file():
             raise DatasetError(f"{root} is not a LeRobot dataset: {info_path} does not exist")
-        self.info = info = json.loads(info_path.read_text())
+        self.info = info = json.loads(info_path.read_text(encoding="utf-8"))
         self.version = info.get("codebase_version", "?")
         if self.version not in ("v3.0", "v2.1", "v2.0"):
             raise DatasetError(f"{info_path}: codebase_version {self.version!r} is not supported (v3.0, v2.1, v2.0)")
@@ -668,7 +668,7 @@ class LeRobotDataset:
             if not path.is_file():
                 raise DatasetError(f"{path} does not exist")
             chunks = self.info.get("chunks_size", 1000)
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 if not line.strip():
                     continue
                 row = json.loads(line)
@@ -697,7 +697,7 @@ class LeRobotDataset:
             names = table.get("task") or table.get("__index_level_0__")
             return dict(zip(table["task_index"], names))
         if (meta / "tasks.jsonl").is_file():
-            rows = [json.loads(line) for line in (meta / "tasks.jsonl").read_text().splitlines() if line.strip()]
+            rows = [json.loads(line) for line in (meta / "tasks.jsonl").read_text("utf-8").splitlines() if line.strip()]
             return {r["task_index"]: r["task"] for r in rows}
         raise DatasetError(f"{meta} has neither tasks.parquet nor tasks.jsonl")
 
