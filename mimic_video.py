@@ -3344,6 +3344,12 @@ def check_device(device):
         raise ValueError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def changed_fields(cfg, names=None):
+    """The fields of a config (among `names`; default all) set away from their defaults: the scripts refuse, by name,
+    an option the run would ignore."""
+    return [f.name for f in fields(cfg) if (names is None or f.name in names) and getattr(cfg, f.name) != f.default]
+
+
 def parse_config(argv, cfg_cls):
     """--field=value overrides of a config dataclass. An unknown field or a value of the wrong type exits with a
     one-line message; the config's own `validate()` (if any) checks ranges the same way, before any work starts."""

@@ -105,13 +105,13 @@ class SampleConfig:
         libero, bench = ("suite", "trials"), ("bench_runs", "bench_shapes", "compile")
         for needs, names in (("--env=libero", libero if self.env != "libero" else ()),
                              ("--benchmark=true", bench if not self.benchmark else ())):
-            given = [n for n in names if getattr(self, n) != getattr(SampleConfig, n)]
+            given = mv.changed_fields(self, names)
             if given:  # it would be ignored
                 raise ValueError(f"--{given[0]} applies only with {needs}")
         if self.benchmark or self.latency:  # random weights, or the folders --latency names, timed on one observation
             rollout = ("policy", "env", "episodes", "stop_after_step", "tau_v", "oracle", "wrong_instruction", "gif",
                        "seed", "latency" if self.benchmark else "benchmark")
-            given = [n for n in rollout if getattr(self, n) != getattr(SampleConfig, n)]
+            given = mv.changed_fields(self, rollout)
             if given:
                 raise ValueError(f"--{given[0]} does not apply to {'--benchmark' if self.benchmark else '--latency'}")
         folder = (Path(self.policy) / "config.json").is_file()

@@ -146,9 +146,8 @@ class TrainConfig:
                              f"evaluate in (load the policy folder with mv.load_policy and run it on your robot "
                              "or simulator)")
         if self.stage == "experiment":  # it sets its runs' methods, demonstrations, seeds and stage-2 steps itself
-            given = [f.name for f in self.__dataclass_fields__.values() if getattr(self, f.name) != f.default
-                     and f.name not in EXPERIMENT_SHARED + ("stage", "out_dir", "eval_episodes")
-                     and not f.name.startswith("experiment_")]
+            given = [f for f in mv.changed_fields(self) if not f.startswith("experiment_")
+                     and f not in EXPERIMENT_SHARED + ("stage", "out_dir", "eval_episodes")]
             if given:
                 shared = ", ".join("--" + f for f in EXPERIMENT_SHARED)
                 raise ValueError(f"--{given[0]} does not apply to --stage=experiment (its runs take --experiment_*, "
@@ -172,7 +171,7 @@ class TrainConfig:
                              "least 1, --n_action_steps at least 0")
         # an option of the other data source would be ignored: say so
         other = TOY_FIELDS if self.data else DATASET_FIELDS
-        given = [f for f in other if getattr(self, f) != getattr(TrainConfig, f)]
+        given = mv.changed_fields(self, other)
         if given and self.data:
             raise ValueError(f"--{given[0]} applies to the toy world; with --data the dataset's episodes are used")
         if given:
@@ -206,7 +205,7 @@ class TrainConfig:
         out = Path(self.out_dir).absolute()
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out_dir={self.out_dir} is a file, not a folder")
-        ancestor = next(p for p in (out, *out.parents) if p.exists())  # where the run's folders will be made
+        ancestor = existing_folder(out)  # where the run's folders will be made
         if not os.access(ancestor, os.W_OK):
             raise ValueError(f"--out_dir={self.out_dir}: {ancestor} is not writable")
         mv.check_device(self.device)
@@ -257,6 +256,12 @@ class TrainConfig:
 
 STAGES = ("all", "export", "encode", "pretrain", "1", "2", "eval", "benchmark", "experiment")
 METHODS = ("mimic-video", "vla", "scratch", "joint")
+
+
+def existing_folder(path):
+    """`path`, or the nearest folder above it that exists: where the run's folders will be made."""
+    path = Path(path).absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1031,7 +1036,7 @@ def check_dataset(cfg, stages):
         windows = sum(-(-e["length"] // cfg.anchor_stride) for d in datasets for e in d.episodes)
         out = Path(cfg.out_dir).absolute()
         done = sum(f.stat().st_size for f in out.glob("cache*/episode_*.safetensors"))  # a resumed encode's
-        free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
+        free = shutil.disk_usage(existing_folder(out)).free
         if windows * window > free + done:
             raise ValueError(f"the cache of {windows} windows needs about {windows * window / 2**30:.1f} GiB of "
                              f"latents ({window / 2**20:.2f} MiB a window) and {free / 2**30:.1f} GiB are free under "
