@@ -1200,6 +1200,63 @@ def _check_finite(x, what):
         raise ValueError(f"{what} contains NaN or infinite values")
 
 
+def latent_window(cfg: VideoActionConfig, channels, context, future):
+    """(context, future) -> latents (B, C, T, H, W) and the conditioning-frame mask (B, T).
+
+    The window must be the one a model was trained with: `context_latents` observed frames, then
+    `latent_frames - context_latents` future frames (given in training, zeros when the model imagines them).
+    """
+    if context.dim() != 5 or context.shape[1] != channels:
+        raise ValueError(f"context must be (B, {channels}, T, H, W) latents, got {tuple(context.shape)}")
+    if context.shape[2] != cfg.context_latents:
+        raise ValueError(f"context has {context.shape[2]} latent frames; this model was configured for "
+                         f"context_latents={cfg.context_latents}")
+    B, C, Tc, H, W = context.shape
+    if future is None:  # inference: the future is what the video model imagines; official zero-pads
+        future = context.new_zeros(B, C, cfg.latent_frames - Tc, H, W)
+    elif tuple(future.shape) != (B, C, cfg.latent_frames - Tc, H, W):
+        raise ValueError(f"future must be {(B, C, cfg.latent_frames - Tc, H, W)} (latent_frames="
+                         f"{cfg.latent_frames} minus {Tc} context frames), got {tuple(future.shape)}")
+    latents = torch.cat([context, future.to(context.dtype)], dim=2)  # (B, C, Tc + Tf, H, W)
+    return latents, first_frames_mask(latents.shape[0], latents.shape[2], context.shape[2], latents.device)
+
+
+def draw_training_noise(cfg: VideoActionConfig, loss, batch, latent_shape, action_shape=None, generator=None,
+                        device=None):
+    """Every random draw of one training step of `loss` ("video" or "action"), for `batch` samples: sigma (and
+    tau_a, the proprio mask), eps for the video and the actions. Draw it for the global batch and slice it per
+    rank, and the loss does not depend on how the batch is sharded (DDP equals one process; resume is exact)."""
+    if loss not in ("video", "action"):
+        raise ValueError(f"loss must be 'video' or 'action', got {loss!r}")
+    if loss == "video" or cfg.video_time == "official":
+        sigma = sample_video_sigma(batch, generator, device, multiplier=cfg.video_sigma_multiplier)
+    elif cfg.video_time == "paper":
+        sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
+    else:
+        raise ValueError(f"video_time must be 'official' or 'paper', got {cfg.video_time!r}")
+    noise = {"sigma": sigma,
+             "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
+    if loss == "video":
+        return noise
+    if cfg.action_time == "official":
+        noise["tau_a"] = sample_tau_action_uniform(batch, generator, device)
+    elif cfg.action_time == "paper":
+        noise["tau_a"] = sample_tau_action_beta(batch, generator, device)
+    else:
+        raise ValueError(f"action_time must be 'official' or 'paper', got {cfg.action_time!r}")
+    noise["eps_action"] = torch.randn((batch,) + tuple(action_shape), generator=generator, device=device)
+    noise["obs_mask"] = torch.rand(batch, generator=generator, device=device) < cfg.obs_dropout
+    return noise
+
+
+def query_noise(shapes, seed, numpy_noise, device):
+    """The noise of one policy query, one tensor per shape, from `seed` (torch, or numpy as the official code)."""
+    if numpy_noise:  # official: the same seed for the video and the action noise
+        return [numpy_randn(shape, seed, device=device) for shape in shapes]
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(shape, generator=g, device=device) for shape in shapes]
+
+
 class VideoActionModel(nn.Module):
     """The video DiT (frozen in stage 2) and the action decoder, with the optional normalizers of a policy.
 
@@ -1231,26 +1288,7 @@ class VideoActionModel(nn.Module):
     num_actions = property(lambda self: self.decoder.cfg.num_actions)  # actions per chunk
 
     def window(self, context, future):
-        """(context, future) -> latents (B, C, T, H, W) and the conditioning-frame mask (B, T).
-
-        The window must be the one the model was trained with: `context_latents` observed frames, then
-        `latent_frames - context_latents` future frames (given in training, zeros when the model imagines them).
-        """
-        cfg = self.cfg
-        if context.dim() != 5 or context.shape[1] != self.video.cfg.in_channels:
-            raise ValueError(f"context must be (B, {self.video.cfg.in_channels}, T, H, W) latents, got "
-                             f"{tuple(context.shape)}")
-        if context.shape[2] != cfg.context_latents:
-            raise ValueError(f"context has {context.shape[2]} latent frames; this model was configured for "
-                             f"context_latents={cfg.context_latents}")
-        B, C, Tc, H, W = context.shape
-        if future is None:  # inference: the future is what the video model imagines; official zero-pads
-            future = context.new_zeros(B, C, cfg.latent_frames - Tc, H, W)
-        elif tuple(future.shape) != (B, C, cfg.latent_frames - Tc, H, W):
-            raise ValueError(f"future must be {(B, C, cfg.latent_frames - Tc, H, W)} (latent_frames="
-                             f"{cfg.latent_frames} minus {Tc} context frames), got {tuple(future.shape)}")
-        latents = torch.cat([context, future.to(context.dtype)], dim=2)  # (B, C, Tc + Tf, H, W)
-        return latents, first_frames_mask(latents.shape[0], latents.shape[2], context.shape[2], latents.device)
+        return latent_window(self.cfg, self.video.cfg.in_channels, context, future)
 
     def video_features(self, context, future, text, sigma, eps=None, generator=None):
         """Decoder context from ground-truth future latents noised to sigma (training; the paper's oracle).
@@ -1282,31 +1320,7 @@ class VideoActionModel(nn.Module):
         raise ValueError(f"loss must be 'video' (stage 1, pretraining) or 'action' (stage 2), got {loss!r}")
 
     def draw_noise(self, loss, batch, latent_shape, action_shape=None, generator=None, device=None):
-        """Every random draw of one training step of `loss` ("video" or "action"), for `batch` samples: sigma (and
-        tau_a, the proprio mask), eps for the video and the actions. Draw it for the global batch and slice it per
-        rank, and the loss does not depend on how the batch is sharded (DDP equals one process; resume is exact)."""
-        cfg = self.cfg
-        if loss not in ("video", "action"):
-            raise ValueError(f"loss must be 'video' or 'action', got {loss!r}")
-        if loss == "video" or cfg.video_time == "official":
-            sigma = sample_video_sigma(batch, generator, device, multiplier=cfg.video_sigma_multiplier)
-        elif cfg.video_time == "paper":
-            sigma = tau_to_sigma(sample_tau_logit_normal(batch, generator, device))
-        else:
-            raise ValueError(f"video_time must be 'official' or 'paper', got {cfg.video_time!r}")
-        noise = {"sigma": sigma,
-                 "eps_video": torch.randn((batch,) + tuple(latent_shape), generator=generator, device=device)}
-        if loss == "video":
-            return noise
-        if cfg.action_time == "official":
-            noise["tau_a"] = sample_tau_action_uniform(batch, generator, device)
-        elif cfg.action_time == "paper":
-            noise["tau_a"] = sample_tau_action_beta(batch, generator, device)
-        else:
-            raise ValueError(f"action_time must be 'official' or 'paper', got {cfg.action_time!r}")
-        noise["eps_action"] = torch.randn((batch,) + tuple(action_shape), generator=generator, device=device)
-        noise["obs_mask"] = torch.rand(batch, generator=generator, device=device) < cfg.obs_dropout
-        return noise
+        return draw_training_noise(self.cfg, loss, batch, latent_shape, action_shape, generator, device)
 
     def action_loss(self, context, future, text, proprio, actions, noise=None, generator=None):
         """Stage 2: the decoder's loss on the frozen backbone, tau_v and tau_a drawn independently per sample.
@@ -1368,7 +1382,7 @@ class VideoActionModel(nn.Module):
             proprio = self.obs_normalizer.normalize(proprio)
         latents, cond = self.window(context, oracle_future)
         B, HA = latents.shape[0], self.decoder.cfg.num_actions
-        noise = self._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.decoder.cfg.out_channels)), seed,
+        noise = query_noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.decoder.cfg.out_channels)), seed,
                             numpy_noise, latents.device)
         if oracle_future is not None:
             sigma_v = float(partial_schedule(self.cfg.num_video_steps, stop_after_step, tau_v)[-1])
@@ -1382,13 +1396,6 @@ class VideoActionModel(nn.Module):
         if raw:
             actions = self.action_normalizer.unnormalize(actions)
         return actions
-
-    @staticmethod
-    def _noise(shapes, seed, numpy_noise, device):
-        if numpy_noise:  # official: the same seed for the video and the action noise
-            return [numpy_randn(shape, seed, device=device) for shape in shapes]
-        g = torch.Generator(device=device).manual_seed(seed)
-        return [torch.randn(shape, generator=g, device=device) for shape in shapes]
 
 
 # ================================================================================================
@@ -2446,8 +2453,12 @@ class JointVideoActionModel(nn.Module):
     state_dim = property(lambda self: self.joint.state_dim)
     action_dim = property(lambda self: self.joint.action_dim)
     num_actions = property(lambda self: self.joint.chunk)
-    window = VideoActionModel.window
-    draw_noise = VideoActionModel.draw_noise
+
+    def window(self, context, future):
+        return latent_window(self.cfg, self.video.cfg.in_channels, context, future)
+
+    def draw_noise(self, loss, batch, latent_shape, action_shape=None, generator=None, device=None):
+        return draw_training_noise(self.cfg, loss, batch, latent_shape, action_shape, generator, device)
 
     def velocities(self, net_in, tau_BT, text, condition_mask, proprio, x_a, tau_a):
         """One joint forward: video velocity (B, C, T, H, W) and action velocity (B, HA, d_a).
@@ -2516,8 +2527,8 @@ class JointVideoActionModel(nn.Module):
             proprio = self.obs_normalizer.normalize(proprio)
         latents, cond = self.window(context, None)
         B, HA = latents.shape[0], self.joint.chunk
-        x_v, x_a = VideoActionModel._noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.joint.action_dim)), seed,
-                                           numpy_noise, latents.device)
+        x_v, x_a = query_noise(((B,) + tuple(latents.shape[1:]), (B, HA, self.joint.action_dim)), seed, numpy_noise,
+                               latents.device)
         n_v = x_v[0].numel()
 
         def velocity(x, tau):  # x: the video latents and the actions of each sample side by side, (B, n_v + n_a)
@@ -2932,7 +2943,7 @@ class Policy(ChunkedPolicy):
         context, _, text, _ = self._inputs()
         m, (k, tau_v) = self.model, self._stop(stop_after_step)
         latents, cond = m.window(context, None)
-        eps = m._noise([latents.shape], self.config.seed, self.config.numpy_noise, latents.device)[0]
+        eps = query_noise([latents.shape], self.config.seed, self.config.numpy_noise, latents.device)[0]
         x0 = cosmos_sample(m.video, eps, latents, cond, text, m.cfg.num_video_steps, k, tau_v, return_x0=True)
         return self.video_encoder.decode(x0)
 
