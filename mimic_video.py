@@ -2969,6 +2969,17 @@ class Policy(ChunkedPolicy):
         return push_policy_to_hub(self, repo_id, private, token, commit_message)
 
 
+def check_fits_env(policy, name, env, cameras, state_dim, action_dim):
+    """Refuse (ValueError) to run a policy in an environment without the camera it reads or with other state and
+    action sizes: one line before the first episode, instead of a traceback inside its first step."""
+    reads = (policy.config.camera, policy.representation.state_dim, policy.representation.action_dim)
+    if reads[0] not in cameras or reads[1:] != (state_dim, action_dim):
+        raise ValueError(f"{name} reads observation.images.{reads[0]} and {reads[1]}-D states, and acts in "
+                         f"{reads[2]}-D; {env} gives observation.images.{' or '.join(cameras)} and {state_dim}-D "
+                         f"states, and takes {action_dim}-D actions (run the policy in the simulator it was trained "
+                         "for)")
+
+
 def query_latency(policies, observation, rounds=20, warmup=3):
     """Median milliseconds per model query of each policy ({name: Policy}) on the same observation, measured in
     interleaved rounds (one query of each per round) so that machine drift falls on all of them alike."""
@@ -3309,6 +3320,7 @@ def toy_baselines(seeds, cfg: ToyWorldConfig, seed=0):
     expert = toy_rollout(ToyScriptedPolicy("expert", cfg), seeds, cfg)["success"].mean()
     return float(random), float(expert)
 
+TOY_ENV = (("top",), 2, 2)  # what the toy world gives a policy: its cameras, state and action sizes
 TOY_EVAL_SEEDS = 10**9  # held-out episodes are seeds 10**9, 10**9 + 1, ...: never used for demonstrations
 
 

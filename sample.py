@@ -539,12 +539,11 @@ def main(argv):
     if policy.method != "mimic-video" and (cfg.oracle or cfg.gif or cfg.settings() != [("stop_after_step", 0)]):
         sys.exit(f"error: --oracle, --gif and the stop_after_step / tau_v sweep act on mimic-video's partial "
                  f"denoising; {cfg.policy} holds a {policy.method} policy")
-    env = {"toy": (("top",), 2, 2), "libero": (("image", "image2"), 8, 7)}[cfg.env]  # cameras, state, action dims
-    reads = (policy.config.camera, policy.representation.state_dim, policy.representation.action_dim)
-    if reads[0] not in env[0] or reads[1:] != env[1:]:  # else a traceback in the first step of the first episode
-        sys.exit(f"error: {cfg.policy} reads observation.images.{reads[0]} and {reads[1]}-D states, and acts in "
-                 f"{reads[2]}-D; --env={cfg.env} gives observation.images.{' or '.join(env[0])} and {env[1]}-D states, "
-                 f"and takes {env[2]}-D actions (run the policy in the simulator it was trained for)")
+    env = {"toy": mv.TOY_ENV, "libero": (("image", "image2"), 8, 7)}[cfg.env]  # cameras, state, action dims
+    try:
+        mv.check_fits_env(policy, cfg.policy, f"--env={cfg.env}", *env)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if cfg.env == "libero":
         for name, value in cfg.settings():
             apply_setting(policy, name, value)

@@ -2064,6 +2064,10 @@ def run_toy(cfg, stages, env):
     if "eval" in stages and env[0] == 0:
         world_cfg = mv.ToyWorldConfig()
         policy = mv.load_policy(Path(cfg.out_dir) / "policy", device=env[2], stop_after_step=cfg.stop_after_step)
+        try:  # --stage=eval reads whatever policy the folder holds: one trained on a dataset does not fit
+            mv.check_fits_env(policy, Path(cfg.out_dir) / "policy", "the toy world (--stage=eval)", *mv.TOY_ENV)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         seeds = [mv.TOY_EVAL_SEEDS + i for i in range(cfg.eval_episodes)]
         random, expert = mv.toy_baselines(seeds, world_cfg, cfg.seed)
         rate = evaluate(policy, cfg.eval_episodes, world_cfg)

@@ -232,6 +232,9 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
     with pytest.raises(SystemExit, match=r"reads observation.images.top and 3-D states, and acts in 2-D; --env=toy "
                                          r"gives observation.images.top and 2-D states"):
         sample.main([f"--policy={out / 'policy'}", "--episodes=1"])  # not a toy-world policy: one line, no episode
+    with pytest.raises(SystemExit, match=r"reads observation.images.top and 3-D states, and acts in 2-D; the toy "
+                                         r"world \(--stage=eval\) gives observation.images.top and 2-D states"):
+        train.main([f"--out_dir={out}", "--stage=eval", "--eval_episodes=1"])  # the same in train.py's evaluation
 
 
 def test_the_comparisons_train_on_a_dataset(encoded, capsys):
