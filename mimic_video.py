@@ -503,12 +503,10 @@ class VideoDiT(nn.Module):
         context = crossattn_emb.to(emb.dtype)
 
         x = x.reshape(B, Tp, Hp * Wp, D)  # (B, T', S, D): blocks modulate per frame, attend over all tokens
-        if stop_after_block == 0:
-            return x.view(B, Tp, Hp, Wp, D)
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks[:stop_after_block]:  # stopped after block n: blocks n+1.. never run
             x = self.run_block(block, x, emb, adaln_lora, context, rope)
-            if stop_after_block is not None and i + 1 == stop_after_block:
-                return x.view(B, Tp, Hp, Wp, D)  # later blocks never run
+        if stop_after_block is not None:
+            return x.view(B, Tp, Hp, Wp, D)
         out = self.final_layer(x, emb, adaln_lora).view(B, Tp, Hp, Wp, -1)  # (B, T', H', W', p*p*pt*C)
         return self.unpatchify(out)
 
@@ -771,15 +769,6 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig):
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name or any(t in name for t in cfg.trainable_modules))
     model.lora_config = cfg
-    return model
-
-
-def fp32_trainable(model):
-    """Mixed precision: what trains (LoRA, adaLN, the decoder) in fp32, so AdamW's state and small updates are not
-    rounded to bf16; frozen weights keep their dtype (the 2B backbone in bf16: 4 GB, not 8). Run under bf16 autocast."""
-    for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
     return model
 
 
@@ -1129,10 +1118,6 @@ class Normalizer:
         self.shift, self.scale, self.clamp_min, self.clamp_max = (
             torch.cat([p[i] for p in parts], dim=-1).to(dtype) for i in range(4))  # 4 x (H, d)
 
-    @classmethod
-    def from_stats(cls, stats, groups, dtype=torch.float32):
-        return cls(stats, groups, dtype)
-
     def normalize(self, x):
         if x.shape[-1] != self.shift.shape[-1]:
             raise ValueError(f"normalize: last dim of x must be {self.shift.shape[-1]}, got shape {tuple(x.shape)}")
@@ -1149,17 +1134,6 @@ class Normalizer:
     def to_stats(self):
         """The statistics in the released layout, each entry also saying its mode ("normalization")."""
         return {key: {**self.stats[key], "normalization": mode} for key, mode in self.groups}
-
-    @classmethod
-    def load(cls, path, keys=None, dtype=torch.float32):
-        """Read a statistics JSON that `save` wrote (every entry names its mode); `keys` picks and orders groups."""
-        stats = json.loads(Path(path).read_text())
-        keys = list(stats) if keys is None else list(keys)
-        missing = [k for k in keys if k in stats and "normalization" not in stats[k]]
-        if missing:
-            raise ValueError(f"{path}: entries {missing} do not say their normalization mode; build the Normalizer "
-                             f"with explicit (key, mode) groups instead (e.g. NORMALIZATION_GROUPS)")
-        return cls(stats, [(k, stats[k]["normalization"]) if k in stats else (k, None) for k in keys], dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1860,8 +1834,20 @@ def load_lora_adapter(model, directory):
 
 
 def save_stats(normalizer, path):
-    """A normalizer's statistics as JSON (Normalizer.load reads it back), written atomically."""
+    """A normalizer's statistics as JSON (load_stats reads it back), written atomically."""
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(normalizer.to_stats())))
+
+
+def load_stats(path, keys=None, dtype=torch.float32):
+    """A Normalizer from a statistics JSON that `save_stats` wrote (every entry names its mode); `keys` picks and
+    orders the groups."""
+    stats = json.loads(Path(path).read_text())
+    keys = list(stats) if keys is None else list(keys)
+    missing = [k for k in keys if k in stats and "normalization" not in stats[k]]
+    if missing:
+        raise ValueError(f"{path}: entries {missing} do not say their normalization mode; build the Normalizer "
+                         f"with explicit (key, mode) groups instead (e.g. NORMALIZATION_GROUPS)")
+    return Normalizer(stats, [(k, stats[k]["normalization"]) if k in stats else (k, None) for k in keys], dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -385,6 +385,15 @@ def trainable(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def fp32_trainable(model):
+    """Mixed precision: what trains (LoRA, adaLN, the decoder) in fp32, so AdamW's state and small updates are not
+    rounded to bf16; frozen weights keep their dtype (the 2B backbone in bf16: 4 GB, not 8). Run under bf16 autocast."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
 def fingerprint(path):
     """A cheap identity of an input file (size and a hash of its head and tail): a changed input is detected."""
     path = Path(path)
@@ -1394,7 +1403,7 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
     stage's: "video" for pretraining (0) and stage 1, "action" for stage 2)."""
     rank, world, device, autocast = env
     loss = loss or ("action" if stage == 2 else "video")
-    params = list(trainable(mv.fp32_trainable(model)).values())
+    params = list(trainable(fp32_trainable(model)).values())
     if cfg.activation_checkpointing and any(p.requires_grad for p in model.video.parameters()):
         model.video.activation_checkpointing = True  # every stage that trains the video DiT: pretrain, 1, vla, joint
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=cfg.weight_decay)

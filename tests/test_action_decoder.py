@@ -129,7 +129,7 @@ def test_normalizer_round_trip_per_timestep_and_clamp():
     groups = mv.NORMALIZATION_GROUPS["libero"]["action"]
     keys = [k for k, _ in groups]
     stats = make_stats(6, keys)
-    norm = mv.Normalizer.from_stats(stats, groups)
+    norm = mv.Normalizer(stats, groups)
     assert norm.shift.shape == (6, 10)
     # stats are per chunk step: step 0 and step 5 have different scales
     assert not torch.allclose(norm.scale[0, :3], norm.scale[5, :3])
@@ -157,7 +157,7 @@ def test_normalizer_round_trip_per_timestep_and_clamp():
 
 def test_normalizer_missing_key():
     with pytest.raises(KeyError, match="obs/eef_pos_lowdim"):
-        mv.Normalizer.from_stats({}, mv.NORMALIZATION_GROUPS["bridge"]["obs"])
+        mv.Normalizer({}, mv.NORMALIZATION_GROUPS["bridge"]["obs"])
 
 
 def random_rotations(n, seed=0):

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import mimic_video as mv  # noqa: E402
 import sample  # noqa: E402
+import train  # noqa: E402
 
 
 def test_the_benchmark_runs_every_phase_at_tiny_shapes(capsys):
@@ -96,7 +97,7 @@ def stage1_memory(device=torch.device("cpu")):
 
     def build(blocks):  # what autograd saves does not depend on the values: fill, do not initialise (15 s saved)
         with torch.device("meta"):
-            video = mv.fp32_trainable(mv.inject_lora(mv.VideoDiT(mv.replace(cfg, num_blocks=blocks)), lora))
+            video = train.fp32_trainable(mv.inject_lora(mv.VideoDiT(mv.replace(cfg, num_blocks=blocks)), lora))
         video = video.to_empty(device=device)
         for p in video.parameters():
             p.data.normal_(0, 0.02, generator=g)

@@ -92,7 +92,7 @@ def test_normalizer_modes_are_explicit_and_it_saves_and_loads(tmp_path):
     assert not torch.all(norm.scale[:, 3:9] == 1)  # no name guessing: a "rot" key is normalized when it says variance
     assert torch.all(norm.scale[:, 9] == 1) and torch.isinf(norm.clamp_min[:, 9]).all()
     mv.save_stats(norm, tmp_path / "n.json")
-    back = mv.Normalizer.load(tmp_path / "n.json")
+    back = mv.load_stats(tmp_path / "n.json")
     assert back.groups == norm.groups
     for name in ("shift", "scale", "clamp_min", "clamp_max"):
         assert torch.equal(getattr(back, name), getattr(norm, name)), name
@@ -100,7 +100,7 @@ def test_normalizer_modes_are_explicit_and_it_saves_and_loads(tmp_path):
         mv.Normalizer(stats, [("action/a", "zscore")])
     (tmp_path / "released.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match="do not say their normalization mode"):
-        mv.Normalizer.load(tmp_path / "released.json")
+        mv.load_stats(tmp_path / "released.json")
 
 
 def test_episode_chunks_pads_the_tail():
