@@ -3341,16 +3341,27 @@ def field_comments(cfg_cls):
     return notes
 
 
-def check_device(device):
-    """--device: 'auto', 'cpu', 'cuda' or 'cuda:N' that exists on this machine."""
-    if device in ("auto", "cpu"):
-        return
-    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device={device} but this machine has no CUDA device (torch.cuda.is_available() is False)")
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+def check_device(device, compile=False):
+    """--device: 'auto', 'cpu', 'cuda' or 'cuda:N' that exists on this machine. With --compile on the CPU, a C++
+    compiler too: inductor builds the CPU kernels with it, and without one the first step would fail, not the start."""
+    if device not in ("auto", "cpu"):
+        if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={device} but this machine has no CUDA device (torch.cuda.is_available() is "
+                             "False)")
+        if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if compile and (device == "cpu" or device == "auto" and not torch.cuda.is_available()):
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler  # torch's own search ($CXX, g++, clang++, cl)
+        except ImportError:  # another torch layout: the first step will tell
+            return
+        try:
+            get_cpp_compiler()
+        except Exception as e:
+            message = f"--compile=true on the CPU needs a C++ compiler, and torch finds none ({type(e).__name__})"
+            raise ValueError(message + ": install g++ or clang (on Windows, MSVC), or drop --compile") from None
 
 
 def changed_fields(cfg, names=None):

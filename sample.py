@@ -95,7 +95,7 @@ class SampleConfig:
             folder = Path(self.gif).resolve().parent
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise ValueError(f"--gif={self.gif}: the folder {folder} does not exist or is not writable")
-        mv.check_device(self.device)
+        mv.check_device(self.device, self.compile)
         folders = [f for f in self.latency.split(",") if f]
         for folder in folders:
             if not (Path(folder) / "config.json").is_file():

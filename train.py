@@ -208,7 +208,7 @@ class TrainConfig:
         ancestor = existing_folder(out)  # where the run's folders will be made
         if not os.access(ancestor, os.W_OK):
             raise ValueError(f"--out_dir={self.out_dir}: {ancestor} is not writable")
-        mv.check_device(self.device)
+        mv.check_device(self.device, self.compile)
         for name, presets in (("video_preset", mv.VIDEO_DIT_PRESETS), ("decoder_preset", mv.ACTION_DECODER_PRESETS),
                               ("model_preset", mv.VIDEO_ACTION_PRESETS)):
             if getattr(self, name) not in presets:

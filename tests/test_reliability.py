@@ -329,6 +329,20 @@ def test_a_device_that_does_not_exist():
         mv.load_policy("libero_spatial_full", device="cuda:0")
 
 
+def test_compile_on_a_cpu_without_a_compiler_is_refused_at_the_start(monkeypatch):
+    """torch.compile builds CPU kernels with a C++ compiler: without one, the first step failed, after the data."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    for main, args in ((train.main, []), (sample.main, ["--benchmark=true"])):
+        with pytest.raises(SystemExit, match=r"--compile=true on the CPU needs a C\+\+ compiler"):
+            main(["--compile=true", "--device=cpu", *args])
+    mv.check_device("cpu", compile=False)  # without --compile no compiler is needed
+
+
 @pytest.mark.parametrize("arg,message", [
     ("--stop_after_step=36", r"must be in \[0, 35\]"), ("--stop_after_step=-1", r"must be in \[0, 35\]"),
     ("--stop_after_step=a", "comma-separated numbers"), ("--tau_v=1.5", r"--tau_v values must be in \(0, 1\)"),
