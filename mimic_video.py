@@ -1232,15 +1232,15 @@ def query_noise(shapes, seed, numpy_noise, device):
 
 
 class VideoActionModel(nn.Module):
-    """The video DiT (frozen in stage 2) and the action decoder, with the optional normalizers of a policy.
+    """The video DiT (frozen in stage 2) and the action decoder, with a policy's optional normalizers (two
+    `Normalizer`s, which `sample_actions(raw=True)` maps proprio and actions through).
 
     Latents are (B, C, T, H, W) with the first `context_latents` frames the observed context; the text is
-    (B, N, D_text).
-    Proprio (B, 1, d_s) and actions (B, HA, d_a) are normalized unless a method says otherwise.
+    (B, N, D_text). Proprio (B, 1, d_s) and actions (B, HA, d_a) are normalized unless a method says otherwise.
     """
 
     def __init__(self, video: VideoDiT, decoder: ActionDecoder, cfg: VideoActionConfig = VideoActionConfig(),
-                 obs_normalizer: Normalizer | None = None, action_normalizer: Normalizer | None = None):
+                 obs_normalizer=None, action_normalizer=None):
         super().__init__()
         if decoder.cfg.crossattn_emb_channels != video.cfg.model_channels:
             raise ValueError(f"decoder reads {decoder.cfg.crossattn_emb_channels}-d context, video width is "
