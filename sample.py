@@ -33,7 +33,7 @@ import mimic_video as mv
 
 @dataclass
 class SampleConfig:
-    policy: str = "out/toy/policy"  # a policy folder (train.py writes out/toy/policy) or a released task name
+    policy: str = "out/toy/policy"  # a policy folder (train.py writes out/toy/policy), a Hub repo id or a released task
     env: str = "toy"  # "toy": the toy world; "libero": the LIBERO simulator (needs the libero package and its assets)
     episodes: int = 200  # toy: held-out episodes per setting
     stop_after_step: str = "0"  # comma-separated list of k on the 35-step schedule
@@ -115,10 +115,11 @@ class SampleConfig:
             if given:
                 raise ValueError(f"--{given[0]} does not apply to {'--benchmark' if self.benchmark else '--latency'}")
         folder = (Path(self.policy) / "config.json").is_file()
-        if not self.benchmark and not self.latency and not folder and self.policy not in mv.RELEASED_POLICIES:
-            raise ValueError(f"no policy at {self.policy} (no config.json there) and not a released task; run `python "
-                             f"train.py` first, or pass --policy=FOLDER or one of "
-                             f"{', '.join(sorted(mv.RELEASED_POLICIES))}")
+        hub = not Path(self.policy).exists() and self.policy.count("/") == 1  # owner/name: pushed with push_to_hub
+        if not (self.benchmark or self.latency or folder or hub or self.policy in mv.RELEASED_POLICIES):
+            raise ValueError(f"no policy at {self.policy} (no config.json there), not a Hub repo id (owner/name) and "
+                             f"not a released task; run `python train.py` first, or pass --policy=FOLDER, a Hub repo "
+                             f"id or one of {', '.join(sorted(mv.RELEASED_POLICIES))}")
 
 
 # ----------------------------------------------------------------------------------------------

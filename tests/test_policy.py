@@ -490,6 +490,11 @@ def test_push_to_hub_then_load_by_repo_id(policy, tmp_path, monkeypatch):
     assert torch.equal(policy.select_action(observation(0)), loaded.select_action(observation(0)))
     with pytest.raises(FileNotFoundError, match="hf download someone/other"):
         mv.load_policy("someone/other", cache_dir=cache)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # sample.py reads the default cache
+    with pytest.raises(SystemExit, match=r"someone/my-policy reads observation.images.image and 8-D states.*--env=toy"):
+        sample.main(["--policy=someone/my-policy", "--episodes=1"])  # loaded from the Hub; a LIBERO policy, not toy
+    with pytest.raises(SystemExit, match="^error: could not get the policy 'someone/other' from the Hub"):
+        sample.main(["--policy=someone/other"])
 
 
 def test_load_policy_builds_the_encoders_in_the_requested_dtype(policy, tmp_path):
