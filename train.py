@@ -445,9 +445,11 @@ def check_resume(name, saved, cfg, steps, inputs, log_fn):
     refused = {f: v for f, v in changed.items() if "all" not in allowed and f not in allowed}
     if refused:
         what = ", ".join(f"{f} (checkpoint {a!r}, now {b!r})" for f, (a, b) in refused.items())
+        fields = [f for f in refused if not f.startswith("input ")]  # a changed input file is let through by "all"
+        allow = ",".join(fields) if len(fields) == len(refused) else "all"
         sys.exit(f"error: cannot resume {name} exactly from its step {saved['step']} checkpoint: changed {what}. "
-                 f"Restore the values, or allow the change with --allow_config_change={','.join(refused)} (the "
-                 f"continuation will not equal an uninterrupted run), or start over with --overwrite=true")
+                 f"Restore the values, or allow the change with --allow_config_change={allow} (the continuation will "
+                 f"not equal an uninterrupted run), or start over with --overwrite=true")
     if changed:
         log_fn(f"{name}: resuming with changed {', '.join(changed)} (allowed by --allow_config_change): the "
                f"continuation is not the run the checkpoint began")
