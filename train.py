@@ -1060,6 +1060,9 @@ def check_dataset(cfg, stages):
             raise ValueError(f"--representation=libero takes 8-D states and 7-D actions; {cfg.data} has "
                              f"{ds.state_dim}-D {cfg.state_key} and {ds.action_dim}-D {cfg.action_key} (use "
                              "--representation=identity)")
+    for source, cache in ((cfg.data, "cache"), (cfg.pretrain_videos, "cache_videos")):
+        if "encode" not in stages and source and (Path(cfg.out_dir) / cache / "meta.json").is_file():
+            check_cache_options(cfg, source, Path(cfg.out_dir) / cache)
     if cfg.video_init and "1" in stages:
         path = Path(cfg.video_init)
         if path.is_dir():
@@ -1077,6 +1080,39 @@ def check_dataset(cfg, stages):
             raise ValueError(f"--video_init: the {cfg.video_encoder} encoder makes {channels}-channel latents; "
                              f"--video_preset={cfg.video_preset} reads {video.in_channels} (a pretrained Cosmos "
                              f"backbone: --video_encoder=wan)")
+
+
+def dataset_representation(cfg, ds):
+    return (mv.Representation("libero") if cfg.representation == "libero" else
+            mv.Representation("identity", ds.state_dim, ds.action_dim))
+
+
+# The options each entry of a cache's plan comes from: a stage that reads a cache refuses one given with a value
+# the cache was not encoded with (it would be ignored); options left at their defaults take the cache's values.
+CACHE_OPTIONS = {"camera": ("camera",), "timing": ("timing",), "image_size": ("image_size",),
+                 "video_encoder": ("video_encoder", "pixel_patch", "pixel_keep", "pixel_coords", "pixel_mean",
+                                   "pixel_std", "vae_source"),
+                 "text_encoder": ("text_encoder", "text_tokens", "t5_source"),
+                 "representation": ("representation", "state_key", "action_key"), "anchor_stride": ("anchor_stride",),
+                 "cache_dtype": ("cache_dtype",), "fingerprint": ("data", "pretrain_videos")}
+
+
+def check_cache_options(cfg, source, cache):
+    """The options a run gives must be those `cache` was encoded with: else its stages would silently train on the
+    cache as it is. One line names the options and how to proceed."""
+    meta = json.loads((cache / "meta.json").read_text())
+    ds = LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
+    plan = cache_plan(cfg, ds, timing_preset(cfg.timing, ds.fps), video_encoder_spec(cfg), text_encoder_spec(cfg),
+                      dataset_representation(cfg, ds))
+    given = set(mv.changed_fields(cfg))
+    differ = [o for key, options in CACHE_OPTIONS.items() for o in options
+              if o in given and plan[key] != meta["plan"].get(key)]
+    if "val_fraction" in given and cache.name == "cache" and validation_split(cfg, len(ds)) != meta["val"]:
+        differ.append("val_fraction")
+    if differ:
+        raise ValueError(f"{cache} was encoded with other values of --{', --'.join(differ)}: the stages would train on "
+                         f"it as it is. Drop the option(s) to use the cache's, or encode again into another --out_dir "
+                         f"(--stage=encode)")
 
 
 def cache_plan(cfg, ds, timing, video_spec, text_spec, representation):
@@ -2104,8 +2140,7 @@ def run_dataset(cfg, stages, env):
         for source, folder in ((cfg.pretrain_videos, out / "cache_videos"), (cfg.data, out / "cache")):
             if source:
                 ds = LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
-                representation = (mv.Representation("libero") if cfg.representation == "libero" else
-                                  mv.Representation("identity", ds.state_dim, ds.action_dim))
+                representation = dataset_representation(cfg, ds)
                 log(rank, f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
                           f"state {ds.state_dim}-D, action {ds.action_dim}-D")
                 encode_dataset(cfg, ds, folder, timing_preset(cfg.timing, ds.fps), representation, env, group,

@@ -237,6 +237,15 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
         train.main([f"--out_dir={out}", "--stage=eval", "--eval_episodes=1"])  # the same in train.py's evaluation
 
 
+def test_a_stage_refuses_options_its_cache_was_not_encoded_with(encoded):
+    """The stages read the cache as it was encoded: an option given with another value would be ignored, silently."""
+    args = [f"--data={encoded / 'data'}", f"--out_dir={encoded / 'out'}", "--stage=2", "--batch_size=8"]
+    with pytest.raises(SystemExit, match=r"was encoded with other values of --image_size, --pixel_patch: the stages"):
+        train.main([*args, "--image_size=24x24", "--pixel_patch=3"])
+    with pytest.raises(SystemExit, match=r"other values of --val_fraction"):
+        train.main([*args, "--val_fraction=0.5", *SMALL])
+
+
 def test_the_comparisons_train_on_a_dataset(encoded, capsys):
     """--method=vla (image pretraining on the dataset's own frames, then end to end), scratch and joint write policy
     folders that run; --patience stops on the validation loss and keeps the best step."""
