@@ -37,6 +37,7 @@ import time
 from contextlib import nullcontext
 from datetime import timedelta
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -865,7 +866,8 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
     def open_video(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         container = av.open(str(path), "w")
-        stream = container.add_stream(codec, rate=round(fps))
+        # the exact rate (29.97 fps is 2997/100): a rounded one would put frame k at k / 30 s, not k / 29.97 s
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt, stream.options = int(W), int(H), pix_fmt, dict(options, g="2")
         return container, stream
 

@@ -90,6 +90,16 @@ def test_av1_video_of_the_v3_format(tmp_path):
     assert np.abs(img.astype(int) - colour(1, 4)).max() <= 6  # AV1, yuv420p, crf 30: flat colours survive
 
 
+def test_a_fractional_frame_rate_is_written_exactly(tmp_path):
+    """12.5 fps (or NTSC's 29.97): each frame at k / fps in the video, where the reader looks for it (a rate rounded
+    to 12 put frame 13 at 1.083 s, and the reader found no frame 13)."""
+    train.write_lerobot_dataset(tmp_path / "d", episodes(lengths=(16, 14)), fps=12.5)
+    ds = train.LeRobotDataset(tmp_path / "d")
+    for e, n in enumerate((16, 14)):
+        for img, k in zip(ds.frames(e, np.arange(n)), range(n)):
+            assert np.abs(img.astype(int) - colour(e, k)).max() <= 3, (e, k)
+
+
 def test_window_timing_at_the_edges_and_interpolation(dataset):
     ds = train.LeRobotDataset(dataset)
     low = ds.lowdim(0)
