@@ -353,6 +353,25 @@ def test_the_video_loss_levels_of_knowing_nothing():
     assert abs(train.loss_levels(model, gaussian, cfg)[0] / expected - 1) < 0.05
 
 
+def test_the_step_noise_is_the_same_for_every_rank_where_it_is_drawn():
+    """A step's noise is drawn for the global batch and sliced per rank: on the CPU from the step's generator, on a
+    GPU on the device from a seed taken from it (forced here on the CPU: the same code path but for the device)."""
+    model = mv.VideoActionModel(mv.VideoDiT(mv.VIDEO_DIT_PRESETS["toy"]),
+                                mv.ActionDecoder(mv.ACTION_DECODER_PRESETS["toy"]), mv.VIDEO_ACTION_PRESETS["toy"])
+    cpu, shapes = torch.device("cpu"), ((5, 5, 8, 8), (8, 2))
+    for on_device in (False, True):
+        draw = lambda shard: train.step_noise(model, "action", 8, *shapes, torch.Generator().manual_seed(5), shard,
+                                              cpu, on_device)  # noqa: E731
+        whole, halves = draw(slice(None)), [draw(slice(0, 4)), draw(slice(4, 8))]
+        assert sorted(whole) == ["eps_action", "eps_video", "obs_mask", "sigma", "tau_a"]
+        for k, v in whole.items():
+            assert v.shape[0] == 8 and torch.equal(torch.cat([h[k] for h in halves]), v), k
+    plain = model.draw_noise("action", 8, *shapes, torch.Generator().manual_seed(5))
+    assert all(torch.equal(plain[k], v) for k, v in train.step_noise(model, "action", 8, *shapes, torch.Generator(
+        ).manual_seed(5), slice(None), cpu).items())  # on the CPU: the step generator's own draws, as before
+    assert not torch.equal(plain["eps_video"], whole["eps_video"])  # on a device: its own stream
+
+
 def test_the_ranks_wait_an_hour_for_each_other(monkeypatch):
     """NCCL's default collective timeout (10 minutes) would end a multi-GPU run while rank 0 writes a real-scale
     checkpoint and the others wait at the barrier."""
