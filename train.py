@@ -1418,30 +1418,40 @@ def loss_levels(model, data, cfg, batches=4):
     """What the video loss is without learning how scenes move, on validation_loss's windows and noise: each future
     latent denoised by the Gaussian that knows only its mean and variance over these windows ("the mean"), or the
     same centred on the current frame ("nothing moves"). A video model near the first level has learned nothing;
-    below the second, it predicts motion. The image objective has no future: its levels are not these."""
+    below the second, it predicts motion. The image objective has no future: its levels are not these.
+    Two passes over the batches (the statistics, then the losses), one batch in memory at a time: at the paper's
+    shapes a batch of 128 windows is 1.3 GB in float64."""
     B = min(cfg.batch_size, data.num_windows)
     latent_shape, _ = data.shapes(model)
-    future, now, x_tau, u, tau = [], [], [], [], []
-    for k in range(batches):
-        g = torch.Generator().manual_seed(999_983 + k)  # the windows and noise of validation_loss
-        batch = data.batch(g, B, slice(0, B), model)
-        noise = model.draw_noise("video", B, latent_shape, generator=g)
-        x0 = torch.cat([batch["context"], batch["future"]], dim=2).double()  # (B, C, T, H, W)
-        Tc, t = batch["context"].shape[2], mv.sigma_to_tau(noise["sigma"]).double()
-        future.append(x0[:, :, Tc:])
-        now.append(x0[:, :, Tc - 1:Tc].expand_as(future[-1]))  # the current frame, at every future time
-        x_tau.append(mv.interpolate(x0, noise["eps_video"].double(), t)[:, :, Tc:])
-        u.append(mv.velocity_target(x0, noise["eps_video"].double())[:, :, Tc:])
-        tau.append(t)
-    future, now, x_tau, u = (torch.cat(v) for v in (future, now, x_tau, u))
-    b = torch.cat(tau).reshape(-1, 1, 1, 1, 1)  # tau, broadcast over (C, T, H, W)
-    a = 1 - b
 
-    def level(m, s2):  # the posterior mean of x0 under the prior N(m, s2), given x_tau = a x0 + b eps
+    def windows():  # validation_loss's windows and noise, batch by batch, in float64
+        for k in range(batches):
+            g = torch.Generator().manual_seed(999_983 + k)
+            batch = data.batch(g, B, slice(0, B), model)
+            noise = model.draw_noise("video", B, latent_shape, generator=g)
+            x0 = torch.cat([batch["context"], batch["future"]], dim=2).double()  # (B, C, T, H, W)
+            Tc, eps = batch["context"].shape[2], noise["eps_video"].double()
+            yield (x0[:, :, Tc:], x0[:, :, Tc - 1:Tc], mv.sigma_to_tau(noise["sigma"]).double(),
+                   mv.interpolate(x0, eps, mv.sigma_to_tau(noise["sigma"]).double())[:, :, Tc:],
+                   mv.velocity_target(x0, eps)[:, :, Tc:])
+
+    n, total, squares, moved = 0, 0.0, 0.0, 0.0
+    for future, now, _, _, _ in windows():  # the statistics of the future latents, per position
+        n, total, squares = n + len(future), total + future.sum(0), squares + future.pow(2).sum(0)
+        moved = moved + (future - now).pow(2).sum(0)
+    mean, var, still = total / n, (squares - total ** 2 / n) / max(n - 1, 1), moved / n
+
+    def level(m, s2, x_tau, u, b):  # the posterior mean of x0 under the prior N(m, s2), given x_tau = a x0 + b eps
+        a = 1 - b
         x0_hat = m + a * s2 / (a ** 2 * s2 + b ** 2) * (x_tau - a * m)
-        return mv.flow_loss((x_tau - x0_hat) / b, u).mean().item()  # v_hat = (x_tau - x0_hat) / tau
+        return mv.flow_loss((x_tau - x0_hat) / b, u).sum().item()  # v_hat = (x_tau - x0_hat) / tau
 
-    return level(future.mean(0), future.var(0)), level(now, (future - now).pow(2).mean(0))
+    levels = [0.0, 0.0]
+    for future, now, tau, x_tau, u in windows():
+        b = tau.reshape(-1, 1, 1, 1, 1)  # tau, broadcast over (C, T, H, W)
+        levels[0] += level(mean, var, x_tau, u, b)
+        levels[1] += level(now.expand_as(future), still, x_tau, u, b)
+    return levels[0] / n, levels[1] / n
 
 
 def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_checkpoint=None, val_data=None,
@@ -1934,7 +1944,7 @@ def pretrain_stage(model, videos, cfg, env, inputs=None, val_data=None):
     --method=vla: the same network learns the same frames as still images with their instructions (mv.VLAModel's
     image_loss), with the same data, steps and learning rate."""
     model.decoder.requires_grad_(False)
-    if cfg.method != "vla":
+    if cfg.method != "vla" and env[0] == 0:  # a diagnostic: one rank computes it
         mean, still = loss_levels(model, val_data or videos, cfg)
         log(env[0], f"pretrain: the video loss of knowing only each future latent's mean is {mean:.4f}, of "
                     f"predicting that nothing moves {still:.4f} (on the {'validation' if val_data else 'training'} "
