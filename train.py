@@ -1424,19 +1424,17 @@ def loss_levels(model, data, cfg, batches=4):
     B = min(cfg.batch_size, data.num_windows)
     latent_shape, _ = data.shapes(model)
 
-    def windows():  # validation_loss's windows and noise, batch by batch, in float64
+    def windows():  # validation_loss's windows and noise, batch by batch, in float64: x0, eps, tau, context frames
         for k in range(batches):
             g = torch.Generator().manual_seed(999_983 + k)
             batch = data.batch(g, B, slice(0, B), model)
             noise = model.draw_noise("video", B, latent_shape, generator=g)
             x0 = torch.cat([batch["context"], batch["future"]], dim=2).double()  # (B, C, T, H, W)
-            Tc, eps = batch["context"].shape[2], noise["eps_video"].double()
-            yield (x0[:, :, Tc:], x0[:, :, Tc - 1:Tc], mv.sigma_to_tau(noise["sigma"]).double(),
-                   mv.interpolate(x0, eps, mv.sigma_to_tau(noise["sigma"]).double())[:, :, Tc:],
-                   mv.velocity_target(x0, eps)[:, :, Tc:])
+            yield x0, noise["eps_video"].double(), mv.sigma_to_tau(noise["sigma"]).double(), batch["context"].shape[2]
 
     n, total, squares, moved = 0, 0.0, 0.0, 0.0
-    for future, now, _, _, _ in windows():  # the statistics of the future latents, per position
+    for x0, _, _, Tc in windows():  # the statistics of the future latents, per position
+        future, now = x0[:, :, Tc:], x0[:, :, Tc - 1:Tc]  # now: the current frame, at every future time
         n, total, squares = n + len(future), total + future.sum(0), squares + future.pow(2).sum(0)
         moved = moved + (future - now).pow(2).sum(0)
     mean, var, still = total / n, (squares - total ** 2 / n) / max(n - 1, 1), moved / n
@@ -1447,10 +1445,11 @@ def loss_levels(model, data, cfg, batches=4):
         return mv.flow_loss((x_tau - x0_hat) / b, u).sum().item()  # v_hat = (x_tau - x0_hat) / tau
 
     levels = [0.0, 0.0]
-    for future, now, tau, x_tau, u in windows():
+    for x0, eps, tau, Tc in windows():
+        x_tau, u = mv.interpolate(x0, eps, tau)[:, :, Tc:], mv.velocity_target(x0, eps)[:, :, Tc:]
         b = tau.reshape(-1, 1, 1, 1, 1)  # tau, broadcast over (C, T, H, W)
         levels[0] += level(mean, var, x_tau, u, b)
-        levels[1] += level(now.expand_as(future), still, x_tau, u, b)
+        levels[1] += level(x0[:, :, Tc - 1:Tc], still, x_tau, u, b)
     return levels[0] / n, levels[1] / n
 
 
