@@ -2645,11 +2645,17 @@ def load_released_model(task, source=MIMIC_VIDEO_HUB_REPO, revision=None, cache_
 #     "task"                         the instruction: a string, or a list of B strings
 # The policy keeps the frame history the model was trained with, encodes the frames and the instruction,
 # queries the model when its action queue is empty and executes `n_action_steps` of each chunk.
+def camera_key(camera):
+    """The observation key of a camera: observation.images.<camera>, or the key itself ("observation.image")."""
+    return camera if camera.startswith("observation.") else f"observation.images.{camera}"
+
+
 @dataclass
 class PolicyConfig:
     """Everything between a robot's observations and the model; the defaults are the released LIBERO policies."""
 
-    # reads observation.images.<camera> (LeRobot LIBERO: "image" is the agentview, flipped 180 deg)
+    # reads observation.images.<camera> (LeRobot LIBERO: "image" is the agentview, flipped 180 deg), or a whole key
+    # that starts with "observation." (some LeRobot datasets have one camera, "observation.image")
     camera: str = "image"
     image_size: tuple = (480, 640)  # (H, W) every frame is resized to before encoding (official LIBERO data: 480 x 640)
     context_frames: int = 5  # camera frames per query (the Wan VAE takes 1 + 4k: 5 frames -> 2 latents)
@@ -2842,7 +2848,7 @@ class Policy(ChunkedPolicy):
     def observe(self, observation):
         """Read one step's observation into the frame history; keep its state and instruction for a query."""
         cfg = self.config
-        key = f"observation.images.{cfg.camera}"
+        key = camera_key(cfg.camera)
         if key not in observation:
             raise KeyError(f"observation has no {key!r} (the camera this policy was trained on); it has "
                            f"{sorted(k for k in observation if isinstance(k, str))}")
@@ -2958,12 +2964,12 @@ class Policy(ChunkedPolicy):
 def check_fits_env(policy, name, env, cameras, state_dim, action_dim):
     """Refuse (ValueError) to run a policy in an environment without the camera it reads or with other state and
     action sizes: one line before the first episode, instead of a traceback inside its first step."""
-    reads = (policy.config.camera, policy.representation.state_dim, policy.representation.action_dim)
+    reads = (camera_key(policy.config.camera), policy.representation.state_dim, policy.representation.action_dim)
+    cameras = [camera_key(c) for c in cameras]
     if reads[0] not in cameras or reads[1:] != (state_dim, action_dim):
-        raise ValueError(f"{name} reads observation.images.{reads[0]} and {reads[1]}-D states, and acts in "
-                         f"{reads[2]}-D; {env} gives observation.images.{' or '.join(cameras)} and {state_dim}-D "
-                         f"states, and takes {action_dim}-D actions (run the policy in the simulator it was trained "
-                         "for)")
+        raise ValueError(f"{name} reads {reads[0]} and {reads[1]}-D states, and acts in {reads[2]}-D; {env} gives "
+                         f"{' or '.join(cameras)} and {state_dim}-D states, and takes {action_dim}-D actions (run the "
+                         "policy in the simulator it was trained for)")
 
 
 def query_latency(policies, observation, rounds=20, warmup=3):

@@ -247,6 +247,19 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
         train.main([f"--out_dir={out}", "--stage=eval", "--eval_episodes=1"])  # the same in train.py's evaluation
 
 
+def test_a_camera_outside_observation_images_is_read_by_the_policy(tmp_path):
+    """Some LeRobot datasets name their one camera "observation.image" (not observation.images.<name>): the policy
+    trained on it reads that key."""
+    train.write_lerobot_dataset(tmp_path / "d", episodes(), fps=FPS, camera="observation.image")
+    train.main([f"--data={tmp_path / 'd'}", f"--out_dir={tmp_path / 'out'}", "--pretrain_steps=1", "--stage1_steps=1",
+                "--stage2_steps=1", "--ckpt_every=1", *SMALL])
+    policy = mv.load_policy(tmp_path / "out" / "policy")
+    assert policy.config.camera == "observation.image"
+    action = policy.select_action({"observation.image": torch.zeros(16, 16, 3, dtype=torch.uint8),
+                                   "observation.state": torch.zeros(3), "task": "pick the cube"})
+    assert action.shape == (2,) and torch.isfinite(action).all()
+
+
 def test_a_stage_refuses_options_its_cache_was_not_encoded_with(encoded):
     """The stages read the cache as it was encoded: an option given with another value would be ignored, silently."""
     args = [f"--data={encoded / 'data'}", f"--out_dir={encoded / 'out'}", "--stage=2", "--batch_size=8"]
