@@ -619,8 +619,7 @@ class LeRobotDataset:
         self.fps = float(info["fps"])
         features = info["features"]
         self.cameras = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
-        if camera and not camera.startswith("observation."):
-            camera = f"observation.images.{camera}"
+        camera = mv.camera_key(camera) if camera else ""  # "top" is observation.images.top
         if not camera:
             if len(self.cameras) != 1:
                 raise DatasetError(f"{root} has cameras {self.cameras}: choose one (--camera=...)")
