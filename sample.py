@@ -521,6 +521,11 @@ def load_policy(name, device, dtype=None):
 def latency_side_by_side(cfg, device, rounds=30):
     """Milliseconds per query (one environment) of several policies, interleaved on one toy-world observation."""
     policies = {folder: load_policy(folder, device) for folder in cfg.latency.split(",")}
+    for folder, policy in policies.items():  # timed on a toy-world observation: it must fit
+        try:
+            mv.check_fits_env(policy, folder, "--latency (a toy-world observation)", *mv.TOY_ENV)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     for folder, ms in mv.query_latency(policies, mv.toy_probe_observation(), rounds).items():
         p = policies[folder]
         what = (f"{p.model.joint.num_steps} joint steps" if p.method == "joint" else f"k = {p.config.stop_after_step}")

@@ -245,6 +245,8 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
     with pytest.raises(SystemExit, match=r"reads observation.images.top and 3-D states, and acts in 2-D; the toy "
                                          r"world \(--stage=eval\) gives observation.images.top and 2-D states"):
         train.main([f"--out_dir={out}", "--stage=eval", "--eval_episodes=1"])  # the same in train.py's evaluation
+    with pytest.raises(SystemExit, match=r"and 3-D states, and acts in 2-D; --latency \(a toy-world observation\)"):
+        sample.main([f"--latency={out / 'policy'}"])  # timed on a toy observation: one line, not a traceback
 
 
 def test_a_camera_outside_observation_images_is_read_by_the_policy(tmp_path):
