@@ -646,9 +646,10 @@ class LeRobotDataset:
         try:
             return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
         except Exception as e:
-            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({type(e).__name__}: {e}); "
-                                    f"download it where the Hub is reachable (`hf download {repo_id} "
-                                    f"--repo-type=dataset`) and pass its folder") from e
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({why}); download it where "
+                                    f"the Hub is reachable (`hf download {repo_id} --repo-type=dataset`) and pass its "
+                                    "folder") from e  # one line: the hub's messages span several
 
     def _parquet(self, path):
         pq = mv.require("pyarrow.parquet", "pyarrow")

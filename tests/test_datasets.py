@@ -146,6 +146,18 @@ def test_errors_name_the_file_and_the_episode(tmp_path):
         train.LeRobotDataset("nobody/nothing")
 
 
+def test_a_hub_error_of_several_lines_is_one(monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):  # what huggingface_hub raises online without a network: two lines
+        raise OSError("Got: ConnectError: Name or service not known\nAn error happened while trying to locate files")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    with pytest.raises(FileNotFoundError, match=r"\(OSError: Got: ConnectError: Name or service not known\); ") as e:
+        train.LeRobotDataset("nobody/nothing")
+    assert "\n" not in str(e.value)
+
+
 def test_nan_in_the_data_is_named(tmp_path):
     eps = episodes()
     eps[1]["state"][2, 1] = np.nan
