@@ -47,6 +47,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -1448,6 +1449,13 @@ class CheckpointReadError(ValueError):
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+def error_line(e):
+    """A library's exception as one line of our messages: its type and the first line of its text (torch's and the
+    Hub's run over several lines, some with terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _read_tensor_file(path):
     """Tensors of a .pt (torch.load, weights_only) or .safetensors file."""
     try:
@@ -1461,7 +1469,9 @@ def _read_tensor_file(path):
             with torch.serialization.safe_globals([io.BytesIO]):
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # safetensors and torch raise their own types for truncated or corrupt files
-        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        objects = " (it holds Python objects besides tensors: save the state dict alone)" * isinstance(
+            e, pickle.UnpicklingError)
+        raise CheckpointReadError(f"cannot read {path}: {error_line(e)}{objects}") from e
     if isinstance(sd, dict):
         sd = {k: v for k, v in sd.items() if not (k.endswith("._extra_state") and isinstance(v, io.BytesIO))}
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -1522,7 +1532,7 @@ def _read_diffusers_folder(path):
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointReadError(f"cannot read the shard index {index}: {type(e).__name__}: {e}") from e
+        raise CheckpointReadError(f"cannot read the shard index {index}: {error_line(e)}") from e
     sd, origin = {}, {}
     for name in sorted(set(weight_map.values())):
         part = _read_tensor_file(folder / name)
@@ -2209,8 +2219,9 @@ def load_vae(source=COSMOS_HUB_REPO, subfolder="vae", device="cpu", dtype=None, 
                                                          cache_dir=cache_dir,
                                                          torch_dtype=dtype, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): {e}. Pass a "
-                                f"local diffusers folder, or download it first (`hf download {source}`)") from e
+        raise FileNotFoundError(f"could not load the Wan VAE from {source!r} (subfolder {subfolder!r}): "
+                                f"{error_line(e)}. Pass a local diffusers folder, or download it first (`hf download "
+                                f"{source}`)") from e
     return WanVAE(vae.eval().requires_grad_(False), wan_spec(source, subfolder)).to(device)
 
 
@@ -2337,8 +2348,9 @@ def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512,
         model = transformers.T5EncoderModel.from_pretrained(source, dtype=dtype, **kw)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): {e}. Pass a "
-                                f"local folder, or download it first (`hf download {source}`)") from e
+        raise FileNotFoundError(f"could not load a T5 encoder from {source!r} (subfolder {subfolder!r}): "
+                                f"{error_line(e)}. Pass a local folder, or download it first (`hf download "
+                                f"{source}`)") from e
     return T5TextEncoder(model.to(device), tokenizer, max_length, t5_spec(source, subfolder, max_length))
 
 
@@ -2995,7 +3007,7 @@ def _read_policy_json(folder, name):
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:  # a truncated or overwritten file
-        raise CheckpointReadError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointReadError(f"cannot read {path}: {error_line(e)}") from e
 
 
 def snapshot_policy(repo_id, revision=None, cache_dir=None):

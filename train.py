@@ -646,17 +646,16 @@ class LeRobotDataset:
         try:
             return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
         except Exception as e:
-            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
-            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({why}); download it where "
-                                    f"the Hub is reachable (`hf download {repo_id} --repo-type=dataset`) and pass its "
-                                    "folder") from e  # one line: the hub's messages span several
+            raise FileNotFoundError(f"could not get the dataset {repo_id!r} from the Hub ({mv.error_line(e)}); "
+                                    f"download it where the Hub is reachable (`hf download {repo_id} "
+                                    "--repo-type=dataset`) and pass its folder") from e
 
     def _parquet(self, path):
         pq = mv.require("pyarrow.parquet", "pyarrow")
         try:
             return pq.read_table(path)
         except Exception as e:
-            raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+            raise DatasetError(f"cannot read {path}: {mv.error_line(e)}") from e
 
     def _read_episodes(self):
         """[{index, length, task, data file, rows, video file, from_timestamp}] in episode order."""
@@ -789,7 +788,7 @@ class LeRobotDataset:
                     if k >= first:
                         got[k] = frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as e:
-            raise DatasetError(f"episode {ep['index']}: cannot decode {path}: {e}") from e
+            raise DatasetError(f"episode {ep['index']}: cannot decode {path}: {mv.error_line(e)}") from e
         missing = [k for k in range(first, last + 1) if k not in got]
         if missing:
             raise DatasetError(f"episode {ep['index']}: {path} has no frame {missing[0]} of the episode (at "

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent: checkpoints as one unit, honest resume, one run per folder, strict diffusers folders,
 values validated at startup, non-finite inputs refused, ordinary file modes."""
 
+import argparse
 import errno
 import json
 import os
@@ -286,6 +287,11 @@ def test_read_errors_name_the_file(diffusers_folder, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a zip")
     with pytest.raises(mv.CheckpointReadError, match="cannot read .*bad.pt"):
         mv.load_video_dit(tmp_path / "bad.pt", None, "tiny")
+    torch.save({"net.x": torch.zeros(2), "args": argparse.Namespace(lr=1)}, tmp_path / "objects.pt")
+    with pytest.raises(mv.CheckpointReadError, match=r"objects.pt: UnpicklingError: Weights only load failed.* \(it "
+                                                     r"holds Python objects besides tensors") as e:
+        mv.load_video_dit(tmp_path / "objects.pt", None, "tiny")
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)  # torch's message: 6 lines, terminal colours
     sd = torch.load(FIXTURES / "video_dit_weights.pt", weights_only=True)
     mixed = dict(sd, **{"net.final_layer.linear.weight": sd["net.final_layer.linear.weight"].double()})
     torch.save(mixed, tmp_path / "mixed.pt")
