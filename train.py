@@ -2076,8 +2076,10 @@ def run_stages(cfg, stages, env, src):
     demos = src.demos()
     if cfg.method == "mimic-video":  # the decoder on the frozen, LoRA-finetuned backbone
         source = out / "stage1" / "video_fused.safetensors"
-        video = load_frozen(source).requires_grad_(False) if source.exists() else mv.VideoDiT(video_cfg)
-        model, steps, start = model_with(video, demos.stats()), cfg.stage2_steps, {"video": fingerprint(source)}
+        trained = source.exists()  # else --stage=benchmark times a fresh network: speed does not need weights
+        video = load_frozen(source).requires_grad_(False) if trained else mv.VideoDiT(video_cfg)
+        start = {"video": fingerprint(source)} if trained else {}
+        model, steps = model_with(video, demos.stats()), cfg.stage2_steps
     else:  # a comparison, for as many steps on the demonstrations as mimic-video's stages 1 and 2 together
         norms, steps = rep.normalizers(demos.stats()), cfg.stage1_steps + cfg.stage2_steps
         if cfg.method == "joint":  # the pretrained (or given) video model with action tokens

@@ -108,6 +108,12 @@ def test_smoke_run_writes_every_artifact(smoke, capsys):
     assert mv.toy_rollout(policy, [1, 2], mv.ToyWorldConfig())["success"].shape == (2,)
 
 
+def test_the_data_benchmark_runs_before_any_stage(tmp_path, capsys):
+    """--stage=benchmark times the data path against a training step: a fresh network does (no stage 1 needed)."""
+    run_train(tmp_path, "--stage=benchmark")
+    assert "toy world data path:" in capsys.readouterr().out
+
+
 def test_eval_names_the_method_of_the_policy_it_finds(smoke, tmp_path, capsys):
     """--stage=eval evaluates the policy folder as it is: a mimic-video policy is reported as one, whatever --method
     says."""
