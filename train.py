@@ -1856,6 +1856,8 @@ def check_out_dir(cfg, stages):
         needs["2"] = ("encode", out / "cache" / "meta.json") if fresh else needs["2"]
     elif fresh:
         needs.pop("2")
+    if cfg.method in ("vla", "joint") and not fresh:  # the comparison's network starts from the pretrained one
+        needs["benchmark"] = ("pretrain", pretrained_file(cfg))
     for stage in stages:
         if stage in needs and needs[stage][0] not in stages and not needs[stage][1].exists():
             sys.exit(f"error: --stage={stage} reads {needs[stage][1]}, which does not exist: run "

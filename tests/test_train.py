@@ -112,6 +112,9 @@ def test_the_data_benchmark_runs_before_any_stage(tmp_path, capsys):
     """--stage=benchmark times the data path against a training step: a fresh network does (no stage 1 needed)."""
     run_train(tmp_path, "--stage=benchmark")
     assert "toy world data path:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--stage=benchmark reads .*pretrain/image.safetensors, which does not exist: "
+                                         r"run --stage=pretrain first"):
+        run_train(tmp_path / "vla", "--stage=benchmark", "--method=vla")  # its network starts from the image model
 
 
 def test_eval_names_the_method_of_the_policy_it_finds(smoke, tmp_path, capsys):
