@@ -454,8 +454,7 @@ def run_phase(name, fn, device):
     try:
         return fn()
     except Exception as e:  # torch.OutOfMemoryError is one
-        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        print(f"  {name}: FAILED ({type(e).__name__}: {first_line})")
+        print(f"  {name}: FAILED ({mv.error_line(e)})")
         gc.collect()  # the failed phase's tensors, before the next phase allocates
         if device.type == "cuda":
             torch.cuda.empty_cache()
