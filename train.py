@@ -1063,7 +1063,7 @@ def check_dataset(cfg, stages):
                              "--representation=identity)")
     for source, cache in ((cfg.data, "cache"), (cfg.pretrain_videos, "cache_videos")):
         if "encode" not in stages and source and (Path(cfg.out_dir) / cache / "meta.json").is_file():
-            check_cache_options(cfg, source, Path(cfg.out_dir) / cache)
+            check_cache_options(cfg, Path(cfg.out_dir) / cache)
     if cfg.video_init and "1" in stages:
         path = Path(cfg.video_init)
         if path.is_dir():
@@ -1093,22 +1093,23 @@ def dataset_representation(cfg, ds):
 CACHE_OPTIONS = {"camera": ("camera",), "timing": ("timing",), "image_size": ("image_size",),
                  "video_encoder": ("video_encoder", "pixel_patch", "pixel_keep", "pixel_coords", "pixel_mean",
                                    "pixel_std", "vae_source"),
-                 "text_encoder": ("text_encoder", "text_tokens", "t5_source"),
-                 "representation": ("representation", "state_key", "action_key"), "anchor_stride": ("anchor_stride",),
-                 "cache_dtype": ("cache_dtype",), "fingerprint": ("data", "pretrain_videos")}
+                 "text_encoder": ("text_encoder", "text_tokens", "t5_source"), "representation": ("representation",),
+                 "anchor_stride": ("anchor_stride",), "cache_dtype": ("cache_dtype",)}
 
 
-def check_cache_options(cfg, source, cache):
+def check_cache_options(cfg, cache):
     """The options a run gives must be those `cache` was encoded with: else its stages would silently train on the
-    cache as it is. One line names the options and how to proceed."""
+    cache as it is. Read from the cache's plan alone (a stage needs neither the dataset nor its keys again)."""
     meta = json.loads((cache / "meta.json").read_text())
-    ds = LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
-    plan = cache_plan(cfg, ds, timing_preset(cfg.timing, ds.fps), video_encoder_spec(cfg), text_encoder_spec(cfg),
-                      dataset_representation(cfg, ds))
-    given = set(mv.changed_fields(cfg))
-    differ = [o for key, options in CACHE_OPTIONS.items() for o in options
-              if o in given and plan[key] != meta["plan"].get(key)]
-    if "val_fraction" in given and cache.name == "cache" and validation_split(cfg, len(ds)) != meta["val"]:
+    plan, given = meta["plan"], set(mv.changed_fields(cfg))
+    now = {"camera": mv.camera_key(cfg.camera), "timing": asdict(timing_preset(cfg.timing, plan["fps"])),
+           "image_size": list(cfg.image_hw()), "video_encoder": video_encoder_spec(cfg),
+           "text_encoder": text_encoder_spec(cfg), "representation": cfg.representation,
+           "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype}
+    cached = {**plan, "representation": plan["representation"]["kind"]}
+    differ = [o for key, options in CACHE_OPTIONS.items() for o in options if o in given and now[key] != cached[key]]
+    split = validation_split(cfg, len(meta["episodes"]))
+    if "val_fraction" in given and cache.name == "cache" and split != meta["val"]:
         differ.append("val_fraction")
     if differ:
         raise ValueError(f"{cache} was encoded with other values of --{', --'.join(differ)}: the stages would train on "
