@@ -1083,11 +1083,6 @@ def check_dataset(cfg, stages):
                              f"backbone: --video_encoder=wan)")
 
 
-def dataset_representation(cfg, ds):
-    return (mv.Representation("libero") if cfg.representation == "libero" else
-            mv.Representation("identity", ds.state_dim, ds.action_dim))
-
-
 # The options each entry of a cache's plan comes from: a stage that reads a cache refuses one given with a value
 # the cache was not encoded with (it would be ignored); options left at their defaults take the cache's values.
 CACHE_OPTIONS = {"camera": ("camera",), "timing": ("timing",), "image_size": ("image_size",),
@@ -2165,7 +2160,8 @@ def run_dataset(cfg, stages, env):
         for source, folder in ((cfg.pretrain_videos, out / "cache_videos"), (cfg.data, out / "cache")):
             if source:
                 ds = LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
-                representation = dataset_representation(cfg, ds)
+                representation = (mv.Representation("libero") if cfg.representation == "libero" else
+                                  mv.Representation("identity", ds.state_dim, ds.action_dim))
                 log(rank, f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
                           f"state {ds.state_dim}-D, action {ds.action_dim}-D")
                 encode_dataset(cfg, ds, folder, timing_preset(cfg.timing, ds.fps), representation, env, group,
