@@ -1371,7 +1371,8 @@ def lr_schedule(stage, cfg, steps):
 def step_noise(model, loss, B, latent_shape, action_shape, g, shard, device, on_device=None):
     """This rank's `shard` of the noise of one step, drawn for the global batch of B: every rank draws the same
     numbers, so DDP equals one process and a resume is exact. On a GPU they are drawn there, from a seed taken from
-    g: at the paper's shapes eps_video is 629 MB for 128 windows, seconds of one CPU core at every step."""
+    g: at the paper's shapes eps_video is 629 MB for 128 windows, seconds of one CPU core at every step.
+    on_device: draw on `device` whatever it is (default: on CUDA only; the tests run that path on the CPU)."""
     if not (device.type == "cuda" if on_device is None else on_device):
         return {k: v[shard].to(device) for k, v in model.draw_noise(loss, B, latent_shape, action_shape, g).items()}
     gen = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
