@@ -1903,31 +1903,37 @@ def main(argv):
 
 
 def benchmark_data(name, model, data, cfg, env, steps=20):
-    """Is training data-bound? Samples per second of the data path next to the time of a training step, one run."""
+    """Is training data-bound? Samples per second of the data path next to the time of a training step, one run, as
+    each rank trains: its share of the batch, in --grad_accum micro-batches (the whole batch at once would not fit
+    where training needs micro-batches)."""
     rank, world, device, autocast = env
     g = torch.Generator().manual_seed(0)
-    B = cfg.batch_size
+    B, b = cfg.batch_size, cfg.batch_size // world  # the global batch, this rank's share
+    m = b // cfg.grad_accum
     t0 = time.perf_counter()
     for _ in range(steps):
-        data.batch(g, B, slice(None), model)
+        data.batch(g, B, slice(0, b), model)
     data_s = (time.perf_counter() - t0) / steps
     opt = torch.optim.AdamW(list(trainable(model).values()), lr=1e-4)
     latent_shape, action_shape = data.shapes(model)
-    batch = {k: v.to(device) for k, v in data.batch(g, B, slice(None), model).items()}
-    noise = step_noise(model, "action", B, latent_shape, action_shape, g, slice(None), device)
+    batch = {k: v.to(device) for k, v in data.batch(g, B, slice(0, b), model).items()}
+    noise = step_noise(model, "action", B, latent_shape, action_shape, g, slice(0, b), device)
     for i in range(steps + 2):  # 2 warm-up steps
         if i == 2:
             t0 = time.perf_counter()
-        with autocast:
-            out = model("action", **batch, noise=noise)
         opt.zero_grad()
-        out["loss"].backward()
+        for j in range(0, b, m):  # training's micro-batches
+            with autocast:
+                out = model("action", **{k: v[j:j + m] for k, v in batch.items()},
+                            noise={k: v[j:j + m] for k, v in noise.items()})
+            (out["loss"] / cfg.grad_accum).backward()
         opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / steps
-    log(rank, f"{name} data path: {B / data_s:,.0f} samples/s ({1000 * data_s:.1f} ms per batch of {B}); training step "
-              f"(stage 2): {1000 * step_s:.1f} ms; the data path takes {data_s / step_s:.1%} of a step's time "
+    log(rank, f"{name} data path: {b / data_s:,.0f} samples/s ({1000 * data_s:.1f} ms per batch of {b}"
+              f"{' on each rank' if world > 1 else ''}); training step (stage 2, {cfg.grad_accum} x {m}): "
+              f"{1000 * step_s:.1f} ms; the data path takes {data_s / step_s:.1%} of a step's time "
               f"({'data-bound' if data_s > step_s else 'not data-bound'}, measured in one run)")
 
 

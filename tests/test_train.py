@@ -108,10 +108,14 @@ def test_smoke_run_writes_every_artifact(smoke, capsys):
     assert mv.toy_rollout(policy, [1, 2], mv.ToyWorldConfig())["success"].shape == (2,)
 
 
-def test_the_data_benchmark_runs_before_any_stage(tmp_path, capsys):
-    """--stage=benchmark times the data path against a training step: a fresh network does (no stage 1 needed)."""
-    run_train(tmp_path, "--stage=benchmark")
-    assert "toy world data path:" in capsys.readouterr().out
+def test_the_data_benchmark_runs_before_any_stage(tmp_path, capsys, monkeypatch):
+    """--stage=benchmark times the data path against a training step: a fresh network does (no stage 1 needed), in
+    training's micro-batches (the whole batch at once would not fit where training needs --grad_accum)."""
+    sizes, forward = [], mv.VideoActionModel.forward
+    monkeypatch.setattr(mv.VideoActionModel, "forward", lambda self, loss, **b: sizes.append(len(b["actions"]))
+                        or forward(self, loss, **b))
+    run_train(tmp_path, "--stage=benchmark", "--grad_accum=4")
+    assert "toy world data path:" in capsys.readouterr().out and set(sizes) == {2}  # 8 as 4 micro-batches of 2
     with pytest.raises(SystemExit, match=r"--stage=benchmark reads .*pretrain/image.safetensors, which does not exist: "
                                          r"run --stage=pretrain first"):
         run_train(tmp_path / "vla", "--stage=benchmark", "--method=vla")  # its network starts from the image model
