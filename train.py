@@ -942,6 +942,9 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
 
 CACHE_FORMAT = "mimic-video cache v1"
 EPISODE_DECODE_BYTES = 2 << 30  # an episode's frames are decoded whole up to this size, longer ones window by window
+# numbers (windows x frames x H x W x 3) sent to the video encoder at once, 16 windows at most: the Wan VAE holds
+# several GB of activations for one 61-frame window at 480 x 640, so it takes those 4 at a time
+ENCODE_VALUES = 2 << 27
 
 
 def encoder_dtype(device):
@@ -1156,14 +1159,16 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
     state_rot, action_rot = representation.rotvec_dims
     files = [cache / f"episode_{ep['index']:06d}.safetensors" for ep in ds.episodes]
     mine = [n for n in range(rank, len(ds), world) if not files[n].exists()]
+    window_values = 3 * (timing.context_frames + timing.future_frames) * math.prod(cfg.image_hw())
+    per_call = max(1, min(16, ENCODE_VALUES // window_values))
     for n in tqdm(mine, desc=f"encode (rank {rank})" if world > 1 else "encode", disable=not sys.stderr.isatty()):
         low = ds.lowdim(n)
         anchors, length = low["timestamp"][:: cfg.anchor_stride], ds.episodes[n]["length"]
         whole = length * math.prod(ds.info["features"][ds.camera].get("shape", [])) <= EPISODE_DECODE_BYTES
         frames = ds.frames(n, np.arange(length)) if whole else None  # the episode's frames, decoded once
         latents = []
-        for i in range(0, len(anchors), 16):  # 16 windows at a time through the encoder
-            ctx, fut = zip(*(ds.window_indices(low["timestamp"], t, timing) for t in anchors[i:i + 16]))
+        for i in range(0, len(anchors), per_call):  # a few windows at a time through the encoder
+            ctx, fut = zip(*(ds.window_indices(low["timestamp"], t, timing) for t in anchors[i:i + per_call]))
             idx = np.concatenate([np.stack(ctx), np.stack(fut)], axis=1)  # (b, Tc + Tf) frame numbers
             if whole:
                 pix = frames[idx]  # (b, Tc + Tf, H, W, 3)

@@ -206,10 +206,15 @@ def test_the_cache_holds_every_window_and_the_statistics(encoded):
 
 def test_a_long_episode_is_decoded_window_by_window_into_the_same_cache(encoded, tmp_path, monkeypatch):
     """An episode whose frames would not fit in memory is decoded a group of windows at a time (here every episode,
-    the budget set to 0): the cache is the same, file for file."""
+    the budget set to 0), and large windows go through the encoder a few at a time (here one): the cache is the
+    same, file for file."""
     monkeypatch.setattr(train, "EPISODE_DECODE_BYTES", 0)
+    monkeypatch.setattr(train, "ENCODE_VALUES", 1)
+    sizes, encode = [], mv.PixelEncoder.encode
+    monkeypatch.setattr(mv.PixelEncoder, "encode", lambda self, x: sizes.append(len(x)) or encode(self, x))
     train.main([f"--data={encoded / 'data'}", f"--out_dir={tmp_path}", "--stage=encode", "--val_fraction=0.25",
                 *SMALL])
+    assert set(sizes) == {1}
     files = sorted((encoded / "out" / "cache").glob("episode_*.safetensors"))
     for f in files:
         a, b = load_file(f), load_file(tmp_path / "cache" / f.name)
