@@ -1176,7 +1176,7 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
                 pix = ds.frames(n, idx.ravel())
                 pix = pix.reshape(*idx.shape, *pix.shape[1:])  # (b * (Tc + Tf), H, W, 3) -> (b, Tc + Tf, H, W, 3)
             pix = mv.resize_frames(mv.images_to_frames(torch.from_numpy(pix)), cfg.image_hw())  # (b, T, 3, h, w)
-            z = video_encoder.encode(pix.transpose(1, 2).to(device))  # (b, C, T', h', w')
+            z = encode_windows(video_encoder, pix.transpose(1, 2).to(device))  # (b, C, T', h', w')
             latents.append(z.cpu().to(getattr(torch, cfg.cache_dtype)))
         state = representation.state_to_model(torch.from_numpy(interpolate_lowdim(
             low["timestamp"], low["state"], anchors, state_rot)).float())  # (n, d_s)
@@ -1197,6 +1197,19 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
         write_cache_meta(cfg, cache, plan, files, context_latents, device, dtype, log_fn)
     if world > 1:
         dist.barrier(group=group)
+
+
+def encode_windows(encoder, frames):
+    """The video encoder on a group of windows (b, 3, T, H, W); out of memory, on each half of the group (the same
+    latents: every window is encoded on its own), down to one window."""
+    try:
+        return encoder.encode(frames)
+    except torch.OutOfMemoryError:
+        if len(frames) == 1:
+            raise
+        if frames.is_cuda:
+            torch.cuda.empty_cache()
+        return torch.cat([encode_windows(encoder, half) for half in frames.split((len(frames) + 1) // 2)])
 
 
 def validation_split(cfg, n):

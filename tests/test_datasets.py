@@ -215,6 +215,26 @@ def test_a_long_episode_is_decoded_window_by_window_into_the_same_cache(encoded,
     train.main([f"--data={encoded / 'data'}", f"--out_dir={tmp_path}", "--stage=encode", "--val_fraction=0.25",
                 *SMALL])
     assert set(sizes) == {1}
+
+
+def test_an_encoder_out_of_memory_takes_fewer_windows_at_a_time(encoded, tmp_path, monkeypatch):
+    """A GPU too small for a group of windows in the video encoder: the group is split in halves, down to one
+    window, and the cache is the same, file for file."""
+    sizes, encode = [], mv.PixelEncoder.encode
+
+    def small_memory(self, frames):
+        sizes.append(len(frames))
+        if len(frames) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return encode(self, frames)
+
+    monkeypatch.setattr(mv.PixelEncoder, "encode", small_memory)
+    train.main([f"--data={encoded / 'data'}", f"--out_dir={tmp_path}", "--stage=encode", "--val_fraction=0.25",
+                *SMALL])
+    assert max(sizes) > 2 and {1, 2} & set(sizes)  # tried whole, then in halves
+    for f in sorted((encoded / "out" / "cache").glob("episode_*.safetensors")):
+        a, b = load_file(f), load_file(tmp_path / "cache" / f.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
     files = sorted((encoded / "out" / "cache").glob("episode_*.safetensors"))
     for f in files:
         a, b = load_file(f), load_file(tmp_path / "cache" / f.name)
