@@ -3408,6 +3408,8 @@ def parse_config(argv, cfg_cls):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 parsed = value.lower() in ("true", "1")
+            elif types[key] is str:  # paths as a shell leaves them after "=" (--out_dir=~/runs): expanded here
+                parsed = ",".join(os.path.expanduser(v) for v in value.split(","))
             else:
                 parsed = types[key](value)
         except ValueError:

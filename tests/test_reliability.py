@@ -337,6 +337,17 @@ def test_a_device_that_does_not_exist():
         mv.load_policy("libero_spatial_full", device="cuda:0")
 
 
+def test_a_path_given_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """The shell leaves ~ unexpanded after "=" (--out_dir=~/runs): a run must not make a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert mv.parse_config(["--out_dir=~/runs"], train.TrainConfig).out_dir == str(tmp_path / "runs")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    cfg = mv.parse_config(["--latency=~/a,~/b"], sample.SampleConfig)  # each folder of a list
+    assert cfg.latency == f"{tmp_path / 'a'},{tmp_path / 'b'}"
+
+
 def test_compile_on_a_cpu_without_a_compiler_is_refused_at_the_start(monkeypatch):
     """torch.compile builds CPU kernels with a C++ compiler: without one, the first step failed, after the data."""
     import torch._inductor.cpp_builder as cpp_builder
