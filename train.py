@@ -1123,6 +1123,12 @@ def cache_plan(cfg, ds, timing, video_spec, text_spec, representation):
             "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype}
 
 
+def same_plan(a, b):
+    """Whether two cache plans hold the same data: the dataset's path may be spelled otherwise (relative, absolute, a
+    new Hub snapshot folder); its content is the fingerprint."""
+    return {k: v for k, v in a.items() if k != "dataset"} == {k: v for k, v in b.items() if k != "dataset"}
+
+
 def dataset_policy_config(cfg, plan, representation):
     """The PolicyConfig a dataset-trained policy runs with: the training window turned into control steps."""
     timing = WindowTiming(**plan["timing"])
@@ -1151,7 +1157,7 @@ def encode_dataset(cfg, ds, cache, timing, representation, env, group=None, log_
     plan = cache_plan(cfg, ds, timing, video_encoder.spec, text_encoder_spec(cfg), representation)
     cache.mkdir(parents=True, exist_ok=True)
     plan_path = cache / "plan.json"
-    if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
+    if plan_path.exists() and not same_plan(json.loads(plan_path.read_text()), plan):
         sys.exit(f"error: {cache} was encoded from another dataset or with other settings ({plan_path}); use another "
                  f"--out_dir, or delete the cache to encode again")
     if rank == 0:
@@ -1228,7 +1234,7 @@ def cache_is_complete(cfg, ds, cache, timing, representation):
         return False
     plan = cache_plan(cfg, ds, timing, video_encoder_spec(cfg), text_encoder_spec(cfg), representation)
     files = [cache / f"episode_{ep['index']:06d}.safetensors" for ep in ds.episodes]
-    return (meta.get("plan") == plan and "context_latents" in meta and all(f.exists() for f in files)
+    return (same_plan(meta.get("plan") or {}, plan) and "context_latents" in meta and all(f.exists() for f in files)
             and meta.get("val") == validation_split(cfg, len(files)))
 
 

@@ -254,6 +254,9 @@ def test_encoding_resumes_and_refuses_other_settings(encoded, capsys, monkeypatc
         m.setattr(train, "make_text_encoder", lambda *a, **k: pytest.fail("the text encoder was loaded"))
         train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.25", *SMALL])
     assert "already encoded for these settings" in capsys.readouterr().out
+    monkeypatch.chdir(encoded)  # the same dataset by a relative path: the same cache
+    train.main(["--data=data", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.25", *SMALL])
+    assert "already encoded for these settings" in capsys.readouterr().out
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.5", *SMALL])
     assert len(json.loads((out / "cache" / "meta.json").read_text())["val"]) == 2  # another split: meta.json redone
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", "--val_fraction=0.25", *SMALL])
