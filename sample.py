@@ -508,23 +508,23 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
           f"inputs: ratio {a / b:.2f} ({'not slower' if a <= b else 'SLOWER'}); outputs agree to {diff:.1e}")
 
 
-def load_policy(name, device, dtype=None):
-    """mv.load_policy, with what is wrong with a policy's files (missing, truncated, another format, not fitting the
-    model) in one line."""
+def load_policy(name, device, dtype=None, env=None):
+    """mv.load_policy, and with an env = (name, cameras, state dim, action dim) mv.check_fits_env: what is wrong with
+    a policy's files (missing, truncated, another format, not fitting the model) or with the env for it, in one
+    line, before any episode."""
     try:
-        return mv.load_policy(name, device=device, dtype=dtype)
+        policy = mv.load_policy(name, device=device, dtype=dtype)
+        if env is not None:
+            mv.check_fits_env(policy, name, *env)
+        return policy
     except (ValueError, FileNotFoundError) as e:  # CheckpointReadError and CheckpointMismatchError are ValueErrors
         sys.exit(f"error: {e}")
 
 
 def latency_side_by_side(cfg, device, rounds=30):
     """Milliseconds per query (one environment) of several policies, interleaved on one toy-world observation."""
-    policies = {folder: load_policy(folder, device) for folder in cfg.latency.split(",")}
-    for folder, policy in policies.items():  # timed on a toy-world observation: it must fit
-        try:
-            mv.check_fits_env(policy, folder, "--latency (a toy-world observation)", *mv.TOY_ENV)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+    env = ("--latency (a toy-world observation)", *mv.TOY_ENV)  # what the policies are timed on
+    policies = {folder: load_policy(folder, device, env=env) for folder in cfg.latency.split(",")}
     for folder, ms in mv.query_latency(policies, mv.toy_probe_observation(), rounds).items():
         p = policies[folder]
         what = (f"{p.model.joint.num_steps} joint steps" if p.method == "joint" else f"k = {p.config.stop_after_step}")
@@ -540,15 +540,11 @@ def main(argv):
     if cfg.latency:
         return latency_side_by_side(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.env == "libero" else None
-    policy = load_policy(cfg.policy, device, dtype)
+    env = {"toy": mv.TOY_ENV, "libero": (("image", "image2"), 8, 7)}[cfg.env]  # cameras, state, action dims
+    policy = load_policy(cfg.policy, device, dtype, env=(f"--env={cfg.env}", *env))
     if policy.method != "mimic-video" and (cfg.oracle or cfg.gif or cfg.settings() != [("stop_after_step", 0)]):
         sys.exit(f"error: --oracle, --gif and the stop_after_step / tau_v sweep act on mimic-video's partial "
                  f"denoising; {cfg.policy} holds a {policy.method} policy")
-    env = {"toy": mv.TOY_ENV, "libero": (("image", "image2"), 8, 7)}[cfg.env]  # cameras, state, action dims
-    try:
-        mv.check_fits_env(policy, cfg.policy, f"--env={cfg.env}", *env)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     if cfg.env == "libero":
         for name, value in cfg.settings():
             apply_setting(policy, name, value)
