@@ -318,7 +318,7 @@ def libero_eval(policy, suite, trials=50, tasks=None, log=print):
 
 
 # ----------------------------------------------------------------------------------------------
-# latency at real scale (--benchmark=true): a policy query split into its phases, against an analytic floor
+# latency at real scale (--benchmark=true): a policy query per k against an analytic floor, and our DiT vs diffusers'
 
 def bench_setup(device, shapes):
     """Random weights at the real LIBERO shapes (2B video DiT, 0.5B decoder, 16 latent frames of 60 x 80, T5 text of
@@ -346,24 +346,18 @@ def bench_setup(device, shapes):
 
 
 def query_flops(model, latent, text, k):
-    """Analytic FLOPs of one query (matmuls only, 2 per multiply-add): k full video forwards, one forward truncated at
-    the tap block, the decoder's context keys/values once, and its 10 Euler steps."""
-    v, d = model.video.cfg, model.decoder.cfg
-    C, T, H, W = latent
-    L, D = T * (H // v.patch_spatial) * (W // v.patch_spatial), v.model_channels
-    N, Ct = text
-
-    def video_block(L):  # q, k, v, out and the 4x MLP (24 L D^2); attention over L; cross-attention to N text tokens
-        return 2 * (4 * L * D * D + 2 * L * L * D + 2 * L * D * D + 2 * N * Ct * D + 2 * L * N * D + 8 * L * D * D)
-    full = v.num_blocks * video_block(L) + 2 * L * D * C * v.patch_spatial ** 2
-    truncated = model.cfg.tap_block * video_block(L)
-    Td, Dd = d.max_horizon, d.model_channels
-    kv = d.num_blocks * 2 * 2 * L * D * Dd  # keys and values of the L video tokens, every block
-    # per block: self-attention (q, k, v, o and the scores), cross-attention (q, o and the scores) and the MLP
-    step = d.num_blocks * 2 * (4 * Td * Dd * Dd + 2 * Td * Td * Dd + 2 * Td * Dd * Dd + 2 * Td * L * Dd
-                               + 8 * Td * Dd * Dd)
-    return {"video steps": k * full, "truncated forward": truncated, "decoder keys/values": kv,
-            "decoder steps": model.cfg.num_action_steps * step}
+    """Analytic FLOPs of one query, matmuls only (2 per multiply-add): k full video forwards, one forward truncated at
+    the tap block, the decoder's keys/values of the video tokens (once) and its Euler steps."""
+    v, d, (C, T, H, W), (N, Ct) = model.video.cfg, model.decoder.cfg, latent, text
+    L, D = T * (H // v.patch_spatial) * (W // v.patch_spatial), v.model_channels  # video tokens and width
+    Td, Dd = d.max_horizon, d.model_channels  # decoder tokens and width
+    # a video block: q, k, v, o (4 L D^2), cross q, o (2 L D^2), the 4x MLP (8 L D^2), attention over L tokens and
+    # over the N text tokens, whose keys and values come from Ct-wide embeddings
+    block = 2 * (14 * L * D * D + 2 * L * L * D + 2 * N * Ct * D + 2 * L * N * D)
+    video = k * (v.num_blocks * block + 2 * L * D * C * v.patch_spatial ** 2) + model.cfg.tap_block * block
+    # a decoder block per step: the same over Td tokens, its cross-attention over the L video tokens
+    step = d.num_blocks * 2 * (14 * Td * Dd * Dd + 2 * Td * Td * Dd + 2 * Td * L * Dd)
+    return video + d.num_blocks * 4 * L * D * Dd + model.cfg.num_action_steps * step
 
 
 def median_ms(fn, device, runs, warmup=2):
@@ -381,74 +375,6 @@ def median_ms(fn, device, runs, warmup=2):
     return 1000 * float(np.median(times))
 
 
-def matmul_throughput(device, dtype):
-    """Measured FLOP/s of a large square matmul on this device and dtype (the floor's denominator)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / (median_ms(lambda: a @ b, device, 20 if device.type == "cuda" else 5, warmup=3) / 1000)
-
-
-def benchmark(cfg, device):
-    """Per stop_after_step in {0, 1, 5, 35}: median ms of a policy query after warm-up, split into phases, peak
-    memory, and the ratio to the floor (analytic FLOPs / measured matmul throughput), all in this one run."""
-    shapes = cfg.bench_shapes if cfg.bench_shapes != "auto" else ("real" if device.type == "cuda" else "reduced")
-    model, x, latent, text = bench_setup(device, shapes)
-    if cfg.compile:
-        compile_model(model)
-    dtype, runs, tap = next(model.parameters()).dtype, cfg.bench_runs, model.cfg.tap_block
-    flops_per_s = matmul_throughput(device, dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    which = ("the real LIBERO shapes" if shapes == "real"
-             else f"{shapes.upper()} shapes (not the real 2B model: --bench_shapes=real for those)")
-    print(f"benchmark on {device} ({name}), {dtype}{', torch.compile' if cfg.compile else ''}; {which}; matmul "
-          f"throughput {flops_per_s / 1e12:.2f} TFLOP/s; median of {runs} runs")
-    v, millions = model.video.cfg, lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    print(f"  video DiT {millions(model.video):.1f}M ({v.num_blocks} blocks, width {v.model_channels}, tap block "
-          f"{tap}), decoder {millions(model.decoder):.1f}M, latent {latent}, text {text}")
-    latents, cond = model.window(x["context"], None)
-    eps = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    noise = torch.randn(1, model.decoder.cfg.num_actions, model.decoder.cfg.out_channels).to(device)
-
-    def truncated():  # the video forward every query makes: from x_sigma, stopped after the tap block
-        return mv.cosmos_sample(model.video, eps, latents, cond, x["text"], stop_after_step=0, hidden_block=tap)
-
-    def row(k):  # one query at k, timed whole; its phases were timed alone (below)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ms = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k),
-                       device, runs if k <= 5 or shapes == "real" else max(2, runs // 3))
-        flops = sum(query_flops(model, latent, text, k).values())
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
-        else:  # the process's peak resident set (Linux: in KiB)
-            import resource
-
-            peak = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"k": k, "ms": ms, "video steps": ms - phase["truncated"] - phase["decoder"] if k else 0.0,
-                "peak GiB": peak / 2**30, "TFLOP": flops / 1e12, "floor ms": 1000 * flops / flops_per_s}
-
-    with torch.no_grad():
-        hidden, sigma = truncated()
-        ctx = hidden.flatten(1, 3)
-        phase = {"truncated": median_ms(truncated, device, runs),
-                 "K/V": median_ms(lambda: model.decoder.context_kv(ctx), device, runs),
-                 "decoder": median_ms(lambda: model.decoder.sample(x["proprio"], ctx, sigma, noise), device, runs)}
-        rows = [run_phase(f"query k = {k}", lambda k=k: row(k), device) or {"k": k, "failed": True}
-                for k in (0, 1, 5, 35)]
-    print(f"{'k':>3} {'ms/query':>9} {'video steps':>11} {'truncated':>9} {'dec K/V':>8} {'dec steps':>9} {'TFLOP':>7} "
-          f"{'floor ms':>8} {'x floor':>7} {'peak GiB':>8}")
-    for r in rows:
-        print(f"{r['k']:>3} FAILED (above)" if r.get("failed") else
-              f"{r['k']:>3} {r['ms']:>9.1f} {r['video steps']:>11.1f} {phase['truncated']:>9.1f} {phase['K/V']:>8.1f} "
-              f"{phase['decoder'] - phase['K/V']:>9.1f} {r['TFLOP']:>7.2f} {r['floor ms']:>8.1f} "
-              f"{r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
-    if not (rows[1].get("failed") or rows[2].get("failed")):
-        print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)")
-    run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
-                                                                      runs), device)
-    return rows
-
-
 def run_phase(name, fn, device):
     """One benchmark phase: a failure (out of memory included) is printed on its own row, and the next phase runs."""
     try:
@@ -458,6 +384,55 @@ def run_phase(name, fn, device):
         gc.collect()  # the failed phase's tensors, before the next phase allocates
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def benchmark(cfg, device):
+    """Per stop_after_step k in {0, 1, 5, 35}: the median ms of a policy query after warm-up, its peak memory and its
+    ratio to the floor (analytic FLOPs / the matmul throughput measured in this run); then our DiT vs diffusers'."""
+    shapes = cfg.bench_shapes if cfg.bench_shapes != "auto" else ("real" if device.type == "cuda" else "reduced")
+    model, x, latent, text = bench_setup(device, shapes)
+    if cfg.compile:
+        compile_model(model)
+    dtype, runs, cuda = next(model.parameters()).dtype, cfg.bench_runs, device.type == "cuda"
+    n = 8192 if cuda else 1024  # the floor's denominator: a large square matmul on this device and dtype
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    flops_per_s = 2 * n ** 3 / (median_ms(lambda: a @ b, device, 20 if cuda else 5, warmup=3) / 1000)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    which = "the real LIBERO shapes" if shapes == "real" else f"{shapes.upper()} shapes (--bench_shapes=real: the 2B)"
+    v, millions = model.video.cfg, lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print(f"benchmark on {device} ({name}), {dtype}{', torch.compile' if cfg.compile else ''}; {which}; matmul "
+          f"throughput {flops_per_s / 1e12:.2f} TFLOP/s; median of {runs} runs\n  video DiT "
+          f"{millions(model.video):.1f}M ({v.num_blocks} blocks, width {v.model_channels}, tap block "
+          f"{model.cfg.tap_block}), decoder {millions(model.decoder):.1f}M, latent {latent}, text {text}")
+
+    def row(k):  # one query at k, timed whole
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = median_ms(lambda: model.sample_actions(x["context"], x["text"], x["proprio"], stop_after_step=k),
+                       device, runs if k <= 5 or shapes == "real" else max(2, runs // 3))
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(device)
+        else:  # the process's peak resident set (Linux: in KiB)
+            import resource
+
+            peak = 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        flops = query_flops(model, latent, text, k)
+        return {"k": k, "ms": ms, "peak GiB": peak / 2**30, "TFLOP": flops / 1e12,
+                "floor ms": 1000 * flops / flops_per_s}
+
+    with torch.no_grad():
+        rows = [run_phase(f"query k = {k}", lambda k=k: row(k), device) or {"k": k, "failed": True}
+                for k in (0, 1, 5, 35)]
+    print(f"{'k':>3} {'ms/query':>9} {'TFLOP':>7} {'floor ms':>8} {'x floor':>7} {'peak GiB':>8}")
+    for r in rows:
+        print(f"{r['k']:>3} FAILED (above)" if r.get("failed") else f"{r['k']:>3} {r['ms']:>9.1f} {r['TFLOP']:>7.2f} "
+              f"{r['floor ms']:>8.1f} {r['ms'] / r['floor ms']:>7.2f} {r['peak GiB']:>8.2f}")
+    if not (rows[1].get("failed") or rows[2].get("failed")):  # k = 0 and k = 1 differ in the sampler's first step
+        print(f"  per extra video step: {(rows[2]['ms'] - rows[1]['ms']) / 4:.1f} ms (k = 1 -> 5)")
+    latents, cond = model.window(x["context"], None)
+    run_phase("our DiT vs diffusers", lambda: bench_against_diffusers(model.video, latents, x["text"], cond, device,
+                                                                      runs), device)
+    return rows
 
 
 def compile_model(model, backend="inductor"):
@@ -476,10 +451,10 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
     except ImportError:
         print("  (diffusers not installed: pip install diffusers, to time our DiT against CosmosTransformer3DModel)")
         return
-    v = video.cfg
+    v, dtype = video.cfg, next(video.parameters()).dtype  # bf16 at the real shapes: both networks in it
     # the padding-mask channel is passed with the condition mask (concatenated in the same order), so diffusers does
-    # not resize it (with torchvision, which has no build for the CPU torch)
-    with torch.device(device):  # built where it runs: the 2B model's init is fast on a GPU
+    # not resize it (with torchvision, which has no build for the CPU torch); built where it runs (fast on a GPU)
+    with torch.device(device):
         ref = CosmosTransformer3DModel(
             in_channels=v.in_channels + 2, out_channels=v.out_channels, num_attention_heads=v.num_heads,
             attention_head_dim=v.model_channels // v.num_heads, num_layers=v.num_blocks, mlp_ratio=v.mlp_ratio,
@@ -487,16 +462,14 @@ def bench_against_diffusers(video, latents, text, cond, device, runs):
             max_size=(v.max_frames, v.max_img_h, v.max_img_w), patch_size=(v.patch_temporal, v.patch_spatial,
                                                                           v.patch_spatial),
             rope_scale=(v.rope_t_extrapolation_ratio, v.rope_h_extrapolation_ratio, v.rope_w_extrapolation_ratio),
-            concat_padding_mask=False, extra_pos_embed_type=None)
-    dtype = next(video.parameters()).dtype  # bf16 at the real shapes: both networks in it
-    ref = (ref if dtype == torch.float32 else ref.to(dtype)).eval()
-    sd = {mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k}
-    ref.load_state_dict(sd, strict=True)
+            concat_padding_mask=False, extra_pos_embed_type=None).eval()
+    ref = ref if dtype == torch.float32 else ref.to(dtype)  # (a cast to float32 would warn about a learned table)
+    ref.load_state_dict({mv.to_diffusers_key(k): t for k, t in video.state_dict().items() if "lora" not in k})
     for m in ref.modules():  # the official q/k-norm eps (diffusers' default is 1e-5)
         if isinstance(m, torch.nn.RMSNorm) and m.eps == 1e-5:
             m.eps = 1e-6
-    tau = torch.full((latents.shape[0],), 0.5, device=device)
-    net_in, tau_BT, mask = mv.video2world_inputs(latents, tau, latents, cond)
+    net_in, tau_BT, mask = mv.video2world_inputs(latents, torch.full((latents.shape[0],), 0.5, device=device),
+                                                 latents, cond)
     masks = torch.cat([mask, torch.zeros_like(mask)], dim=1)  # (B, 2, T, H, W): condition, padding (zeros)
     with torch.no_grad():
         ours = lambda: video(net_in, tau_BT, text, mask)  # noqa: E731

@@ -17,7 +17,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 
 
-def test_the_benchmark_runs_every_phase_at_tiny_shapes(capsys):
+def test_the_benchmark_runs_every_query_at_tiny_shapes(capsys):
     rows = sample.main(["--benchmark=true", "--bench_shapes=tiny", "--bench_runs=1", "--device=cpu"])
     out = capsys.readouterr().out
     assert [r["k"] for r in rows] == [0, 1, 5, 35]
