@@ -1404,6 +1404,15 @@ def step_noise(model, loss, B, latent_shape, action_shape, g, shard, device, on_
     return {k: v[shard].clone() for k, v in noise.items()}  # the global tensors are freed
 
 
+def all_samples(x, world):
+    """Per-sample values (..., n) of every rank, concatenated along the last axis (all ranks call it)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
 def validation_loss(model, data, loss, cfg, env, batches=4):
     """The stage's loss on held-out episodes: fixed windows and noise (the same at every checkpoint), no gradients.
     Each rank runs its own slice of the windows, as training does, and the per-sample losses are summed over ranks."""
@@ -1539,11 +1548,12 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         tau = out["tau_a"] if stage == 2 else out["tau_v"]
-        window.append((tau.detach().cpu().numpy(), out["per_sample"].cpu().numpy()))
-        bar.set_postfix(loss=f"{out['loss'].item():.4f}")
+        window.append(torch.stack([tau.float(), out["per_sample"].float()]))  # (2, b): this rank's samples
+        if not bar.disable:
+            bar.set_postfix(loss=f"{out['loss'].item():.4f}")  # this rank's samples
         last = step + 1 == steps
-        if (step + 1) % cfg.log_every == 0 or last:
-            taus, losses = map(np.concatenate, zip(*window))
+        if (step + 1) % cfg.log_every == 0 or last:  # the line is the global batch's, as one process logs it
+            taus, losses = all_samples(torch.cat(window, dim=1).float(), world).cpu().numpy()
             which = np.clip(np.digitize(taus, bins) - 1, 0, len(bins) - 2)
             binned = " ".join(f"{losses[which == i].mean():.3f}" if (which == i).any() else "-"
                               for i in range(len(bins) - 1))
