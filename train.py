@@ -637,6 +637,16 @@ class LeRobotDataset:
         self.tasks = self._read_tasks()
         self._table = (None, None)  # the last data parquet read: v3.0 keeps many episodes in one file
 
+    def frame_size(self):
+        """(H, W) of the camera's frames as meta/info.json states them (HWC, or CHW by its names), or None."""
+        feature = self.info["features"][self.camera]
+        shape, names = list(feature.get("shape") or []), feature.get("names")
+        if len(shape) != 3:
+            return None
+        if isinstance(names, list) and "height" in names and "width" in names:
+            return shape[names.index("height")], shape[names.index("width")]
+        return tuple(shape[1:]) if shape[0] in (1, 3) and shape[2] not in (1, 3) else tuple(shape[:2])
+
     @staticmethod
     def _download(repo_id, revision):
         if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
@@ -2203,8 +2213,11 @@ def run_dataset(cfg, stages, env):
                 ds = LeRobotDataset(source, cfg.camera, cfg.state_key, cfg.action_key)
                 representation = (mv.Representation("libero") if cfg.representation == "libero" else
                                   mv.Representation("identity", ds.state_dim, ds.action_dim))
-                log(rank, f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}, "
-                          f"state {ds.state_dim}-D, action {ds.action_dim}-D")
+                size, hw = ds.frame_size(), cfg.image_hw()  # the frames as stored, and as the model sees them
+                resized = "" if size in (None, hw) else (f" ({size[0]}x{size[1]} frames, resized to {hw[0]}x{hw[1]}: "
+                                                         "--image_size)")
+                log(rank, f"{source}: LeRobot {ds.version}, {len(ds)} episodes at {ds.fps:g} fps, camera {ds.camera}"
+                          f"{resized}, state {ds.state_dim}-D, action {ds.action_dim}-D")
                 encode_dataset(cfg, ds, folder, timing_preset(cfg.timing, ds.fps), representation, env, group,
                                lambda *a: log(rank, *a))
         if device.type == "cuda":

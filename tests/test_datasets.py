@@ -69,6 +69,18 @@ def test_layout_is_lerobots(dataset):
         assert len((dataset / "meta/episodes.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_resize_of_the_frames_is_said(dataset, tmp_path, capsys):
+    """The encode names the frames' stored size when --image_size differs from it (the aspect ratio may change); the
+    size is read from meta/info.json, frames stored HWC or CHW."""
+    train.main([f"--data={dataset}", f"--out_dir={tmp_path}", "--stage=encode", "--image_size=8x8", "--pixel_patch=2"])
+    assert "camera observation.images.front (16x16 frames, resized to 8x8: --image_size)," in capsys.readouterr().out
+    ds = train.LeRobotDataset(dataset)
+    for shape, names in (([24, 32, 3], None), ([3, 24, 32], None), ([3, 24, 32], ["channels", "height", "width"]),
+                         ([24, 32, 3], ["height", "width", "channel"])):
+        ds.info["features"][ds.camera].update(shape=shape, names=names)
+        assert ds.frame_size() == (24, 32), (shape, names)
+
+
 def test_frames_lowdim_and_task(dataset):
     ds = train.LeRobotDataset(dataset)  # the only camera is chosen
     assert (len(ds), ds.fps, ds.camera, ds.state_dim, ds.action_dim) == (2, FPS, "observation.images.front", 3, 2)
