@@ -2759,6 +2759,7 @@ class ChunkedPolicy:
         chunk = torch.as_tensor(self.query(observation, **kwargs))
         return chunk if batched else chunk[0]
 
+
 POLICY_FORMAT = "mimic-video policy v1"
 
 
