@@ -739,7 +739,7 @@ class LeRobotDataset:
                 raise DatasetError(f"episode {ep['index']}: its data file {path} does not exist")
             self._table = (path, self._parquet(path))
         table = self._table[1]
-        pc = mv.require("pyarrow.compute", "pyarrow")
+        pa, pc = mv.require("pyarrow", "pyarrow"), mv.require("pyarrow.compute", "pyarrow")
         rows = table.filter(pc.equal(table["episode_index"], ep["index"]))
         if rows.num_rows != ep["length"]:
             raise DatasetError(f"episode {ep['index']}: {path} holds {rows.num_rows} rows of it, its length is "
@@ -752,7 +752,9 @@ class LeRobotDataset:
         if np.any(np.diff(out["timestamp"]) <= 0):
             raise DatasetError(f"episode {ep['index']}: timestamps in {path} do not increase")
         for name, key, dim in (("state", self.state_key, self.state_dim), ("action", self.action_key, self.action_dim)):
-            flat = pc.list_flatten(rows[key]).to_numpy(zero_copy_only=False)
+            column = rows[key]  # LeRobot stores a feature of shape (1,) as one number per frame, the others as lists
+            listed = pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type)
+            flat = (pc.list_flatten(column) if listed else column).to_numpy(zero_copy_only=False)
             if flat.size != ep["length"] * dim:
                 raise DatasetError(f"episode {ep['index']}: {key} in {path} is not {dim} values per frame")
             values = flat.reshape(ep["length"], dim).astype(np.float32)[order]
@@ -892,11 +894,13 @@ def write_lerobot_dataset(root, episodes, fps, camera="observation.images.top", 
             container.mux(packet)
         container.close()
 
+    def vectors(x, d):  # as LeRobot stores them: a feature of shape (1,) is one number per frame, others a list
+        x = np.asarray(x, np.float32)
+        return pa.array(x[:, 0]) if d == 1 else pa.array(list(x), pa.list_(pa.float32(), d))
+
     def table(ep, index, first_row):
         T = len(ep["frames"])
-        return pa.table({"observation.state": pa.array(list(np.asarray(ep["state"], np.float32)),
-                                                       pa.list_(pa.float32(), d_s)),
-                         "action": pa.array(list(np.asarray(ep["action"], np.float32)), pa.list_(pa.float32(), d_a)),
+        return pa.table({"observation.state": vectors(ep["state"], d_s), "action": vectors(ep["action"], d_a),
                          "timestamp": pa.array(np.arange(T, dtype=np.float32) / np.float32(fps)),
                          "frame_index": pa.array(np.arange(T)), "episode_index": pa.array(np.full(T, index)),
                          "index": pa.array(first_row + np.arange(T)),

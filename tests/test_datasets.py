@@ -112,6 +112,21 @@ def test_a_fractional_frame_rate_is_written_exactly(tmp_path):
             assert np.abs(img.astype(int) - colour(e, k)).max() <= 3, (e, k)
 
 
+def test_one_dimensional_state_and_action_are_plain_columns(tmp_path):
+    """LeRobot stores a feature of shape (1,) as one number per frame (not a list of one): the writer does the same,
+    and the reader reads both layouts."""
+    eps = episodes(lengths=(5, 4), state_dim=1, action_dim=1)
+    train.write_lerobot_dataset(tmp_path / "d", eps, fps=FPS)
+    schema = pq.read_schema(tmp_path / "d" / "data/chunk-000/file-000.parquet")
+    assert str(schema.field("observation.state").type) == str(schema.field("action").type) == "float"
+    ds = train.LeRobotDataset(tmp_path / "d")
+    assert (ds.state_dim, ds.action_dim) == (1, 1)
+    for n, ep in enumerate(eps):
+        low = ds.lowdim(n)
+        np.testing.assert_array_equal(low["state"], ep["state"])
+        np.testing.assert_array_equal(low["action"], ep["action"])
+
+
 def test_window_timing_at_the_edges_and_interpolation(dataset):
     ds = train.LeRobotDataset(dataset)
     low = ds.lowdim(0)
