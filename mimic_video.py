@@ -1446,6 +1446,7 @@ def resolve_file(source, filename=None, revision=None, cache_dir=None):
 class CheckpointReadError(ValueError):
     """A checkpoint file that cannot be read as it should (truncated, corrupt, inconsistent): names the file."""
 
+
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -3121,6 +3122,7 @@ class ToyWorldConfig:
     text_tokens: int = 6  # instruction length after zero padding (T5 pads with zeros too)
     text_dim: int = 32  # word embedding width
 
+
 TOY_COLOURS = {"red": (1.0, 0.15, 0.15), "green": (0.15, 1.0, 0.15), "blue": (0.25, 0.45, 1.0)}
 
 TOY_TEMPLATES = ("go to the {} one", "move to the {} square", "reach {}", "{}")
@@ -3324,6 +3326,7 @@ def toy_baselines(seeds, cfg: ToyWorldConfig, seed=0):
     random = toy_rollout(ToyScriptedPolicy("random", cfg, seed), seeds, cfg)["success"].mean()
     expert = toy_rollout(ToyScriptedPolicy("expert", cfg), seeds, cfg)["success"].mean()
     return float(random), float(expert)
+
 
 TOY_ENV = (("top",), 2, 2)  # what the toy world gives a policy: its cameras, state and action sizes
 TOY_EVAL_SEEDS = 10**9  # held-out episodes are seeds 10**9, 10**9 + 1, ...: never used for demonstrations
