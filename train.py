@@ -435,11 +435,20 @@ def read_train_state(directory):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def same_setting(field, a, b):
+    """Whether two values of a config field are the same setting: a dataset folder spelled another way (relative or
+    absolute, through a link) is the same dataset."""
+    if a == b:
+        return True
+    paths = field in ("data", "pretrain_videos") and a and b and Path(a).is_dir() and Path(b).is_dir()
+    return bool(paths) and Path(a).resolve() == Path(b).resolve()
+
+
 def check_resume(name, saved, cfg, steps, inputs, log_fn):
     """Refuse a continuation that would not be exact: a changed field this stage depends on, or a changed input
     file; a field named in --allow_config_change is let through, and the log says so."""
     changed = {f: (saved["train"].get(f), getattr(cfg, f)) for f in EXACT_FIELDS[name]
-               if saved["train"].get(f) != getattr(cfg, f)}
+               if not same_setting(f, saved["train"].get(f), getattr(cfg, f))}
     changed.update({f"input {k}": (saved["inputs"].get(k), v) for k, v in inputs.items()
                     if saved["inputs"].get(k) != v})
     allowed = set(cfg.changeable())

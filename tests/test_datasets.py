@@ -291,7 +291,7 @@ def test_encoding_resumes_and_refuses_other_settings(encoded, capsys, monkeypatc
         train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=encode", *SMALL, "--anchor_stride=2"])
 
 
-def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
+def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys, monkeypatch):
     out = encoded / "out"
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=pretrain", "--pretrain_steps=2",
                 "--ckpt_every=2", *SMALL])
@@ -314,6 +314,13 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys):
         train.main([f"--out_dir={out}", "--stage=eval", "--eval_episodes=1"])  # the same in train.py's evaluation
     with pytest.raises(SystemExit, match=r"and 3-D states, and acts in 2-D; --latency \(a toy-world observation\)"):
         sample.main([f"--latency={out / 'policy'}"])  # timed on a toy observation: one line, not a traceback
+    capsys.readouterr()
+    monkeypatch.chdir(encoded)  # a resume names the same dataset by a relative path: the same setting
+    train.main(["--data=data", f"--out_dir={out}", "--stage=2", "--stage2_steps=2", "--resume=true", *SMALL])
+    assert "stage2: complete at step 2, nothing to train" in capsys.readouterr().out
+    (encoded / "other").mkdir(exist_ok=True)  # another folder is another dataset: refused, as any changed field
+    with pytest.raises(SystemExit, match=r"changed data \(checkpoint '.*data', now 'other'\)"):
+        train.main(["--data=other", f"--out_dir={out}", "--stage=2", "--stage2_steps=2", "--resume=true", *SMALL])
 
 
 def test_a_camera_outside_observation_images_is_read_by_the_policy(tmp_path):
