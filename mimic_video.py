@@ -2670,6 +2670,7 @@ class PolicyConfig:
     # reads observation.images.<camera> (LeRobot LIBERO: "image" is the agentview, flipped 180 deg), or a whole key
     # that starts with "observation." (some LeRobot datasets have one camera, "observation.image")
     camera: str = "image"
+    state_key: str = "observation.state"  # the observation key of the proprio state (a dataset's --state_key)
     image_size: tuple = (480, 640)  # (H, W) every frame is resized to before encoding (official LIBERO data: 480 x 640)
     context_frames: int = 5  # camera frames per query (the Wan VAE takes 1 + 4k: 5 frames -> 2 latents)
     # control steps between context frames (20 Hz control, 5 Hz frames: last 17 frames, every 4th)
@@ -2866,19 +2867,19 @@ class Policy(ChunkedPolicy):
         if key not in observation:
             raise KeyError(f"observation has no {key!r} (the camera this policy was trained on); it has "
                            f"{sorted(k for k in observation if isinstance(k, str))}")
-        for k in ("observation.state", "task"):
+        for k in (cfg.state_key, "task"):
             if k not in observation:
                 raise KeyError(f"observation has no {k!r}")
         images = as_tensor(observation[key])
         batched = images.dim() == 4
         frames = resize_frames(images_to_frames(images if batched else images[None]), cfg.image_size)  # (B, 3, H, W)
         B = frames.shape[0]
-        state = as_tensor(observation["observation.state"], dtype=torch.float32)
+        state = as_tensor(observation[cfg.state_key], dtype=torch.float32)
         state = state if state.dim() == 2 else state[None]
         if state.shape[0] != B or state.dim() != 2:
-            raise ValueError(f"observation.state must be ({B}, d) for {B} environment(s), got {tuple(state.shape)}")
+            raise ValueError(f"{cfg.state_key} must be ({B}, d) for {B} environment(s), got {tuple(state.shape)}")
         if not torch.isfinite(state).all():
-            raise ValueError("observation.state contains NaN or infinite values")
+            raise ValueError(f"{cfg.state_key} contains NaN or infinite values")
         tasks = _check_texts(observation["task"])
         for old, new in cfg.text_replacements:  # e.g. the released LIBERO policies never saw "black bowl"
             tasks = [t.replace(old, new) for t in tasks]
@@ -2979,11 +2980,12 @@ def check_fits_env(policy, name, env, cameras, state_dim, action_dim):
     """Refuse (ValueError) to run a policy in an environment without the camera it reads or with other state and
     action sizes: one line before the first episode, instead of a traceback inside its first step."""
     reads = (camera_key(policy.config.camera), policy.representation.state_dim, policy.representation.action_dim)
-    cameras = [camera_key(c) for c in cameras]
-    if reads[0] not in cameras or reads[1:] != (state_dim, action_dim):
-        raise ValueError(f"{name} reads {reads[0]} and {reads[1]}-D states, and acts in {reads[2]}-D; {env} gives "
-                         f"{' or '.join(cameras)} and {state_dim}-D states, and takes {action_dim}-D actions (run the "
-                         "policy in the simulator it was trained for)")
+    cameras, key = [camera_key(c) for c in cameras], policy.config.state_key
+    if reads[0] not in cameras or reads[1:] != (state_dim, action_dim) or key != "observation.state":
+        own = "" if key == "observation.state" else f" ({key})"  # the envs here give observation.state
+        raise ValueError(f"{name} reads {reads[0]} and {reads[1]}-D states{own}, and acts in {reads[2]}-D; {env} "
+                         f"gives {' or '.join(cameras)} and {state_dim}-D states (observation.state), and takes "
+                         f"{action_dim}-D actions (run the policy in the simulator it was trained for)")
 
 
 def query_latency(policies, observation, rounds=20, warmup=3):

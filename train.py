@@ -1115,7 +1115,9 @@ CACHE_OPTIONS = {"camera": ("camera",), "timing": ("timing",), "image_size": ("i
                  "video_encoder": ("video_encoder", "pixel_patch", "pixel_keep", "pixel_coords", "pixel_mean",
                                    "pixel_std", "vae_source"),
                  "text_encoder": ("text_encoder", "text_tokens", "t5_source"), "representation": ("representation",),
-                 "anchor_stride": ("anchor_stride",), "cache_dtype": ("cache_dtype",)}
+                 "anchor_stride": ("anchor_stride",), "cache_dtype": ("cache_dtype",), "state_key": ("state_key",),
+                 "action_key": ("action_key",)}
+CACHE_KEYS = {"state_key": "observation.state", "action_key": "action"}  # a cache's plan before it named its keys
 
 
 def check_cache_options(cfg, cache):
@@ -1126,8 +1128,9 @@ def check_cache_options(cfg, cache):
     now = {"camera": mv.camera_key(cfg.camera), "timing": asdict(timing_preset(cfg.timing, plan["fps"])),
            "image_size": list(cfg.image_hw()), "video_encoder": video_encoder_spec(cfg),
            "text_encoder": text_encoder_spec(cfg), "representation": cfg.representation,
-           "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype}
-    cached = {**plan, "representation": plan["representation"]["kind"]}
+           "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype, "state_key": cfg.state_key,
+           "action_key": cfg.action_key}
+    cached = {**CACHE_KEYS, **plan, "representation": plan["representation"]["kind"]}
     differ = [o for key, options in CACHE_OPTIONS.items() for o in options if o in given and now[key] != cached[key]]
     split = validation_split(cfg, len(meta["episodes"]))
     if "val_fraction" in given and cache.name == "cache" and split != meta["val"]:
@@ -1143,21 +1146,24 @@ def cache_plan(cfg, ds, timing, video_spec, text_spec, representation):
     return {"format": CACHE_FORMAT, "dataset": str(ds.root), "fingerprint": ds.fingerprint(), "camera": ds.camera,
             "fps": ds.fps, "timing": asdict(timing), "image_size": list(cfg.image_hw()), "video_encoder": video_spec,
             "text_encoder": text_spec, "representation": representation.to_config(),
-            "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype}
+            "anchor_stride": cfg.anchor_stride, "cache_dtype": cfg.cache_dtype, "state_key": ds.state_key,
+            "action_key": ds.action_key}
 
 
 def same_plan(a, b):
     """Whether two cache plans hold the same data: the dataset's path may be spelled otherwise (relative, absolute, a
     new Hub snapshot folder); its content is the fingerprint."""
-    return {k: v for k, v in a.items() if k != "dataset"} == {k: v for k, v in b.items() if k != "dataset"}
+    return ({k: v for k, v in {**CACHE_KEYS, **a}.items() if k != "dataset"} ==
+            {k: v for k, v in {**CACHE_KEYS, **b}.items() if k != "dataset"})
 
 
 def dataset_policy_config(cfg, plan, representation):
     """The PolicyConfig a dataset-trained policy runs with: the training window turned into control steps."""
     timing = WindowTiming(**plan["timing"])
     return mv.PolicyConfig(
-        camera=plan["camera"].removeprefix("observation.images."), image_size=tuple(plan["image_size"]),
-        context_frames=timing.context_frames, frame_stride=check_timing(timing, plan["fps"]), history_padding="first",
+        camera=plan["camera"].removeprefix("observation.images."), state_key={**CACHE_KEYS, **plan}["state_key"],
+        image_size=tuple(plan["image_size"]), context_frames=timing.context_frames,
+        frame_stride=check_timing(timing, plan["fps"]), history_padding="first",
         n_action_steps=cfg.n_action_steps or max(1, timing.chunk // 2), stop_after_step=cfg.stop_after_step,
         numpy_noise=False, video_encoder=plan["video_encoder"], text_encoder=plan["text_encoder"],
         representation=representation.to_config())

@@ -336,6 +336,36 @@ def test_a_camera_outside_observation_images_is_read_by_the_policy(tmp_path):
     assert action.shape == (2,) and torch.isfinite(action).all()
 
 
+def test_the_policy_reads_the_state_under_the_datasets_state_key(tmp_path, capsys):
+    """A dataset whose state is not observation.state (--state_key=observation.states.ee) trains a policy that reads
+    that key; a later stage given another --state_key is refused (the cache holds the first key's states; left out,
+    the cache's key is used)."""
+    root = tmp_path / "d"
+    train.write_lerobot_dataset(root, episodes(lengths=(9, 8)), fps=FPS)
+    data = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(data)
+    pq.write_table(table.rename_columns([c.replace("observation.state", "observation.states.ee")
+                                         for c in table.column_names]), data)
+    info = json.loads((root / "meta/info.json").read_text())
+    info["features"]["observation.states.ee"] = info["features"].pop("observation.state")
+    (root / "meta/info.json").write_text(json.dumps(info))
+    run = [f"--data={root}", f"--out_dir={tmp_path / 'out'}", "--val_fraction=0", *SMALL]
+    train.main([*run, "--state_key=observation.states.ee", "--pretrain_steps=1", "--stage1_steps=1",
+                "--stage2_steps=1", "--ckpt_every=1"])
+    policy = mv.load_policy(tmp_path / "out" / "policy")
+    assert policy.config.state_key == "observation.states.ee"
+    obs = {"observation.images.top": torch.zeros(16, 16, 3, dtype=torch.uint8), "task": "pick the cube"}
+    assert policy.select_action({**obs, "observation.states.ee": torch.zeros(3)}).shape == (2,)
+    policy.reset()
+    with pytest.raises(KeyError, match="observation has no 'observation.states.ee'"):
+        policy.select_action({**obs, "observation.state": torch.zeros(3)})
+    with pytest.raises(SystemExit, match="encoded with other values of --state_key"):
+        train.main([*run, "--stage=2", "--state_key=observation.states.joint", "--stage2_steps=1", "--overwrite=true"])
+    plan = json.loads((tmp_path / "out" / "cache" / "plan.json").read_text())
+    old = {k: v for k, v in plan.items() if k not in train.CACHE_KEYS}  # a cache from before plans named the keys
+    assert train.same_plan(old, {**old, **train.CACHE_KEYS}) and not train.same_plan(old, plan)
+
+
 def test_a_stage_refuses_options_its_cache_was_not_encoded_with(encoded):
     """The stages read the cache as it was encoded: an option given with another value would be ignored, silently."""
     args = [f"--data={encoded / 'data'}", f"--out_dir={encoded / 'out'}", "--stage=2", "--batch_size=8"]
