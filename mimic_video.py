@@ -2356,8 +2356,8 @@ def load_text_encoder(source="google-t5/t5-11b", subfolder=None, max_length=512,
 
 
 class HashedWordEncoder:
-    """Offline stand-in for T5: each word (lower case, letters and digits) gets a fixed N(0, 1) vector seeded by a
-    hash of the word, the same on every machine and run; zero-padded or truncated to `max_tokens` ->
+    """Offline stand-in for T5: each word (lower case, letters and digits of any script) gets a fixed N(0, 1) vector
+    seeded by a hash of the word, the same on every machine and run; zero-padded or truncated to `max_tokens` ->
     (B, max_tokens, width). Any instruction works; unlike T5, a word carries nothing beyond its identity."""
 
     def __init__(self, width=32, max_tokens=16):
@@ -2377,7 +2377,7 @@ class HashedWordEncoder:
         for t in texts:
             if t not in self.cache:
                 out = np.zeros((self.max_tokens, self.width), np.float32)
-                for i, word in enumerate(re.findall(r"[a-z0-9]+", t.lower())[: self.max_tokens]):
+                for i, word in enumerate(re.findall(r"[^\W_]+", t.lower())[: self.max_tokens]):  # "größe", "杯子"
                     out[i] = self.word_vector(word)
                 self.cache[t] = torch.from_numpy(out)
         return torch.stack([self.cache[t] for t in texts])

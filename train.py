@@ -1281,6 +1281,13 @@ def write_cache_meta(cfg, cache, plan, files, context_latents, device, dtype, lo
     text_encoder = make_text_encoder(cfg, device, dtype)
     emb = torch.cat([text_encoder(names[i:i + 8]).float().cpu() for i in range(0, len(names), 8)])  # (n_texts, L, D)
     del text_encoder
+    first = {}  # embedding -> the first instruction that has it: two that share one cannot be told apart
+    same = [(first.setdefault(e.numpy().tobytes(), name), name) for e, name in zip(emb, names)]
+    same = [pair for pair in same if pair[0] != pair[1]]
+    if same:
+        print(f"warning: {len(same)} instruction(s) get the same embedding as another, e.g. {same[0][0]!r} and "
+              f"{same[0][1]!r}: the policy cannot tell them apart (--text_encoder={cfg.text_encoder} keeps "
+              f"{cfg.text_tokens if cfg.text_encoder == 'hashed' else 512} tokens)", file=sys.stderr)
     mv.atomic_write(cache / "text.safetensors", lambda p: save_file({"embeddings": emb.contiguous()}, p))
     val = validation_split(cfg, len(episodes))
     meta = {"plan": plan, "episodes": episodes, "texts": names,

@@ -366,6 +366,20 @@ def test_the_policy_reads_the_state_under_the_datasets_state_key(tmp_path, capsy
     assert train.same_plan(old, {**old, **train.CACHE_KEYS}) and not train.same_plan(old, plan)
 
 
+def test_instructions_that_get_the_same_embedding_are_warned_of(tmp_path, capsys):
+    """Two instructions the text encoder cannot tell apart (here: the same first word, one word kept) are named."""
+    eps = episodes(lengths=(5, 5, 5))
+    for ep, task in zip(eps, ("open the drawer", "open the door", "close the door")):
+        ep["task"] = task
+    train.write_lerobot_dataset(tmp_path / "d", eps, fps=FPS)
+    train.main([f"--data={tmp_path / 'd'}", f"--out_dir={tmp_path / 'out'}", "--stage=encode", "--text_tokens=1",
+                *SMALL])
+    assert ("1 instruction(s) get the same embedding as another, e.g. 'open the drawer' and 'open the door': the "
+            "policy cannot tell them apart (--text_encoder=hashed keeps 1 tokens)") in capsys.readouterr().err
+    train.main([f"--data={tmp_path / 'd'}", f"--out_dir={tmp_path / 'out2'}", "--stage=encode", *SMALL])
+    assert "same embedding" not in capsys.readouterr().err
+
+
 def test_a_stage_refuses_options_its_cache_was_not_encoded_with(encoded):
     """The stages read the cache as it was encoded: an option given with another value would be ignored, silently."""
     args = [f"--data={encoded / 'data'}", f"--out_dir={encoded / 'out'}", "--stage=2", "--batch_size=8"]

@@ -156,6 +156,10 @@ def test_hashed_words_are_deterministic_zero_padded_any_width():
     assert torch.equal(again[0], a[0])  # the same on every run: a hash, not Python's salted hash()
     assert mv.HashedWordEncoder(width=5, max_tokens=2)(["an instruction never seen before"]).shape == (1, 2, 5)
     assert torch.all(enc([""]) == 0)
+    # words of any script are words (not dropped: every Chinese instruction would be the same zeros)
+    zh, de = enc(["拿起杯子", "放下杯子"]), enc(["größe", "grosse"])
+    assert zh[:, 0].abs().sum(-1).all() and not torch.equal(zh[0], zh[1]) and not torch.equal(de[0], de[1])
+    assert torch.equal(enc(["snake_case"])[0, :2], enc(["snake case"])[0, :2])  # "_" separates, as punctuation does
 
 
 def test_images_to_frames_conventions():
