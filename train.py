@@ -1546,6 +1546,9 @@ def train_stage(name, stage, model, data, steps, lr, cfg, env, inputs=None, on_c
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     sched = lr_schedule(stage, cfg, steps)
+    if stage == 2 and cfg.stage2_warmup >= steps > start:  # said, not left to be found in the lr column
+        log(rank, f"{name}: --stage2_warmup={cfg.stage2_warmup} is not shorter than its {steps} steps: the learning "
+                  f"rate peaks at {steps / max(1, cfg.stage2_warmup):.0%} of --stage2_lr")
     B, b = cfg.batch_size, cfg.batch_size // world
     shard = slice(rank * b, (rank + 1) * b)
     latent_shape, action_shape = data.shapes(model)

@@ -299,6 +299,7 @@ def test_the_recipe_on_a_dataset_writes_a_policy_that_runs(encoded, capsys, monk
     train.main([f"--data={encoded / 'data'}", f"--out_dir={out}", "--stage=2", "--stage2_steps=2", *SMALL])
     log = capsys.readouterr().out
     assert "stage2 step 2: validation loss" in log and "(1 held-out episodes)" in log
+    assert "stage2: --stage2_warmup=100 is not shorter than its 2 steps: the learning rate peaks at 2% of" in log
     policy = mv.load_policy(out / "policy")
     assert policy.config.camera == "top" and policy.config.n_action_steps == 4 and policy.representation.state_dim == 3
     action = policy.select_action({"observation.images.top": torch.zeros(20, 30, 3, dtype=torch.uint8),
